@@ -1,0 +1,27 @@
+"""One exception type per area, each carrying a message ready for the user.
+
+The command-line layer prints ``str(error)`` as one line on stderr and exits
+non-zero; nothing below it ever prints a traceback for a user mistake.
+"""
+
+
+class QconnectError(Exception):
+    """A user-facing failure: the message names the bad value and what was expected."""
+
+    exit_code = 2
+
+
+class SpecError(QconnectError):
+    """A binding spec (``[bind:]localport:[vmname]:port``) or port is malformed."""
+
+
+class ArgumentError(QconnectError):
+    """A qrexec service argument or qube name is malformed."""
+
+
+class PolicyError(QconnectError):
+    """A dom0 policy file does not parse, or an edit would break it."""
+
+
+class FileWriteError(QconnectError):
+    """An atomic file write or its lock failed; the old content is intact."""

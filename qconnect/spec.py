@@ -1,0 +1,143 @@
+"""The binding spec grammar: ``[BIND:]LOCALPORT:[VMNAME]:PORT``.
+
+Compatible with the original ``qvm-connect-tcp [localport]:[vmname]:[port]``
+for every input it handles correctly (empty localport = the remote port,
+empty vmname = ``@default``), extended with an ssh ``-L`` style bind address
+(``127.0.0.2:8080:web:80``, ``[::1]:8080:web:80``). Pure: text in, a
+:class:`BindingSpec` or a :class:`SpecError` out.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+
+from qconnect.errors import QconnectError, SpecError
+from qconnect.qrexec import parse_port, validate_target
+
+#: Where a binding listens unless told otherwise. The original listened on
+#: 0.0.0.0 while printing "localhost", exposing the port to every qube on the
+#: same network; we listen where the message says.
+DEFAULT_BIND = "127.0.0.1"
+
+_BIND_ALIASES = {"localhost": "127.0.0.1", "*": "0.0.0.0"}
+
+
+@dataclass(frozen=True, order=True)
+class BindingSpec:
+    """One local TCP listener forwarded to ``remote_port`` in ``target``.
+
+    ``target`` is the word given to qrexec-client-vm: a qube name,
+    ``@default`` (dom0's policy picks the qube), ``@dispvm`` or ``@dispvm:NAME``.
+    ``bind_address`` is a normalised IP literal (no brackets).
+    """
+
+    bind_address: str
+    local_port: int
+    target: str
+    remote_port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether only this qube can reach the listener."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+    @property
+    def family_is_ipv6(self) -> bool:
+        return ipaddress.ip_address(self.bind_address).version == 6
+
+    @property
+    def bind_host(self) -> str:
+        """The bind address as written in a spec or ``ListenStream=`` (IPv6 bracketed)."""
+        return f"[{self.bind_address}]" if self.family_is_ipv6 else self.bind_address
+
+    @property
+    def qrexec_target(self) -> str:
+        """The TARGET word for qrexec-client-vm (``@default`` is passed as is)."""
+        return self.target
+
+    def __str__(self) -> str:
+        return f"{self.bind_host}:{self.local_port}:{self.target}:{self.remote_port}"
+
+    def startup_message(self) -> str:
+        """The original's start-up line, kept word for word for scripts that read it."""
+        return f"Binding TCP '{self.target}:{self.remote_port}' to 'localhost:{self.local_port}'..."
+
+
+def parse_bind_address(text: str) -> str:
+    """Return ``text`` as a normalised IP literal, or raise SpecError.
+
+    Host names other than ``localhost`` are refused: a binding must not
+    depend on name resolution, which another qube may be able to influence.
+    """
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        try:
+            address = ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise SpecError(
+                f"invalid bind address {text!r}: expected an IPv6 address in brackets"
+            ) from None
+        return str(address)
+    text = _BIND_ALIASES.get(text, text)
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        pass
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        raise SpecError(
+            f"invalid bind address {text!r}: expected an IPv4 address, an IPv6 address "
+            "in brackets, 'localhost' or '*'"
+        ) from None
+
+
+def _split_fields(text: str) -> list[str]:
+    """Split on ':' but keep a bracketed IPv6 bind address whole."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close == -1:
+            raise SpecError(f"invalid binding {text!r}: '[' of an IPv6 address is never closed")
+        head, rest = text[: close + 1], text[close + 1 :]
+        if not rest.startswith(":"):
+            raise SpecError(
+                f"invalid binding {text!r}: expected ':' after the bracketed bind address"
+            )
+        return [head, *rest[1:].split(":")]
+    return text.split(":")
+
+
+def _join_dispvm(fields: list[str]) -> list[str]:
+    """Rejoin ``@dispvm:NAME``, the one target that itself contains a colon."""
+    for index, field in enumerate(fields[:-1]):
+        if field in ("@dispvm", "$dispvm") and len(fields) in (4, 5) and index == len(fields) - 3:
+            return [*fields[:index], f"{field}:{fields[index + 1]}", fields[-1]]
+    return fields
+
+
+def parse_spec(text: str, *, default_bind: str = DEFAULT_BIND) -> BindingSpec:
+    """Parse one binding spec, or raise SpecError naming the bad part.
+
+    ``8080`` alone is refused: the original would silently call a qube named
+    "8080". So are extra fields and anything :func:`parse_port` refuses.
+    """
+    usage = "expected [BIND:]LOCALPORT:[VMNAME]:PORT, e.g. 8080:work:80 or ::444"
+    if not text:
+        raise SpecError(f"empty binding: {usage}")
+    fields = _join_dispvm(_split_fields(text))
+    if len(fields) == 3:
+        bind_text, (local_text, target_text, port_text) = default_bind, fields
+    elif len(fields) == 4:
+        bind_text, local_text, target_text, port_text = fields
+    else:
+        raise SpecError(f"invalid binding {text!r}: {usage}")
+    if not port_text:
+        raise SpecError(f"invalid binding {text!r}: the remote PORT is missing; {usage}")
+    remote_port = parse_port(port_text, what="remote port")
+    local_port = parse_port(local_text, what="local port") if local_text else remote_port
+    target = target_text.replace("$", "@") or "@default"
+    try:
+        validate_target(target)
+    except QconnectError as error:
+        raise SpecError(f"invalid binding {text!r}: {error}") from None
+    bind_address = parse_bind_address(bind_text)
+    return BindingSpec(bind_address, local_port, target, remote_port)
