@@ -72,13 +72,12 @@ def setup_logging(identifier: str, *, verbose: bool = False) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler: logging.Handler | None = None
     if under_systemd():
         try:
-            handler = _JournalFieldsHandler(identifier)
+            root.addHandler(_JournalFieldsHandler(identifier))
+            return
         except ImportError:
-            handler = None
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{identifier}: %(message)s"))
-    root.addHandler(handler)
+            pass
+    stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setFormatter(logging.Formatter(f"{identifier}: %(message)s"))
+    root.addHandler(stream_handler)

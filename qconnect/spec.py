@@ -54,6 +54,16 @@ class BindingSpec:
         """The TARGET word for qrexec-client-vm (``@default`` is passed as is)."""
         return self.target
 
+    @property
+    def fd_name(self) -> str:
+        """The binding as a systemd ``FileDescriptorName=`` (which may not contain ':').
+
+        A socket passed by systemd already carries the bind address and local
+        port; the name carries the rest: ``TARGET+PORT`` with the ':' of
+        ``@dispvm:NAME`` written as '='.
+        """
+        return f"{self.target.replace(':', '=')}+{self.remote_port}"
+
     def __str__(self) -> str:
         return f"{self.bind_host}:{self.local_port}:{self.target}:{self.remote_port}"
 
@@ -141,3 +151,18 @@ def parse_spec(text: str, *, default_bind: str = DEFAULT_BIND) -> BindingSpec:
         raise SpecError(f"invalid binding {text!r}: {error}") from None
     bind_address = parse_bind_address(bind_text)
     return BindingSpec(bind_address, local_port, target, remote_port)
+
+
+def parse_fd_name(name: str) -> tuple[str, int]:
+    """Return ``(target, remote_port)`` from a :attr:`BindingSpec.fd_name`, or raise SpecError."""
+    target_text, plus, port_text = name.rpartition("+")
+    if not plus or not target_text:
+        raise SpecError(
+            f"invalid socket name {name!r}: expected TARGET+PORT, e.g. web+80 or @default+444"
+        )
+    target = target_text.replace("=", ":")
+    try:
+        validate_target(target)
+    except QconnectError as error:
+        raise SpecError(f"invalid socket name {name!r}: {error}") from None
+    return target, parse_port(port_text, what="remote port")

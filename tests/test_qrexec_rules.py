@@ -19,7 +19,8 @@ def test_valid_ports(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "0", "65536", "080", "+80", "-1", "0x50", "8e1", "1+2", " 80", "80 ", "٨٠", "9" * 200]
+    "text",
+    ["", "0", "65536", "080", "+80", "-1", "0x50", "8e1", "1+2", " 80", "80 ", "٨٠", "9" * 200],
 )
 def test_invalid_ports_are_refused_with_the_value_named(text: str) -> None:
     with pytest.raises(SpecError) as caught:

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qconnect.errors import SpecError
-from qconnect.spec import BindingSpec, parse_spec
+from qconnect.spec import BindingSpec, parse_fd_name, parse_spec
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,9 @@ binds = st.sampled_from(["127.0.0.1", "[::1]", "10.137.0.5", "0.0.0.0", "[fe80::
 
 
 @given(bind=binds, local=ports, target=names, remote=ports)
-def test_canonical_form_parses_back_to_itself(bind: str, local: int, target: str, remote: int) -> None:
+def test_canonical_form_parses_back_to_itself(
+    bind: str, local: int, target: str, remote: int
+) -> None:
     spec = parse_spec(f"{bind}:{local}:{target}:{remote}")
     assert parse_spec(str(spec)) == spec
 
@@ -100,3 +102,16 @@ def test_any_text_parses_or_raises_spec_error(text: str) -> None:
     except SpecError:
         return
     assert 1 <= spec.local_port <= 65535 and 1 <= spec.remote_port <= 65535
+
+
+@pytest.mark.parametrize("text", ["::444", "8080:web:80", "[::1]:1:@dispvm:dvm:2", "9:@dispvm:9"])
+def test_fd_name_carries_target_and_port_without_colons(text: str) -> None:
+    spec = parse_spec(text)
+    assert ":" not in spec.fd_name
+    assert parse_fd_name(spec.fd_name) == (spec.target, spec.remote_port)
+
+
+@pytest.mark.parametrize("name", ["", "web", "+80", "web+", "web+080", "we b+80", "web+80+1"])
+def test_bad_fd_names_are_refused(name: str) -> None:
+    with pytest.raises(SpecError):
+        parse_fd_name(name)
