@@ -15,7 +15,12 @@ from qconnect import __version__
 from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "loopback": (
+        "qconnect.loopback.cli",
+        "a whole Qubes machine (qubes, policy, qrexec) on one host",
+    ),
+}
 
 
 class CommandModule(Protocol):
