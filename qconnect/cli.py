@@ -15,7 +15,13 @@ from qconnect import __version__
 from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "policy": (
+        "qconnect.policy.cli",
+        "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
+    ),
+    "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
+}
 
 
 class CommandModule(Protocol):
