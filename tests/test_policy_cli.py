@@ -63,13 +63,13 @@ BAD_PORTS = ["0", "65536", "080", "+80", "-1", "0x50", "8e1", ""]
 def test_bad_ports_are_refused(dom0: Dom0, port: str, action: str) -> None:
     before = dom0.snapshot()
     if action == "explain":
-        status, out, err = dom0.run("explain", "untrusted", "mytcp-service", port)
+        status, _out, err = dom0.run("explain", "untrusted", "mytcp-service", port)
     elif action == "allow":
-        status, out, err = dom0.run(
+        status, _out, err = dom0.run(
             "allow", "untrusted", f"--port={port}", "--target", "mytcp-service"
         )
     else:
-        status, out, err = dom0.run("deny", "untrusted", f"--port={port}")
+        status, _out, err = dom0.run("deny", "untrusted", f"--port={port}")
     assert status != 0
     assert err.count("\n") == 1 and f"invalid port {port!r}" in err
     assert "from 1 to 65535" in err
@@ -135,7 +135,7 @@ def test_bad_ports_are_refused(dom0: Dom0, port: str, action: str) -> None:
 )
 def test_bad_values_are_refused_by_name(dom0: Dom0, words: list[str], message: str) -> None:
     before = dom0.snapshot()
-    status, out, err = dom0.run(*words)
+    status, _out, err = dom0.run(*words)
     assert status != 0
     assert err.count("\n") == 1, err
     assert message in err
@@ -246,7 +246,7 @@ def test_each_command_writes_the_rule_a_user_means(dom0: Dom0, words: list[str],
 
 def test_the_ask_rules_really_ask(dom0: Dom0) -> None:
     dom0.run("allow", "untrusted", "--port", "22", "--default-target", "work", "--ask")
-    status, out, _ = dom0.run("explain", "untrusted", "@default", "22", "--json")
+    _status, out, _ = dom0.run("explain", "untrusted", "@default", "22", "--json")
     assert json.loads(out) == {
         "decision": "ask",
         "target": "work",

@@ -450,7 +450,7 @@ def test_evaluate_call_reads_the_directory(tmp_path: Path) -> None:
 
 def test_evaluate_call_raises_when_the_directory_does_not_parse(tmp_path: Path) -> None:
     (tmp_path / "30-user.policy").write_text("\n\nqubes.ConnectTCP +444 a b alow\n")
-    with pytest.raises(PolicyError, match="^30-user.policy:3: unknown action 'alow'"):
+    with pytest.raises(PolicyError, match=r"^30-user.policy:3: unknown action 'alow'"):
         evaluate_call(
             tmp_path, SYSTEM, source="a", target="b", service="qubes.ConnectTCP", argument="+444"
         )

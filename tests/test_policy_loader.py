@@ -138,7 +138,7 @@ def test_an_error_in_an_included_file_names_that_file(tmp_path: Path) -> None:
     policy_dir, _ = machine(tmp_path)
     (policy_dir / "inc").write_text("\nqubes.ConnectTCP +1 a b alow\n")
     (policy_dir / "30-x.policy").write_text("!include inc\n")
-    with pytest.raises(PolicyError, match="^inc:2: unknown action 'alow'"):
+    with pytest.raises(PolicyError, match=r"^inc:2: unknown action 'alow'"):
         load_policy(policy_dir)
 
 
@@ -170,7 +170,7 @@ def test_compat_40_without_the_legacy_directory_refuses_the_policy(tmp_path: Pat
     policy_dir = tmp_path / "policy.d"
     policy_dir.mkdir()
     (policy_dir / "35-compat.policy").write_text("!compat-4.0\n")
-    with pytest.raises(PolicyError, match="35-compat.policy:1: !compat-4.0: legacy policy"):
+    with pytest.raises(PolicyError, match=r"35-compat.policy:1: !compat-4.0: legacy policy"):
         load_policy(policy_dir)
 
 
@@ -178,7 +178,7 @@ def test_compat_40_is_not_recursive(tmp_path: Path) -> None:
     policy_dir, legacy_dir = machine(tmp_path)
     (legacy_dir / "qubes.ConnectTCP").write_text("!compat-4.0\n")
     (policy_dir / "35-compat.policy").write_text("!compat-4.0\n")
-    with pytest.raises(PolicyError, match="qubes.ConnectTCP:1: unknown directive '!compat-4.0'"):
+    with pytest.raises(PolicyError, match=r"qubes.ConnectTCP:1: unknown directive '!compat-4.0'"):
         load_policy(policy_dir)
 
 
@@ -211,7 +211,7 @@ def test_legacy_r40_evaluation_uses_the_arg_file_instead_of_the_plain_one(tmp_pa
 def test_non_utf8_policy_file_is_refused(tmp_path: Path) -> None:
     policy_dir, _ = machine(tmp_path)
     (policy_dir / "30-x.policy").write_bytes(b"# caf\xe9\n")
-    with pytest.raises(PolicyError, match="30-x.policy: not valid UTF-8"):
+    with pytest.raises(PolicyError, match=r"30-x.policy: not valid UTF-8"):
         load_policy(policy_dir)
 
 
@@ -236,5 +236,5 @@ def test_system_info_refuses_malformed_descriptions(tmp_path: Path) -> None:
 
 
 def test_system_info_outside_dom0_says_what_to_do() -> None:
-    with pytest.raises(PolicyError, match="this is not dom0.*pass --qubes FILE"):
+    with pytest.raises(PolicyError, match=r"this is not dom0.*pass --qubes FILE"):
         SystemInfo.from_running_system()

@@ -179,7 +179,7 @@ def test_bad_lines_are_refused_with_file_line_and_value(line: str, message: str)
         parse_text(line, "30-user.policy")
     assert str(raised.value).startswith("30-user.policy:1: ")
     assert "\n" not in str(raised.value)
-    with pytest.raises(PolicyError, match="^30-user.policy:3: "):
+    with pytest.raises(PolicyError, match=r"^30-user.policy:3: "):
         parse_text("# a comment\n\n" + line, "30-user.policy")
 
 

@@ -1,4 +1,4 @@
-"""The firewall doc's three qubes.ConnectTCP scenarios: generated, parsed, evaluated, both formats."""
+"""The firewall doc's three ConnectTCP scenarios: generated, parsed, evaluated, both formats."""
 
 import itertools
 import shutil

@@ -217,7 +217,7 @@ def _only_ours(text: str | None) -> bool:
     if text is None:
         return False
     fenced = fence.split(text, "")
-    return fenced.present and not (fenced.before + fenced.after).strip()
+    return fenced.present and not fenced.before and not fenced.after
 
 
 def _read(path: Path) -> str | None:
