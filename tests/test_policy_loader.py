@@ -1,6 +1,9 @@
 """Reading a policy directory as dom0 does: file names, C order, includes, !compat-4.0, R4.0."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,5 +239,60 @@ def test_system_info_refuses_malformed_descriptions(tmp_path: Path) -> None:
 
 
 def test_system_info_outside_dom0_says_what_to_do() -> None:
-    with pytest.raises(PolicyError, match=r"this is not dom0.*pass --qubes FILE"):
+    with pytest.raises(PolicyError) as raised:
         SystemInfo.from_running_system()
+    message = str(raised.value)
+    assert "this is not dom0: no qubesd-query" in message
+    assert "no Admin API (the qubesadmin module is missing)" in message
+    assert message.endswith("pass --qubes FILE with the JSON of qubesd's internal.GetSystemInfo")
+
+
+# dom0's Admin API client cannot exist here; this stand-in answers as it does.
+FAKE_QUBESADMIN = """
+class _Features(dict):
+    pass
+
+class _VM:
+    def __init__(self, name, klass, tags, state, **props):
+        self.name, self.klass, self.tags = name, klass, set(tags)
+        self._state = state
+        self.features = _Features(props.pop("features", {}))
+        for key, value in props.items():
+            setattr(self, key, value)
+    def get_power_state(self):
+        return self._state
+
+class Qubes:
+    domains = [
+        _VM("dom0", "AdminVM", [], "Running"),
+        _VM("work", "AppVM", ["work"], "Halted", default_dispvm="dvm",
+            template_for_dispvms=False),
+        _VM("dvm", "AppVM", [], "Halted", default_dispvm=None, template_for_dispvms=True,
+            features={"internal": "1"}),
+    ]
+"""
+
+
+def test_system_info_from_the_admin_api_when_qubesd_is_out_of_reach(tmp_path: Path) -> None:
+    (tmp_path / "qubesadmin.py").write_text(FAKE_QUBESADMIN)
+    script = (
+        "from qconnect.policy.system_info import SystemInfo\n"
+        "for q in SystemInfo.from_running_system():\n"
+        "    print(q.name, q.type, sorted(q.tags), q.default_dispvm, q.template_for_dispvms,"
+        " q.power_state, q.internal)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "dom0 AdminVM [] None False Running False",
+        "work AppVM ['work'] dvm False Halted False",
+        "dvm AppVM [] None True Halted True",
+    ]
