@@ -159,7 +159,8 @@ def test_an_edit_is_refused_while_the_directory_does_not_parse(
     before = dom0.snapshot()
     status, _, err = dom0.run("allow", "untrusted", "--port", "444", "--target", "mytcp-service")
     assert status != 0 and err.count("\n") == 1
-    assert "refusing the edit" in err and f"20-user.policy:1: {message}" in err
+    assert "refusing the edit, the policy does not parse now" in err
+    assert f"20-user.policy:1: {message}" in err
     assert dom0.snapshot() == before
     status, out, _ = dom0.run("lint")
     assert status == 1 and f"20-user.policy:1: {message}" in out
@@ -174,12 +175,17 @@ def test_an_invalid_file_name_in_the_directory_refuses_edits(dom0: Dom0) -> None
 
 
 def test_an_edit_that_would_not_parse_is_refused(dom0: Dom0) -> None:
-    # a user file that includes ours: any rule we add to a file read twice is fine,
-    # but a file that includes itself through ours is a loop dom0 refuses
-    dom0.ours.write_text("!include 30-qconnect.policy\n")
+    # 20-user.policy reads our file as an R4.0 file: fine while it holds only comments,
+    # broken by any new-format rule line, so the edit must be refused, not written
+    (dom0.policy_dir / "20-user.policy").write_text(
+        "!include-service qubes.ConnectTCP +444 30-qconnect.policy\n"
+    )
+    dom0.ours.write_text("# reserved\n")
     before = dom0.snapshot()
+    assert dom0.run("lint")[0] == 0
     status, _, err = dom0.run("deny", "untrusted", "--port", "444")
-    assert status != 0 and "include loop" in err
+    assert status != 0 and err.count("\n") == 1
+    assert "refusing the edit, the policy would not parse afterwards: 30-qconnect.policy:" in err
     assert dom0.snapshot() == before
 
 

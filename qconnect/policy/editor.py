@@ -314,9 +314,7 @@ class PolicyEditor:
             try:
                 policy = self.format.load(overrides)
             except PolicyError as error:
-                raise PolicyError(
-                    f"refusing the edit, the policy would not parse afterwards: {error}"
-                ) from None
+                raise self._refusal(error) from None
             if not dry_run:
                 _remove_stale_temporaries(
                     self.format.directory, (change.path.name for change in changes)
@@ -330,6 +328,14 @@ class PolicyEditor:
         return EditResult(
             changes, tuple(added), tuple(replaced), tuple(removed), warnings, not dry_run
         )
+
+    def _refusal(self, error: PolicyError) -> PolicyError:
+        """Why an edit is refused: the policy is broken already, or the edit would break it."""
+        try:
+            self.format.load()
+        except PolicyError:
+            return PolicyError(f"refusing the edit, the policy does not parse now: {error}")
+        return PolicyError(f"refusing the edit, the policy would not parse afterwards: {error}")
 
     def _shadow_warnings(self, policy: Policy, added: Sequence[Rule]) -> Iterator[str]:
         rules = policy.rules
