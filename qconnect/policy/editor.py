@@ -27,6 +27,7 @@ from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_p
 from qconnect.policy.parser import parse_line
 from qconnect.policy.rules import Location, Rule
 from qconnect.policy.system_info import SystemInfo
+from qconnect.qrexec import SERVICE
 
 #: The file our new-format rules go to: sorts before 35-compat and 90-default.
 QCONNECT_FILE = "30-qconnect.policy"
@@ -153,7 +154,7 @@ class LegacyFormat(PolicyFormat):
         return [
             self.directory / name
             for name in sorted(names)
-            if legacy.split_file_name(name)[0] == SERVICE_NAME
+            if legacy.split_file_name(name)[0] == SERVICE
         ]
 
     def render(self, rule: Rule) -> str:
@@ -170,10 +171,6 @@ class LegacyFormat(PolicyFormat):
 
     def load(self, overrides: Overrides | None = None) -> Policy:
         return load_legacy_policy(self.directory, overrides=overrides)
-
-
-# The service every rule of this tool is for.
-SERVICE_NAME = "qubes.ConnectTCP"
 
 
 @dataclass
