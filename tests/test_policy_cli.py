@@ -330,6 +330,17 @@ def test_a_damaged_block_is_never_guessed_at(dom0: Dom0) -> None:
     status, _, err = dom0.run("deny", "untrusted", "--port", "444")
     assert status != 0 and "markers are damaged" in err
     assert dom0.snapshot() == before
+    status, out, _ = dom0.run("lint")
+    assert status == 1
+    assert "30-qconnect.policy: qconnect's BEGIN/END markers are damaged" in out
+
+
+def test_lint_reports_foreign_lines_in_our_block(dom0: Dom0) -> None:
+    dom0.ours.write_text(f"{BEGIN_MARKER}\n!include-dir /nowhere\n{END_MARKER}\n")
+    status, out, _ = dom0.run("lint")
+    assert status == 1
+    assert "30-qconnect.policy:2: not a directory: /nowhere" in out
+    assert "30-qconnect.policy:2: only rules belong between qconnect's markers" in out
 
 
 def test_a_rule_shadowed_by_an_earlier_file_is_reported(dom0: Dom0) -> None:

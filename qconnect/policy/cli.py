@@ -445,6 +445,15 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _block_problems(fmt: PolicyFormat) -> list[Problem]:
+    """Damage to our own blocks (markers, foreign lines), which would stop the next edit."""
+    try:
+        PolicyEditor(fmt).managed()
+    except PolicyError as error:
+        return [Problem("", str(error))]
+    return []
+
+
 def run_lint(args: argparse.Namespace) -> int:
     system = _system(args, required=False) if args.qubes is not None else None
     problems: list[Problem] = []
@@ -455,6 +464,7 @@ def run_lint(args: argparse.Namespace) -> int:
             found, policy = lint_directory(
                 path, system=system, legacy_format=args.legacy, legacy_dir=args.legacy_dir
             )
+            found.extend(_block_problems(LegacyFormat(path) if args.legacy else NewFormat(path)))
         elif path.exists():
             found, policy = lint_file(path, system=system, legacy_format=args.legacy)
         else:
