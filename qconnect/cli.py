@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qconnect.loopback.cli",
         "a whole Qubes machine (qubes, policy, qrexec) on one host",
     ),
+    "policy": (
+        "qconnect.policy.cli",
+        "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
+    ),
+    "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
 }
 
 

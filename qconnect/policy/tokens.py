@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qconnect.policy.system_info import SystemInfo, is_dom0
+from qconnect.policy.system_info import QubeInfo, SystemInfo, is_dom0
 
 
 class Place(enum.Enum):
@@ -159,8 +159,22 @@ class DefaultVM(Token):
         yield from ()
 
 
+class _QubeProperty(Token):
+    """A token naming the qubes that have some property (a type, a tag)."""
+
+    def has_property(self, qube: QubeInfo) -> bool:
+        raise NotImplementedError
+
+    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
+        qube = None if other.startswith("@") else system.lookup(other)
+        return qube is not None and self.has_property(qube)
+
+    def expand(self, system: SystemInfo) -> Iterator[str]:
+        yield from (qube.name for qube in system if self.has_property(qube))
+
+
 @dataclass(frozen=True)
-class TypeVM(Token):
+class TypeVM(_QubeProperty):
     """``@type:TYPE``: qubes of that class (``AppVM``, ``AdminVM``...)."""
 
     type_name: str
@@ -171,16 +185,12 @@ class TypeVM(Token):
     def text(self) -> str:
         return self.prefix + self.type_name
 
-    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
-        qube = None if other.startswith("@") else system.lookup(other)
-        return qube is not None and qube.type == self.type_name
-
-    def expand(self, system: SystemInfo) -> Iterator[str]:
-        yield from (qube.name for qube in system if qube.type == self.type_name)
+    def has_property(self, qube: QubeInfo) -> bool:
+        return qube.type == self.type_name
 
 
 @dataclass(frozen=True)
-class TagVM(Token):
+class TagVM(_QubeProperty):
     """``@tag:TAG``: qubes carrying that tag."""
 
     tag: str
@@ -191,12 +201,8 @@ class TagVM(Token):
     def text(self) -> str:
         return self.prefix + self.tag
 
-    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
-        qube = None if other.startswith("@") else system.lookup(other)
-        return qube is not None and self.tag in qube.tags
-
-    def expand(self, system: SystemInfo) -> Iterator[str]:
-        yield from (qube.name for qube in system if self.tag in qube.tags)
+    def has_property(self, qube: QubeInfo) -> bool:
+        return self.tag in qube.tags
 
 
 @dataclass(frozen=True)
