@@ -15,7 +15,9 @@ from qconnect import __version__
 from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
+}
 
 
 class CommandModule(Protocol):
