@@ -158,7 +158,8 @@ async def connect_local(port: int, timeout: float) -> tuple[trio.SocketStream, s
             if isinstance(error, trio.TooSlowError):
                 reasons.append(f"{address}: timed out")
             else:
-                reasons.append(f"{address}: {(error.strerror or str(error)).lower()}")
+                reason = os.strerror(error.errno) if error.errno else str(error)
+                reasons.append(f"{address}: {reason.lower()}")
             continue
         return trio.SocketStream(sock), address
     raise CallRefused(f"cannot connect to port {port}: {'; '.join(reasons)}", "unreachable")
