@@ -1,6 +1,7 @@
 """The socket service in-process: real unix and TCP sockets, one trio process for every call."""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,21 @@ async def test_bytes_sent_with_the_descriptor_are_not_lost(tmp_path: Path) -> No
     ):
         await stream.send_eof()
         assert await receive_all(stream) == payload
+
+
+async def test_socket_path_longer_than_sockaddr_un_still_works(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "qubes.ConnectTCP"
+    assert len(str(path)) > 108
+    async with tcp_server(echo) as port, socket_service(path):
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        directory = os.open(deep, os.O_RDONLY)
+        try:
+            await sock.connect(f"/proc/self/fd/{directory}/qubes.ConnectTCP")
+        finally:
+            os.close(directory)
+        async with trio.SocketStream(sock) as stream:
+            await stream.send_all(f"qubes.ConnectTCP+{port} work\0deep".encode())
+            await stream.send_eof()
+            assert await receive_all(stream) == b"deep"
