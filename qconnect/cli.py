@@ -16,6 +16,10 @@ from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "loopback": (
+        "qconnect.loopback.cli",
+        "a whole Qubes machine (qubes, policy, qrexec) on one host",
+    ),
     "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
 }
 
