@@ -70,6 +70,9 @@ ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 # loopback machine directories) are bound through /proc/self/fd.
 SUN_PATH_MAX = 107
 
+#: Signals that stop the service cleanly (socket removed, one log line).
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
 # How often (seconds) the daemon refreshes its systemd STATUS line; often
 # enough for `systemctl status`, rare enough to cost nothing.
 STATUS_INTERVAL = 5.0
@@ -378,7 +381,10 @@ async def _report_status(service: ConnectTCPService) -> None:
 
 
 async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # run() blocked these until now, so that a stop request arriving while
+        # the socket was being set up is handled here, cleanly, not by dying.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             logger.info("stopping on %s: %s", signal.Signals(signum).name, service.status_line())
             _notify("STOPPING=1")
@@ -389,6 +395,7 @@ async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -
 def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True) -> int:
     """Run the service in the foreground: systemd's socket if passed, else bind ``socket_path``."""
     raise_fd_limit()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sock = inherited_socket() if allow_inherited else None
     where = "socket from systemd" if sock is not None else socket_path
     if sock is None:
