@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
     ),
     "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
+    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
 }
 
 
