@@ -15,7 +15,10 @@ from qconnect import __version__
 from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
+    "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
+}
 
 
 class CommandModule(Protocol):
