@@ -18,6 +18,7 @@ from qconnect.errors import QconnectError
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
     "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
+    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
 }
 
 

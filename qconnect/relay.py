@@ -33,7 +33,8 @@ class RelayStats:
     """What a relay moved, and how it ended; the caller logs it.
 
     ``a_to_b`` and ``b_to_a`` count the bytes delivered in each direction
-    (received from one side and fully handed to the other). ``a_eof`` and
+    (received from one side and fully handed to the other); the relay adds to
+    them, so a caller that forwarded some bytes itself may count those first. ``a_eof`` and
     ``b_eof`` say whether that side sent its EOF (and so whether it was passed
     on). ``error`` is None for a clean end (both EOFs), else a short reason
     such as ``"a: connection reset"``.
@@ -77,19 +78,18 @@ async def _copy(
     other direction is cancelled) and is recorded in ``stats.error``: a reset
     connection cannot half-work, and waiting on its other half would hang.
     """
-    moved = 0
+    forward = direction == "a_to_b"
     try:
         while True:
             data = await source.receive_some(chunk_size)
             if not data:
                 break
             await sink.send_all(data)
-            moved += len(data)
-            if direction == "a_to_b":
-                stats.a_to_b = moved
+            if forward:
+                stats.a_to_b += len(data)
             else:
-                stats.b_to_a = moved
-        if direction == "a_to_b":
+                stats.b_to_a += len(data)
+        if forward:
             stats.a_eof = True
         else:
             stats.b_eof = True
