@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
     ),
     "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
+    "loopback": (
+        "qconnect.loopback.cli",
+        "a whole Qubes machine (qubes, policy, qrexec) on one host",
+    ),
 }
 
 
