@@ -20,12 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qconnect.loopback.cli",
         "a whole Qubes machine (qubes, policy, qrexec) on one host",
     ),
+    "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
+    "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
+    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
     "policy": (
         "qconnect.policy.cli",
         "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
     ),
     "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
-    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
 }
 
 
