@@ -15,7 +15,9 @@ from qconnect import __version__
 from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "persist": ("qconnect.units.cli", "permanent bindings as socket-activated systemd units"),
+}
 
 
 class CommandModule(Protocol):

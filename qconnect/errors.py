@@ -25,3 +25,7 @@ class PolicyError(QconnectError):
 
 class FileWriteError(QconnectError):
     """An atomic file write or its lock failed; the old content is intact."""
+
+
+class PersistError(QconnectError):
+    """A permanent binding cannot be installed, changed or removed as asked; nothing changed."""
