@@ -26,6 +26,7 @@ from qconnect.units.render import (
     Relay,
     Scope,
     check_executable_path,
+    check_max_connections,
     load_templates,
 )
 from qconnect.units.systemctl import Systemd
@@ -189,9 +190,10 @@ def detect_relay(qrexec_client_vm: str) -> Relay:
             stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
+        reason = error.strerror if isinstance(error, OSError) else "no answer"
         raise PersistError(
             f"cannot run {qrexec_client_vm} --help to see whether it has --use-stdin-socket "
-            f"({error}); give --qrexec-client-vm PATH or --relay handoff|socat"
+            f"({reason}); give --qrexec-client-vm PATH or --relay handoff|socat"
         ) from None
     return Relay.HANDOFF if b"--use-stdin-socket" in result.stdout + result.stderr else Relay.SOCAT
 
@@ -228,6 +230,9 @@ def _binding_from(args: argparse.Namespace) -> Binding:
         if args.max_connections is not None or args.relay != "auto":
             raise PersistError("--max-connections and --relay apply to --mode per-connection only")
         return Binding(spec, scope, mode)
+    max_connections = check_max_connections(
+        DEFAULT_MAX_CONNECTIONS if args.max_connections is None else args.max_connections
+    )
     qrexec_client_vm = check_executable_path(args.qrexec_client_vm, "--qrexec-client-vm")
     relay = detect_relay(qrexec_client_vm) if args.relay == "auto" else Relay(args.relay)
     socat = check_executable_path(args.socat, "--socat")
@@ -236,9 +241,6 @@ def _binding_from(args: argparse.Namespace) -> Binding:
             f"{qrexec_client_vm} has no --use-stdin-socket and {socat} is not an executable: "
             "install socat (every Qubes template has it) or give --socat PATH"
         )
-    max_connections = (
-        DEFAULT_MAX_CONNECTIONS if args.max_connections is None else args.max_connections
-    )
     return Binding(spec, scope, mode, max_connections, relay, qrexec_client_vm, socat)
 
 

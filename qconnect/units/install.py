@@ -161,8 +161,10 @@ def _read_rc_local(layout: Layout) -> str | None:
         return layout.rc_local.read_text()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PersistError(f"cannot read {layout.rc_local}: {error}") from None
+    except OSError as error:
+        raise PersistError(f"cannot read {layout.rc_local}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise PersistError(f"cannot read {layout.rc_local}: it is not UTF-8 text") from None
 
 
 def find_installed(layout: Layout) -> list[Installed]:
