@@ -29,3 +29,7 @@ class FileWriteError(QconnectError):
 
 class PersistError(QconnectError):
     """A permanent binding cannot be installed, changed or removed as asked; nothing changed."""
+
+
+class ServiceError(QconnectError):
+    """The qubes.ConnectTCP service: a bad call descriptor, allowlist or installation."""

@@ -1,0 +1,306 @@
+"""One qrexec call against the policy, decided as dom0 decides it.
+
+The steps follow qubes-core-qrexec's ``Request`` and the ``evaluate`` of
+``Allow``/``Ask``/``Deny``: the requested target is first checked (a qube
+that does not exist becomes ``@default``; a keyword that cannot be a call's
+target is refused), the first rule whose service, argument, source and
+target all match decides, and nothing matching means deny. An ``allow`` can
+still refuse: no target at all for a ``@default`` call, ``@dispvm`` without
+a default disposable template, ``autostart=no`` towards a halted qube, or a
+qube calling itself.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
+from qconnect.policy.rules import Allow, Ask, Deny, Rule
+from qconnect.policy.system_info import SystemInfo, is_dom0
+from qconnect.policy.tokens import Place, Token, TokenError, parse_token
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call as dom0 receives it: ``source`` asks ``target`` for ``service`` with ``argument``."""
+
+    source: str
+    target: str
+    service: str
+    argument: str
+
+    def describe(self) -> str:
+        argument = self.argument if self.argument != "+" else ""
+        return f"{self.service}{argument} {self.source} -> {self.target or '@default'}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """dom0's decision on one call.
+
+    ``target`` is the qube that serves an allowed call (for ``ask``, the
+    pre-selected ``default_target`` if any; for ``deny``, None). ``rule`` is
+    ``FILE:LINE`` of the deciding rule, None when no rule matched.
+    ``choices`` are the targets an ``ask`` offers.
+    """
+
+    action: str
+    target: str | None
+    rule: str | None
+    user: str | None = None
+    autostart: bool = False
+    notify: bool = False
+    reason: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.action == "allow"
+
+
+class _Refused(Exception):
+    """A deny reached inside evaluation; carries the one-line reason."""
+
+    def __init__(self, reason: str, *, notify: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.notify = notify
+
+
+def intended_target(requested: str, system: SystemInfo) -> str:
+    """The call's target as policy matching sees it, or _Refused.
+
+    Empty means ``@default``; an unknown qube is treated as ``@default`` (so
+    a caller cannot probe which qubes exist); ``@dispvm:NAME`` must name a
+    disposable template; other keywords cannot be requested.
+    """
+    if requested in ("", "@default"):
+        return "@default"
+    try:
+        token = parse_token(requested, Place.REDIRECT)
+    except TokenError:
+        raise _Refused(f"{requested!r} cannot be a call's target") from None
+    if requested == "@adminvm" or requested == "@dispvm":
+        return requested
+    if requested.startswith("@dispvm:"):
+        template = system.lookup(requested[len("@dispvm:") :])
+        if template is None or not template.template_for_dispvms:
+            raise _Refused(f"{requested[len('@dispvm:') :]!r} is not a disposable template")
+        return f"@dispvm:{template.name}"
+    del token
+    qube = system.lookup(requested)
+    return qube.name if qube is not None else "@default"
+
+
+def _can_run_without_autostart(target: str, system: SystemInfo) -> bool:
+    if is_dom0(target):
+        return True
+    if target.startswith("@dispvm"):
+        return False
+    qube = system.lookup(target)
+    return qube is not None and qube.power_state == "Running"
+
+
+def _rule_matches_but_target(rule: Rule, call: Call, system: SystemInfo) -> bool:
+    return (
+        (rule.service is None or rule.service == call.service)
+        and (rule.argument is None or rule.argument == call.argument)
+        and rule.source.match(call.source, system)
+    )
+
+
+def _expand_dispvm(target: str, source: str, system: SystemInfo) -> str | None:
+    if target != "@dispvm":
+        return target
+    qube = system.lookup(source)
+    if qube is None or qube.default_dispvm is None:
+        return None
+    return f"@dispvm:{qube.default_dispvm}"
+
+
+def _allow(rule: Rule, action: Allow, call: Call, intended: str, system: SystemInfo) -> Resolution:
+    where = str(rule.location)
+    target = intended if action.target is None else _redirect(action.target, system, where)
+    if target == "@default":
+        raise _Refused(
+            f"{where} allows the call but neither the caller nor the rule names a target"
+        )
+    if target == "@dispvm":
+        expanded = _expand_dispvm(target, call.source, system)
+        if expanded is None:
+            raise _Refused(
+                f"{where} allows the call to @dispvm but {call.source} has no default_dispvm"
+            )
+        target = expanded
+    elif is_dom0(target):
+        target = "dom0"
+    if not action.effective_autostart and not _can_run_without_autostart(target, system):
+        raise _Refused(
+            f"{where} says autostart=no and {target} is not running",
+            notify=action.effective_notify,
+        )
+    if target == call.source:
+        raise _Refused(f"{where} would send {call.source}'s call to itself; qrexec refuses that")
+    redirected = intended != target and action.target is not None
+    how = f" (redirected by target= from {intended})" if redirected else ""
+    return Resolution(
+        action="allow",
+        target=target,
+        rule=where,
+        user=action.user,
+        autostart=action.effective_autostart,
+        notify=action.effective_notify,
+        reason=f"allowed by {where}: {call.describe()} is served by {target}{how}",
+    )
+
+
+def _redirect(token: Token, system: SystemInfo, where: str) -> str:
+    """A ``target=`` value checked like a requested target (an unknown qube is no target)."""
+    try:
+        return intended_target(token.text, system)
+    except _Refused as refusal:
+        raise _Refused(f"{where}: target={token.text}: {refusal.reason}") from None
+
+
+def collect_choices(policy: Policy, call: Call, system: SystemInfo) -> list[str]:
+    """The targets an ``ask`` may offer: qrexec's ``collect_targets_for_ask``.
+
+    Every rule for this service, argument and source contributes its target
+    (or its ``target=``), later rules first so that an earlier ``deny`` removes
+    what a later rule added.
+    """
+    choices: set[str] = set()
+    for rule in reversed(policy.rules):
+        if not _rule_matches_but_target(rule, call, system):
+            continue
+        redirect = getattr(rule.action, "target", None)
+        token = redirect if isinstance(redirect, Token) else rule.target
+        expansion = set(token.expand(system))
+        if isinstance(rule.action, Deny):
+            choices -= expansion
+        else:
+            choices |= expansion
+    if "@dispvm" in choices:
+        choices.discard("@dispvm")
+        expanded = _expand_dispvm("@dispvm", call.source, system)
+        if expanded is not None:
+            choices.add(expanded)
+    if "@adminvm" in choices:
+        choices.discard("@adminvm")
+        choices.add("dom0")
+    choices.discard(call.source)
+    for choice in list(choices):
+        qube = system.lookup(choice.removeprefix("@dispvm:"))
+        if qube is not None and qube.internal:
+            choices.discard(choice)
+    return sorted(choices)
+
+
+def _ask(policy: Policy, rule: Rule, action: Ask, call: Call, system: SystemInfo) -> Resolution:
+    where = str(rule.location)
+    if action.target is not None:
+        choices = ["dom0" if is_dom0(action.target.text) else action.target.text]
+    else:
+        choices = collect_choices(policy, call, system)
+    if not action.effective_autostart:
+        choices = [choice for choice in choices if _can_run_without_autostart(choice, system)]
+    if not choices:
+        raise _Refused(f"{where} says ask but offers no target to choose from")
+    default: str | None = None
+    if action.default_target is not None:
+        default = action.default_target.text
+        if default == "@dispvm":
+            default = _expand_dispvm(default, call.source, system)
+        elif is_dom0(default):
+            default = "dom0"
+        if default not in choices:
+            default = None
+    preselected = f", {default} preselected" if default else ""
+    return Resolution(
+        action="ask",
+        target=default,
+        rule=where,
+        user=action.user,
+        autostart=action.effective_autostart,
+        notify=action.effective_notify,
+        reason=(
+            f"{where} asks the user: {call.describe()} may go to "
+            f"{' or '.join(choices)}{preselected}"
+        ),
+        choices=tuple(choices),
+    )
+
+
+def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
+    """dom0's decision on ``call`` under ``policy``; never raises, whatever the call."""
+    call = Call(call.source, call.target, call.service, call.argument or "+")
+    note = ""
+    if not call.target.startswith("@") and call.target and call.target not in system:
+        note = f" (requested target {call.target!r} does not exist: read as @default)"
+    rule: Rule | None = None
+    try:
+        intended = intended_target(call.target, system)
+        rule = next(
+            (
+                candidate
+                for candidate in policy.rules
+                if _rule_matches_but_target(candidate, call, system)
+                and candidate.target.match(intended, system, call.source)
+            ),
+            None,
+        )
+        if rule is None:
+            raise _Refused(f"no rule matches {call.describe()}")
+        action = rule.action
+        if isinstance(action, Deny):
+            raise _Refused(f"denied by {rule.location}", notify=action.effective_notify)
+        if isinstance(action, Allow):
+            resolution = _allow(rule, action, call, intended, system)
+        else:
+            resolution = _ask(policy, rule, action, call, system)
+    except _Refused as refusal:
+        return Resolution(
+            action="deny",
+            target=None,
+            rule=str(rule.location) if rule is not None else None,
+            notify=refusal.notify,
+            reason=refusal.reason + note,
+        )
+    return dataclasses.replace(resolution, reason=resolution.reason + note)
+
+
+def evaluate_call(
+    policy_dir: Path,
+    system: SystemInfo,
+    *,
+    source: str,
+    target: str,
+    service: str,
+    argument: str,
+    legacy_dir: Path | None = None,
+) -> Resolution:
+    """Load ``policy_dir`` (R4.1+ format) and decide one call.
+
+    ``target`` is what the caller requested (``""``/``@default``, a qube,
+    ``@dispvm``, ``@dispvm:NAME``); ``argument`` carries its ``+`` (``"+"``
+    for none). Raises PolicyError when the directory does not parse: dom0
+    then refuses every call. ``legacy_dir`` is where ``!compat-4.0`` reads
+    (default: ``../../qubes-rpc/policy`` from ``policy_dir``, i.e.
+    ``/etc/qubes-rpc/policy`` in dom0).
+    """
+    policy = load_policy(policy_dir, legacy_dir=legacy_dir)
+    return evaluate(policy, system, Call(source, target, service, argument))
+
+
+def evaluate_legacy_call(
+    legacy_dir: Path,
+    system: SystemInfo,
+    *,
+    source: str,
+    target: str,
+    service: str,
+    argument: str,
+) -> Resolution:
+    """Decide one call as R4.0 does from its per-service files in ``legacy_dir``."""
+    policy = load_legacy_policy(legacy_dir)
+    return evaluate(policy, system, Call(source, target, service, argument))

@@ -1,0 +1,149 @@
+"""A policy rule and its action as value objects that render back to the text they came from.
+
+Parameters are kept as written (``None`` when absent), so that rendering a
+parsed rule gives the same line, while ``effective_*`` properties give what
+dom0 applies when a parameter is absent (deny notifies, allow and ask do not;
+autostart is on).
+"""
+
+from dataclasses import dataclass, field
+
+from qconnect.policy.tokens import Token
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a rule was read: the file as shown to the user and the line (None: implicit)."""
+
+    file: str
+    line: int | None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line if self.line is not None else 'end'}"
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+@dataclass(frozen=True)
+class Deny:
+    """``deny [notify=yes|no]``."""
+
+    notify: bool | None = None
+
+    name = "deny"
+
+    @property
+    def effective_notify(self) -> bool:
+        return True if self.notify is None else self.notify
+
+    def params(self) -> list[str]:
+        return [] if self.notify is None else [f"notify={_yes_no(self.notify)}"]
+
+
+@dataclass(frozen=True)
+class Allow:
+    """``allow [target=Q] [user=U] [notify=yes|no] [autostart=yes|no]``."""
+
+    target: Token | None = None
+    user: str | None = None
+    notify: bool | None = None
+    autostart: bool | None = None
+
+    name = "allow"
+
+    @property
+    def effective_notify(self) -> bool:
+        return bool(self.notify)
+
+    @property
+    def effective_autostart(self) -> bool:
+        return True if self.autostart is None else self.autostart
+
+    def params(self) -> list[str]:
+        words = []
+        if self.target is not None:
+            words.append(f"target={self.target.text}")
+        if self.user is not None:
+            words.append(f"user={self.user}")
+        if self.notify is not None:
+            words.append(f"notify={_yes_no(self.notify)}")
+        if self.autostart is not None:
+            words.append(f"autostart={_yes_no(self.autostart)}")
+        return words
+
+
+@dataclass(frozen=True)
+class Ask:
+    """``ask [target=Q] [default_target=Q] [user=U] [notify=yes|no] [autostart=yes|no]``."""
+
+    target: Token | None = None
+    default_target: Token | None = None
+    user: str | None = None
+    notify: bool | None = None
+    autostart: bool | None = None
+
+    name = "ask"
+
+    @property
+    def effective_notify(self) -> bool:
+        return bool(self.notify)
+
+    @property
+    def effective_autostart(self) -> bool:
+        return True if self.autostart is None else self.autostart
+
+    def params(self) -> list[str]:
+        words = []
+        if self.target is not None:
+            words.append(f"target={self.target.text}")
+        if self.default_target is not None:
+            words.append(f"default_target={self.default_target.text}")
+        if self.user is not None:
+            words.append(f"user={self.user}")
+        if self.notify is not None:
+            words.append(f"notify={_yes_no(self.notify)}")
+        if self.autostart is not None:
+            words.append(f"autostart={_yes_no(self.autostart)}")
+        return words
+
+
+Action = Deny | Allow | Ask
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``SERVICE ARGUMENT SOURCE TARGET ACTION [PARAMS]``; ``None`` service/argument mean ``*``.
+
+    ``location`` says where it was read and takes no part in equality, so a
+    rule rendered and parsed again equals the original.
+    """
+
+    service: str | None
+    argument: str | None
+    source: Token
+    target: Token
+    action: Action
+    location: Location | None = field(default=None, compare=False)
+
+    def render(self) -> str:
+        """The rule as one line of a new-format policy file."""
+        words = [
+            self.service if self.service is not None else "*",
+            self.argument if self.argument is not None else "*",
+            self.source.text,
+            self.target.text,
+            self.action.name,
+            *self.action.params(),
+        ]
+        return " ".join(words)
+
+    def render_legacy(self) -> str:
+        """The rule as one line of an R4.0 file (``SOURCE TARGET ACTION[,PARAM...]``)."""
+        return f"{self.source.text} {self.target.text} " + ",".join(
+            [self.action.name, *self.action.params()]
+        )
+
+    def __str__(self) -> str:
+        return self.render()
