@@ -18,6 +18,10 @@ from qconnect.errors import QconnectError
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
     "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
+    "loopback": (
+        "qconnect.loopback.cli",
+        "a whole Qubes machine (qubes, policy, qrexec) on one host",
+    ),
     "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
     "policy": (
         "qconnect.policy.cli",

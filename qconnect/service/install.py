@@ -307,10 +307,8 @@ def uninstall(root: Path) -> Manifest | None:
     manifest = _read_manifest(root)
     if manifest is None:
         return None
+    remove_file(root / MANIFEST)  # first, so that its directory can go with the others
     _remove(root, manifest)
-    remove_file(root / MANIFEST)
-    with contextlib.suppress(OSError):
-        (root / MANIFEST.parent).rmdir()
     return manifest
 
 

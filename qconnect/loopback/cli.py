@@ -1,0 +1,98 @@
+"""``qconnect loopback``: create a loopback Qubes machine and run commands inside its qubes."""
+
+import argparse
+import os
+import sys
+
+from qconnect.loopback.machine import LoopbackError, Machine, QubeSpec
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="loopback_command", metavar="ACTION")
+    commands.required = True
+
+    init = commands.add_parser(
+        "init",
+        help="create a loopback machine directory",
+        description="Create a loopback Qubes machine: dom0's policy directory and "
+        "system info, and for each qube its qubes-rpc and rpc-config directories.",
+    )
+    init.add_argument("directory", metavar="DIR", help="the machine directory (new or empty)")
+    init.add_argument(
+        "--qube",
+        dest="qubes",
+        action="append",
+        required=True,
+        metavar="NAME[:TYPE][:TAG,...]",
+        help="a qube (repeat for more); TYPE is AppVM (default), DispVM, StandaloneVM or "
+        "TemplateVM, e.g. --qube work --qube web::server,public",
+    )
+    init.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a dom0 policy line for policy.d/30-loopback.policy (repeatable), e.g. "
+        "'qubes.ConnectTCP +80 work @default allow target=web'",
+    )
+    init.add_argument(
+        "--ask",
+        metavar="ANSWER",
+        help="how 'ask' rules are answered: allow, 'allow QUBE' or deny (default: deny)",
+    )
+    init.add_argument(
+        "--no-stock-services",
+        dest="stock",
+        action="store_false",
+        help="leave out the stock qubes.ConnectTCP (-> /dev/tcp/127.0.0.1) every qube ships",
+    )
+    init.set_defaults(handler=_init)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command inside one qube of a loopback machine",
+        description="Run COMMAND as if inside QUBE: qrexec-client-vm on its PATH is the "
+        "loopback client, which calls other qubes of the machine through dom0's policy.",
+    )
+    run.add_argument("directory", metavar="DIR", help="the machine directory")
+    run.add_argument("qube", metavar="QUBE", help="the qube to run in")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    run.set_defaults(handler=_run)
+
+
+def _init(args: argparse.Namespace) -> int:
+    specs = [QubeSpec.parse(text) for text in args.qubes]
+    if args.ask is not None and args.ask.split()[:1] not in (["allow"], ["deny"]):
+        raise LoopbackError(f"invalid --ask {args.ask!r}: expected allow, 'allow QUBE' or deny")
+    machine = Machine.create(
+        args.directory, specs, policy=args.policy, stock_connect_tcp=args.stock
+    )
+    if args.ask is not None:
+        machine.set_ask_answer(args.ask)
+    names = ", ".join(spec.name for spec in specs)
+    print(f"loopback machine {machine.directory} created with dom0 and {names}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise LoopbackError(
+            "no command given: expected `qconnect loopback run DIR QUBE -- COMMAND...`"
+        )
+    machine = Machine(args.directory)
+    env = machine.env_for(args.qube)
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as error:
+        raise LoopbackError(f"cannot run {command[0]!r} in {args.qube}: {error.strerror}") from None
+    return 127  # pragma: no cover - execvpe only returns by raising
+
+
+def run(args: argparse.Namespace) -> int:
+    handler = args.handler
+    result: int = handler(args)
+    return result

@@ -1,0 +1,78 @@
+"""Where things live in a loopback machine directory (pure paths, standard library only).
+
+Shared by the ``Machine`` API and the per-call ``qrexec-client-vm``, which
+must start fast and so imports only this, not ``machine``::
+
+    DIR/qubes.json                 dom0's system info (internal.GetSystemInfo)
+    DIR/policy.d/*.policy          dom0's qrexec policy
+    DIR/ask                        the answer to ``ask`` rules (no user to ask)
+    DIR/bin/qrexec-client-vm       the loopback client every qube calls
+    DIR/qubes/NAME/rpc/            the qube's first qubes-rpc directory
+    DIR/qubes/NAME/rpc-config/     the qube's first rpc-config directory
+    DIR/qubes/NAME/root/           the qube's root file system, for the rest
+                                   of qrexec's search path (etc/qubes-rpc ...)
+    DIR/run/calls/NAME/            the qube's call slots (calls in flight)
+    DIR/log/qrexec.log             what qrexec-agent and -daemon would log
+"""
+
+import os
+from pathlib import Path
+
+#: Environment variables that tell the loopback client which machine and qube it runs in.
+MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
+QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+
+CLIENT_NAME = "qrexec-client-vm"
+
+# qrexec's search paths inside a qube (qubes-core-qrexec, libqrexec/qrexec.h:
+# QREXEC_SERVICE_PATH and QUBES_RPC_CONFIG_PATH), in order; the loopback puts
+# the qube's own rpc/ and rpc-config/ directories in front of them.
+SERVICE_PATH = ("run/qubes-rpc", "usr/local/etc/qubes-rpc", "etc/qubes-rpc")
+RPC_CONFIG_PATH = ("run/qubes/rpc-config", "usr/local/etc/qubes/rpc-config", "etc/qubes/rpc-config")
+
+
+def qube_dir(machine: Path, qube: str) -> Path:
+    return machine / "qubes" / qube
+
+
+def rpc_dir(machine: Path, qube: str) -> Path:
+    return qube_dir(machine, qube) / "rpc"
+
+
+def rpc_config_dir(machine: Path, qube: str) -> Path:
+    return qube_dir(machine, qube) / "rpc-config"
+
+
+def root_dir(machine: Path, qube: str) -> Path:
+    return qube_dir(machine, qube) / "root"
+
+
+def service_path(machine: Path, qube: str) -> list[Path]:
+    """The directories the qube's agent searches for a service, first match wins."""
+    root = root_dir(machine, qube)
+    return [rpc_dir(machine, qube), *(root / part for part in SERVICE_PATH)]
+
+
+def rpc_config_path(machine: Path, qube: str) -> list[Path]:
+    """The directories the qube's agent searches for rpc-config files, first match wins."""
+    root = root_dir(machine, qube)
+    return [rpc_config_dir(machine, qube), *(root / part for part in RPC_CONFIG_PATH)]
+
+
+def calls_dir(machine: Path, qube: str) -> Path:
+    return machine / "run" / "calls" / qube
+
+
+def bin_dir(machine: Path) -> Path:
+    return machine / "bin"
+
+
+def env_for(machine: Path, qube: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process "inside" ``qube``: the loopback client first on PATH."""
+    env = dict(os.environ if base is None else base)
+    env[MACHINE_ENV] = str(machine)
+    env[QUBE_ENV] = qube
+    bin_path = str(bin_dir(machine))
+    path = [part for part in env.get("PATH", os.defpath).split(os.pathsep) if part != bin_path]
+    env["PATH"] = os.pathsep.join([bin_path, *path])
+    return env
