@@ -36,13 +36,14 @@ def test_handoff_service_hands_the_connection_to_qrexec_client_vm_alone() -> Non
     assert "\nStandardOutput=journal\n" in service and "\nStandardError=journal\n" in service
 
 
-def test_socat_fallback_uses_two_pipes_and_waits_for_both_directions() -> None:
+def test_socat_fallback_runs_as_the_local_program_and_waits_for_both_directions() -> None:
     binding = per_connection("[::1]:444:@dispvm:dvm:444", Relay.SOCAT)
     service = render_binding(binding, TEMPLATES)[binding.service_unit]
     assert exec_start_of(service) == (
-        "/usr/bin/socat -t 31536000 FD:0 "
-        "\"EXEC:'/usr/bin/qrexec-client-vm -- @dispvm:dvm qubes.ConnectTCP+444',pipes\""
+        "/usr/bin/qrexec-client-vm -- @dispvm:dvm qubes.ConnectTCP+444 /bin/sh -c "
+        '"exec /usr/bin/socat -t 31536000 STDIO,shut-down FD:$${SAVED_FD_0},shut-down"'
     )
+    assert "\nStandardInput=socket\n" in service
 
 
 def test_per_connection_socket_accepts_and_limits_connections() -> None:

@@ -310,7 +310,7 @@ def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layo
     if binding.relay is Relay.SOCAT and binding.mode is Mode.PER_CONNECTION:
         print(
             f"  note: {binding.qrexec_client_vm} has no --use-stdin-socket; every connection "
-            f"runs {binding.socat} in front of it (two pipes), which keeps half-close correct"
+            f"runs {binding.socat} as its local program, which keeps half-close correct"
         )
     if live:
         print(f"  systemd: reloaded and started {binding.socket_unit}")

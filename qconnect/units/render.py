@@ -94,9 +94,10 @@ class Relay(StrEnum):
 
     ``handoff``: the connection is ``qrexec-client-vm --use-stdin-socket``'s
     fd 0, no other process. ``socat``: for a qrexec-client-vm without that
-    option, which signals the remote's EOF by closing its stdout; socat gives
-    it two pipes (so that close is an EOF) and turns each EOF into a
-    ``shutdown()`` of the connection, keeping half-close correct.
+    option, which signals the remote's EOF by closing its stdout (no EOF at
+    all when stdout is the connection, as in StandardInput=socket); socat,
+    run as qrexec-client-vm's local program, turns each side's EOF into a
+    ``shutdown()`` of the other, keeping half-close correct.
     """
 
     HANDOFF = "handoff"
@@ -261,15 +262,29 @@ def header(*, what: str, command: str, remove: str, settings: str) -> str:
 
 
 def per_connection_exec_start(binding: Binding) -> str:
-    """The ExecStart= of one connection's service: qrexec-client-vm, alone or behind socat."""
+    """The ExecStart= of one connection's service: qrexec-client-vm, alone or with socat.
+
+    Handoff: the connection (fd 0, ``StandardInput=socket``) is used for both
+    directions by qrexec-client-vm itself. Fallback, for a qrexec-client-vm
+    without ``--use-stdin-socket`` (Qubes before 2024): qrexec-client-vm runs
+    socat as its LOCAL_PROGRAM, talking to the call over a socketpair it
+    shuts or closes on the remote's EOF, and socat reaches the connection
+    through ``SAVED_FD_0`` (qrexec-client-vm's own stdin, which it passes to
+    every local program, since Qubes 4.0). ``shut-down`` on both addresses makes
+    socat pass each EOF on as ``shutdown(SHUT_WR)`` (its default for an fd of
+    unknown kind is to do nothing while the other direction still runs).
+    (``socat FD:0 EXEC:...,pipes`` is no option: socat 1.7 keeps both ends of
+    its pipes, so the close that signals EOF never reaches it.) ``$$`` is
+    systemd's escape for ``$``.
+    """
     qrexec_client_vm = check_executable_path(binding.qrexec_client_vm, "qrexec-client-vm")
     call = f"-- {binding.spec.qrexec_target} {service_call(binding.spec.remote_port)}"
     if binding.relay is Relay.HANDOFF:
         return f"{qrexec_client_vm} --use-stdin-socket {call}"
     socat = check_executable_path(binding.socat, "socat")
-    # socat reads the EXEC command line itself: the single quotes keep the
-    # ':' of @dispvm:NAME from being read as a socat address separator.
-    return f"{socat} -t {SOCAT_HALF_CLOSE_TIMEOUT} FD:0 \"EXEC:'{qrexec_client_vm} {call}',pipes\""
+    connection = "FD:$${SAVED_FD_0},shut-down"
+    relay = f"exec {socat} -t {SOCAT_HALF_CLOSE_TIMEOUT} STDIO,shut-down {connection}"
+    return f'{qrexec_client_vm} {call} /bin/sh -c "{relay}"'
 
 
 def daemon_exec_start(qvm_connect_tcp: str) -> str:
@@ -302,8 +317,8 @@ def render_binding(binding: Binding, templates: Templates) -> dict[str, str]:
             )
         else:
             note = (
-                "This qrexec-client-vm has no --use-stdin-socket: socat relays over two "
-                "pipes so that each side's EOF becomes a shutdown() of the other."
+                "This qrexec-client-vm has no --use-stdin-socket: socat, its local program, "
+                "relays so that each side's EOF becomes a shutdown() of the other."
             )
         return {
             binding.socket_unit: templates.render(
