@@ -12,27 +12,24 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from qconnect import __version__
-from qconnect.client.daemon import (
-    LOG_IDENTIFIER,
-    bind_or_sudo,
-    run_foreground,
-    serve,
-    serve_in_background,
-)
 from qconnect.client.errors import ClientError
 from qconnect.client.limits import (
+    DEFAULT_GRACE,
     DEFAULT_MAX_CONNECTIONS,
     check_max_connections,
     raise_nofile_limit,
 )
 from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
-from qconnect.client.server import DEFAULT_GRACE, ServerOptions
 from qconnect.errors import QconnectError
 from qconnect.logs import setup_logging
 from qconnect.spec import BindingSpec, parse_bind_address, parse_spec
+
+if TYPE_CHECKING:
+    from qconnect.client.server import ServerOptions
 
 PROG = "qvm-connect-tcp"
 
@@ -139,19 +136,19 @@ def run(args: argparse.Namespace) -> int:
     if systemd and args.specs:
         raise ClientError("--systemd serves the sockets systemd passes; give no SPEC with it")
     specs = [] if systemd else parse_specs(args.specs, args.bind)
+    # Imported only now: a mistyped spec is reported without loading trio.
+    from qconnect.client.daemon import bind_or_sudo, run_foreground, serve_in_background
+
     raise_nofile_limit()
-    executable = find_qrexec_client_vm()
-    options = ServerOptions(
-        mode=choose_mode(executable, force_relay=args.relay),
-        executable=executable,
-        source_qube=this_qube_name(),
-        max_connections=args.max_connections,
-        grace=args.grace,
-        systemd=systemd,
-    )
     if systemd:
-        return _run_systemd(options, args.verbose)
+        return _run_systemd(_options(args, systemd=True), args.verbose)
     listeners: list[Listener] = bind_or_sudo(lambda: open_listeners(specs))
+    try:
+        options = _options(args, systemd=False)
+    except BaseException:
+        for listener in listeners:
+            listener.sock.close()
+        raise
     for spec in specs:
         print(spec.startup_message(), flush=True)
     _warn_exposed(specs)
@@ -160,9 +157,26 @@ def run(args: argparse.Namespace) -> int:
     return serve_in_background(listeners, options, args.verbose)
 
 
-def _run_systemd(options: ServerOptions, verbose: bool) -> int:
+def _options(args: argparse.Namespace, *, systemd: bool) -> "ServerOptions":
+    """Find qrexec-client-vm and decide the mode (asked once, for the whole process)."""
+    from qconnect.client.server import ServerOptions
+
+    executable = find_qrexec_client_vm()
+    return ServerOptions(
+        mode=choose_mode(executable, force_relay=args.relay),
+        executable=executable,
+        source_qube=this_qube_name(),
+        max_connections=args.max_connections,
+        grace=args.grace,
+        systemd=systemd,
+    )
+
+
+def _run_systemd(options: "ServerOptions", verbose: bool) -> int:
     """Serve socket-activated listeners, telling systemd when we are ready."""
     from systemd import daemon
+
+    from qconnect.client.daemon import LOG_IDENTIFIER, serve
 
     setup_logging(LOG_IDENTIFIER, verbose=verbose)
     listeners = adopt_systemd_listeners()

@@ -19,6 +19,11 @@ DEFAULT_MAX_CONNECTIONS = 64
 #: kernel's listen backlog holds new connections until a call ends.
 PROCESS_MAX_CONNECTIONS = MAX_CALLS_IN_FLIGHT - 16
 
+#: Default seconds open connections may keep running after a stop request.
+#: Long enough for a page load or a short transfer to complete, short enough
+#: that a shutdown does not hang on an idle keep-alive connection.
+DEFAULT_GRACE = 10.0
+
 #: Listen backlog asked of the kernel (capped by net.core.somaxconn). While
 #: every slot is busy, new connections wait here rather than being refused;
 #: the original's socat used 5, so a burst of 1,000 connections saw resets.

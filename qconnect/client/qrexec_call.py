@@ -20,6 +20,10 @@ QREXEC_CLIENT_VM = "qrexec-client-vm"
 #: do not list it in their usage text.
 STDIN_SOCKET_OPTION = "--use-stdin-socket"
 
+#: Set by the loopback machine in the processes "inside" one of its qubes
+#: (qconnect.loopback.layout.QUBE_ENV): that qube's name.
+LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+
 #: How long ``qrexec-client-vm --help`` may take before we give up and use
 #: the relay, which works with every version.
 PROBE_TIMEOUT = 5.0
@@ -81,7 +85,7 @@ def this_qube_name() -> str:
     Qubes keeps it in QubesDB (``/name``); the loopback machine and plain
     Linux fall back to the host name, which Qubes sets to the qube's name.
     """
-    loopback_name = os.environ.get("QREXEC_LOOPBACK_QUBE")
+    loopback_name = os.environ.get(LOOPBACK_QUBE_ENV)
     if loopback_name:
         return loopback_name
     reader = shutil.which("qubesdb-read")

@@ -42,11 +42,21 @@ QUERY_TIMEOUT = 3.0
 SOCKET_SUFFIX = ".sock"
 
 
+#: Set by a loopback machine in the processes "inside" one of its qubes
+#: (qconnect.loopback.layout): each loopback qube gets its own /run, so
+#: ``qconnect list`` in one qube does not show another qube's bindings.
+LOOPBACK_MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
+LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+
+
 def runtime_dir() -> Path:
     """Where this user's bindings register: root's in /run, a user's in XDG_RUNTIME_DIR."""
     override = os.environ.get(RUNTIME_DIR_ENV)
     if override:
         return Path(override).absolute() / "client"
+    machine, qube = os.environ.get(LOOPBACK_MACHINE_ENV), os.environ.get(LOOPBACK_QUBE_ENV)
+    if machine and qube:
+        return Path(machine).absolute() / "qubes" / qube / "root" / "run" / "qconnect" / "client"
     if os.geteuid() == 0:
         return Path("/run/qconnect/client")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -64,7 +74,7 @@ def ensure_runtime_dir() -> Path:
     directory = runtime_dir()
     for path in (directory.parent, directory):
         try:
-            path.mkdir(mode=0o700, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
             raise ClientError(f"cannot create {path}: {os.strerror(error.errno or 0)}") from None
     info = os.lstat(directory)

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from qconnect.client.bursts import BurstCounter
-from qconnect.client.limits import PROCESS_MAX_CONNECTIONS
+from qconnect.client.limits import DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.qrexec_call import Mode, call_argv
@@ -38,11 +38,6 @@ from qconnect.relay import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
 logger = logging.getLogger("qconnect.client")
-
-#: Default seconds open connections may keep running after a stop request.
-#: Long enough for a page load or a short transfer to complete, short enough
-#: that a shutdown does not hang on an idle keep-alive connection.
-DEFAULT_GRACE = 10.0
 
 #: After SIGTERM, seconds a qrexec-client-vm gets to exit before SIGKILL.
 TERMINATE_TIMEOUT = 2.0
@@ -316,6 +311,9 @@ class ClientServer:
         Our copy of the socket is closed as soon as the child has its own, so
         the child's shutdown() and exit are what the TCP peer sees.
         """
+        # The child shares the socket's file description, O_NONBLOCK flag
+        # included; qrexec-client-vm expects an ordinary blocking socket.
+        os.set_blocking(conn.fileno(), True)
         process = await trio.lowlevel.open_process(
             argv,
             stdin=conn.fileno(),
