@@ -411,6 +411,7 @@ def test_lint_reports_every_problem_with_file_and_line(dom0: Dom0) -> None:
         "qubes.ConnectTCP +444 untrusted mytcp-service allow\n"
         "qubes.ConnectTCP +445 untrusted ghost allow\n"
         "qubes.ConnectTCP +446 @tag:work @default allow\n"
+        "qubes.ConnectTCP +447 work #mytcp-service deny\n"
     )
     status, out, err = dom0.run("lint")
     assert status == 1
@@ -420,8 +421,10 @@ def test_lint_reports_every_problem_with_file_and_line(dom0: Dom0) -> None:
     assert lines[2].startswith("20-user.policy:4: rule never matches")
     assert lines[3] == "20-user.policy:4: target 'ghost' names no qube of this machine"
     assert lines[4].startswith("20-user.policy:5: allow to @default needs target=QUBE")
+    assert lines[5].startswith("20-user.policy:6: target '#mytcp-service' contains '#'")
+    assert lines[6] == "20-user.policy:6: target '#mytcp-service' names no qube of this machine"
     assert "90-default.policy" not in out
-    assert err == "5 problem(s)\n"
+    assert err == "7 problem(s)\n"
 
 
 def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) -> None:
