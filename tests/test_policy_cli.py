@@ -243,6 +243,10 @@ def test_allow_writes_one_rule_per_port_in_our_block(dom0: Dom0) -> None:
             ["deny", "untrusted", "--port", "22", "--target", "work"],
             "qubes.ConnectTCP +22 untrusted work deny",
         ),
+        (
+            ["deny", "untrusted", "--port", "22", "--target", "@default"],
+            "qubes.ConnectTCP +22 untrusted @default deny",
+        ),
     ],
 )
 def test_each_command_writes_the_rule_a_user_means(dom0: Dom0, words: list[str], rule: str) -> None:
