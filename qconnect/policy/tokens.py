@@ -32,6 +32,14 @@ class TokenError(ValueError):
     """A token that is not valid where it stands; the parser adds file and line."""
 
 
+class EvaluationFailure(Exception):
+    """dom0's own evaluator fails on this token for this call, so dom0 refuses the call.
+
+    qubes-core-qrexec raises (AttributeError, KeyError) rather than deciding in
+    two corners of ``@dispvm:NAME``; the call is refused there, and so here.
+    """
+
+
 class Token:
     """A qube specification in a rule."""
 
@@ -238,9 +246,11 @@ class DispVMTemplate(Token):
     def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
         if other == "@dispvm" and source is not None:
             template = _dispvm_template_of(source, system)
-            return template is not None and system.canonical(template) == system.canonical(
-                self.template
-            )
+            if template is None:
+                raise EvaluationFailure(
+                    f"{self.text} meets a @dispvm call from {source}, which has no default_dispvm"
+                )
+            return system.canonical(template) == system.canonical(self.template)
         if not other.startswith(self.prefix):
             # A calling qube's name is never "@dispvm:...": as a source this
             # token matches nothing, exactly as in qrexec.
@@ -249,7 +259,9 @@ class DispVMTemplate(Token):
 
     def expand(self, system: SystemInfo) -> Iterator[str]:
         qube = system.lookup(self.template)
-        if qube is not None and qube.template_for_dispvms:
+        if qube is None:
+            raise EvaluationFailure(f"{self.text} names no qube, while collecting ask choices")
+        if qube.template_for_dispvms:
             yield self.prefix + qube.name
 
 
