@@ -152,7 +152,7 @@ async def test_a_reset_peer_ends_the_relay_with_an_error_not_an_exception() -> N
 
 
 async def test_idle_relays_hold_no_pipes() -> None:
-    """Splicing borrows a pipe only while bytes are in flight: idle calls cost their sockets only."""
+    """Splicing borrows a pipe only while bytes are in flight: idle calls hold sockets only."""
     relays = 100
     before = len(os.listdir("/proc/self/fd"))
     async with trio.open_nursery() as nursery:
