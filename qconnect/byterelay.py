@@ -72,10 +72,6 @@ class RelayCounts:
     error: OSError | None = None
 
 
-def _is_pipe(fd: int) -> bool:
-    return stat.S_ISFIFO(os.fstat(fd).st_mode)
-
-
 def _is_socket(fd: int) -> bool:
     return stat.S_ISSOCK(os.fstat(fd).st_mode)
 
@@ -87,20 +83,14 @@ def _splice_all(pipe_read: int, dst_fd: int, count: int) -> None:
 
 
 def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
-    """Copy with splice, directly when one end is a pipe, else through a private pipe."""
-    src_is_pipe = _is_pipe(src_fd)
-    if src_is_pipe or _is_pipe(dst_fd):
-        try:
-            while moved := os.splice(src_fd, dst_fd, PIPE_SIZE):
-                progress[0] += moved
-        except OSError as error:
-            if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
-                raise _SpliceUnsupported from None
-            # One call both reads and writes: a pipe source cannot fail to
-            # read, and a pipe destination only fails to write with EPIPE.
-            reading = not src_is_pipe and error.errno != errno.EPIPE
-            raise _failed(error, reading=reading) from None
-        return
+    """Copy with splice through a private pipe that only this thread touches.
+
+    Never splice straight into (or out of) a pipe someone else holds: a
+    splice from a socket into a pipe keeps the pipe's lock while it waits for
+    the socket, so the process reading that pipe blocks even on the bytes
+    already in it (seen on Linux 6.x: a reader stuck until the next chunk).
+    The private pipe is only locked against ourselves.
+    """
     pipe_read, pipe_write = os.pipe()
     try:
         with contextlib.suppress(OSError):

@@ -468,7 +468,9 @@ class _Relay:
                 lambda: self.ended_early or (self.service_input_done and self.service_output_done)
             )
         if self.ended_early:
-            # What the service already sent still reaches the caller first.
+            # What the service already sent still reaches the caller first;
+            # the service's later bytes are dropped (wake the reader up).
+            _shutdown_quietly(self.ends.service_out, socket.SHUT_RD)
             threads[1].join(_FINAL_FLUSH_SECONDS)
         return 0
 
