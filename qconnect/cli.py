@@ -21,6 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a whole Qubes machine (qubes, policy, qrexec) on one host",
     ),
     "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
+    "policy": (
+        "qconnect.policy.cli",
+        "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
+    ),
+    "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
 }
 
 
