@@ -54,6 +54,7 @@ class World:
     machine: Machine
     ports: dict[str, int]
     processes: list["subprocess.Popen[str]"] = field(default_factory=list)
+    startup_lines: list[str] = field(default_factory=list)  #: of the last start_client
 
     def env(self, qube: str = SOURCE) -> dict[str, str]:
         env = self.machine.env_for(qube)
@@ -98,12 +99,14 @@ class World:
             **kwargs,  # type: ignore[call-overload]
         )
         self.processes.append(process)
+        self.startup_lines = []
         for _ in range(specs):
             line = process.stdout.readline() if process.stdout else ""
             if not line.startswith("Binding TCP"):
                 process.kill()
                 _, err = process.communicate(timeout=10)
                 raise RuntimeError(f"client did not start: {line!r} {err}")
+            self.startup_lines.append(line.rstrip("\n"))
         return process
 
     def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
