@@ -6,7 +6,6 @@ connection, dom0's policy, the socket service in mytcp-service, TCP servers.
 
 import hashlib
 import re
-import subprocess
 from collections.abc import Iterator
 
 import pytest
