@@ -122,8 +122,13 @@ def test_port_in_use_is_reported_before_return(world: World) -> None:
 def test_port_below_1024_without_privilege_says_what_to_do(world: World) -> None:
     # root without CAP_NET_BIND_SERVICE is refused ports below 1024 like any user
     result = subprocess.run(
-        ["setpriv", "--bounding-set", "-net_bind_service", "--"]
-        + world.client_argv(f"80:{TARGET}:80"),
+        [
+            "setpriv",
+            "--bounding-set",
+            "-net_bind_service",
+            "--",
+            *world.client_argv(f"80:{TARGET}:80"),
+        ],
         env=world.env(),
         capture_output=True,
         text=True,
