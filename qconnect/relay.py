@@ -14,6 +14,10 @@ therefore stops its counterpart (through the kernel's socket buffers and TCP
 flow control); the relay never holds more than one chunk per direction.
 """
 
+import contextlib
+import errno
+import fcntl
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +30,27 @@ import trio
 # overhead. The buffer exists only while bytes are in flight: an idle call
 # holds no chunk at all.
 CHUNK_SIZE = 65536
+
+# Between two sockets the bytes move with splice(2) through a kernel pipe and
+# never enter Python: three to four times the throughput of receive/send on
+# loopback. The pipe is sized to this many bytes. Measured on a 1 GiB transfer
+# through the socket service (paired runs): 1 MiB was ~20% faster than
+# 256 KiB uploading but ~15% slower than 64 KiB downloading (more cache
+# misses); 256 KiB sits between and keeps each busy direction's kernel memory
+# small. A pipe holds bytes only between a splice in and the splices out
+# that follow at once.
+PIPE_SIZE = 256 * 1024
+
+# A busy direction yields to the event loop after moving this many bytes
+# without having had to wait: about a millisecond of copying on loopback, so
+# other calls stay responsive while a bulk transfer costs no scheduling.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+_HAVE_SPLICE = hasattr(os, "splice")
+
+# errno values meaning "the other side is gone": the stream is broken.
+_BROKEN = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
 
 @dataclass
@@ -80,7 +105,14 @@ async def _copy(
     """
     forward = direction == "a_to_b"
     try:
-        while True:
+        spliced = False
+        both_sockets = isinstance(source, trio.SocketStream) and isinstance(sink, trio.SocketStream)
+        if _HAVE_SPLICE and both_sockets:
+            assert isinstance(source, trio.SocketStream) and isinstance(sink, trio.SocketStream)
+            with contextlib.suppress(_SpliceUnsupported):
+                await _splice_copy(source.socket, sink.socket, stats, forward)
+                spliced = True
+        while not spliced:
             data = await source.receive_some(chunk_size)
             if not data:
                 break
@@ -99,6 +131,114 @@ async def _copy(
         if stats.error is None:
             stats.error = f"{side}->{'b' if side == 'a' else 'a'}: {_reason(error)}"
         cancel_scope.cancel()
+
+
+class _SpliceUnsupported(Exception):
+    """splice(2) refused these descriptors before moving a byte: use the generic copy."""
+
+
+class _PipePool:
+    """Empty kernel pipes for splicing, shared by every call of the process.
+
+    A direction holds a pipe only while bytes are in it (from a splice in to
+    the end of the splices out), then gives it back, so a thousand idle
+    calls hold no pipe at all: no file descriptors, no pipe pages, and no
+    share of the per-user pipe quota (fs.pipe-user-pages-soft, past which
+    Linux gives unprivileged processes one-page pipes).
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[tuple[int, int]] = []
+
+    def acquire(self) -> tuple[int, int]:
+        if self._idle:
+            return self._idle.pop()
+        pipe_read, pipe_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe_write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        return pipe_read, pipe_write
+
+    def release(self, pipe: tuple[int, int]) -> None:
+        """Take back an EMPTY pipe (or close it when enough are kept)."""
+        if len(self._idle) < self._keep:
+            self._idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        """Close a pipe that may still hold bytes: they must never reach another call."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+# Empty pipes kept for reuse: enough for the busy directions of a typical
+# moment, few enough (two descriptors each) not to matter when idle.
+_pipes = _PipePool(keep=32)
+
+
+async def _splice_copy(
+    source: trio.socket.SocketType,
+    sink: trio.socket.SocketType,
+    stats: RelayStats,
+    forward: bool,
+) -> None:
+    """Move bytes ``source`` -> ``sink`` through a kernel pipe until EOF.
+
+    Both sockets are non-blocking (trio's), so every splice either moves
+    bytes or fails with EAGAIN, and we wait for readiness through trio. The
+    pipe is drained completely before the next read (backpressure, as the
+    generic copy) and handed back to the pool whenever the source has
+    nothing to read. Raises trio.BrokenResourceError when a peer is gone.
+    """
+    source_fd, sink_fd = source.fileno(), sink.fileno()
+    pipe: tuple[int, int] | None = None
+    in_pipe = 0
+    moved_any = False
+    since_checkpoint = 0
+    try:
+        while True:
+            # Yield to the other calls now and then, even when bytes never stop
+            # coming (a busy call must not starve the rest), and let a cancel in.
+            if since_checkpoint >= CHECKPOINT_BYTES:
+                await trio.lowlevel.checkpoint()
+                since_checkpoint = 0
+            if pipe is None:
+                pipe = _pipes.acquire()
+            try:
+                size = os.splice(source_fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                _pipes.release(pipe)  # empty: nothing was spliced in
+                pipe = None
+                await trio.lowlevel.wait_readable(source)
+                continue
+            except OSError as error:
+                if not moved_any and error.errno in (errno.EINVAL, errno.ENOSYS):
+                    raise _SpliceUnsupported from None
+                raise trio.BrokenResourceError(os.strerror(error.errno or 0)) from error
+            if size == 0:
+                return
+            moved_any = True
+            in_pipe = size
+            while in_pipe:
+                try:
+                    in_pipe -= os.splice(pipe[0], sink_fd, in_pipe, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sink)
+                except OSError as error:
+                    raise trio.BrokenResourceError(os.strerror(error.errno or 0)) from error
+            since_checkpoint += size
+            if forward:
+                stats.a_to_b += size
+            else:
+                stats.b_to_a += size
+    finally:
+        if pipe is not None:
+            if in_pipe:
+                _pipes.discard(pipe)
+            else:
+                _pipes.release(pipe)
 
 
 async def relay(
