@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconnect.loopback.machine import Machine
-from qconnect.service.install import install_into_rpc_dir
+from qconnect.service.install import install
 
 SOURCE = "untrusted"
 TARGET = "mytcp-service"
@@ -171,9 +171,12 @@ def make_world(directory: Path) -> Iterator[World]:
         # today's Qubes ships the service as /etc/qubes-rpc/qubes.ConnectTCP
         (machine.root_dir("noservice") / "etc" / "qubes-rpc" / "qubes.ConnectTCP").unlink()
         world = World(machine, ports, [servers])
-        rpc_dir = machine.rpc_dir(TARGET)
-        install_into_rpc_dir(rpc_dir, "socket", rpc_config_dir=machine.rpc_config_dir(TARGET))
-        service_socket = rpc_dir / "qubes.ConnectTCP"
+        # as `qconnect service install --socket` does in the qube's root, with
+        # the socket where its systemd unit puts it: /run/qubes-rpc
+        root = machine.root_dir(TARGET)
+        install(root, "socket")
+        service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
+        service_socket.parent.mkdir(parents=True, exist_ok=True)
         service = subprocess.Popen(
             [
                 sys.executable,
@@ -183,6 +186,8 @@ def make_world(directory: Path) -> Iterator[World]:
                 "run",
                 "--socket",
                 str(service_socket),
+                "--allow-file",
+                str(directory / "no-allowlist"),
             ],
             env=world.env(TARGET),
             stdout=subprocess.DEVNULL,
