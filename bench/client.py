@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from tests.client_world import World, free_port, make_world
-from tests.test_client_calls import bulk_transfer, exchange
+from tests.client_world import World, exchange, free_port, make_world
+from tests.test_client_calls import bulk_transfer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

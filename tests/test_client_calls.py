@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.client_servers import EARLY_GREETING, pattern, pattern_base, pattern_sha256
-from tests.client_world import SOURCE, TARGET, World, free_port, make_world
+from tests.client_world import SOURCE, TARGET, World, exchange, free_port, make_world
 
 MODES = {"handoff": (), "relay": ("--relay",)}
 
@@ -21,18 +21,6 @@ MODES = {"handoff": (), "relay": ("--relay",)}
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with make_world(tmp_path_factory.mktemp("client-calls")) as built:
         yield built
-
-
-async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Connect, send ``payload``, send EOF, return everything received until EOF."""
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        received = bytearray()
-        async for data in stream:
-            received += data
-        return bytes(received)
 
 
 async def closed_without_data(port: int) -> bool:
