@@ -91,8 +91,12 @@ async def test_echo_and_one_log_line_per_connection(world: World, mode: str) -> 
         assert "1 bytes out, 1 bytes in" in lines[0]
 
 
-async def bulk_transfer(port: int, size: int) -> None:
-    """Send ``size`` bytes of the pattern each way at once and check both by sha256."""
+async def bulk_transfer(port: int, size: int, *, half_close: bool = True) -> None:
+    """Send ``size`` bytes of the pattern each way at once and check both by sha256.
+
+    With ``half_close`` the client also sends EOF after its bytes, while the
+    rest of the download and the digest are still to come.
+    """
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     expected_down = pattern_sha256(size)
     base = pattern_base()
@@ -102,10 +106,11 @@ async def bulk_transfer(port: int, size: int) -> None:
     async with stream:
 
         async def upload() -> None:
-            await stream.send_all(size.to_bytes(8, "big"))
+            await stream.send_all(size.to_bytes(8, "big") * 2)
             for block in pattern(size, base):
                 await stream.send_all(block)
-            await stream.send_eof()
+            if half_close:
+                await stream.send_eof()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)

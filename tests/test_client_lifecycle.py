@@ -242,3 +242,24 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
         notify.close()
     assert activate.returncode == 0, log
     assert f"-> @default:{world.ports['echo']}" in log
+
+
+@pytest.mark.parametrize("mode", [(), ("--relay",)])
+async def test_no_descriptor_or_child_outlives_its_connection(
+    world: World, mode: tuple[str, ...]
+) -> None:
+    port = free_port()
+    client = world.start_client(*mode, f"{port}:{TARGET}:{world.ports['echo']}")
+    assert await exchange(port, b"warm-up") == b"warm-up"
+    await trio.sleep(0.5)
+    baseline = len(os.listdir(f"/proc/{client.pid}/fd"))
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(exchange, port, b"x" * 1000)
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{client.pid}/fd")) != baseline and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    assert len(os.listdir(f"/proc/{client.pid}/fd")) == baseline
+    children = Path(f"/proc/{client.pid}/task/{client.pid}/children").read_text().split()
+    assert children == []  # every call reaped: no zombie, no orphan
+    assert world.stop_client(client)[0] == 0
