@@ -5,7 +5,9 @@ world as the client's tests: untrusted -> mytcp-service running the socket
 service in front of TCP servers) and, in one run, measures each client chain
 on the same service:
 
-- original: ``socat TCP-LISTEN:L,reuseaddr,fork EXEC:"qrexec-client-vm '' qubes.ConnectTCP+P"``
+- original: ``socat TCP-LISTEN:L,reuseaddr,fork EXEC:"qrexec-client-vm @default qubes.ConnectTCP+P"``
+  (the original writes the target ``''``, which means @default; socat 1.7.4 drops
+  that empty word, so it is written out)
 - handoff:  ``qvm-connect-tcp L::P`` (the default)
 - relay:    ``qvm-connect-tcp --relay L::P``
 
@@ -30,8 +32,8 @@ from typing import Any
 
 import trio
 
-from tests.client_world import World, free_port, make_world
-from tests.test_client_calls import bulk_transfer, exchange
+from tests.client_world import World, exchange, free_port, make_world
+from tests.test_client_calls import bulk_transfer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,7 +89,9 @@ class Chain:
                 [
                     "socat",
                     f"TCP-LISTEN:{port},reuseaddr,fork",
-                    f"EXEC:qrexec-client-vm '' qubes.ConnectTCP+{target}",
+                    # '' as the original writes it: this host's socat (1.7.4)
+                    # drops the empty word, so the equivalent @default is used
+                    f"EXEC:qrexec-client-vm @default qubes.ConnectTCP+{target}",
                 ]
                 for port, target in (
                     (self.echo_port, remote),
@@ -143,7 +147,7 @@ async def measure(chain: Chain, size: int, sequential: int, burst: int) -> dict[
     await trio.sleep(0.5)
     figures: dict[str, Any] = {"idle_pss_kib": chain.memory()}
     start = time.perf_counter()
-    await bulk_transfer(chain.bulk_port, size)
+    await bulk_transfer(chain.bulk_port, size, half_close=False)
     elapsed = time.perf_counter() - start
     figures["throughput_mib_s"] = 2 * size / (1 << 20) / elapsed  # both ways at once
 

@@ -1,5 +1,6 @@
 """qvm-connect-tcp's life: background start, bind errors, list/stop, signals, EMFILE, systemd."""
 
+import contextlib
 import json
 import os
 import resource
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.client_world import SOURCE, TARGET, World, free_port, make_world
+from tests.client_world import SOURCE, TARGET, World, exchange, free_port, make_world
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield built
 
 
-async def echo(port: int, payload: bytes = b"ping") -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        received = bytearray()
-        async for data in stream:
-            received += data
-        return bytes(received)
+@pytest.fixture(autouse=True)
+def no_binding_outlives_its_test(world: World) -> Iterator[None]:
+    yield
+    world.qconnect("stop", "--all")
 
 
 def listed(world: World) -> list[dict[str, object]]:
@@ -58,7 +54,7 @@ async def test_returns_once_bound_then_serves_and_is_listed_and_stopped(world: W
         started.stdout == f"Binding TCP '{TARGET}:{world.ports['echo']}' to 'localhost:{port}'...\n"
     )
     # serving as soon as the command returned, from the background
-    assert await echo(port) == b"ping"
+    assert await exchange(port, b"ping") == b"ping"
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(b"hold")
@@ -79,7 +75,7 @@ async def test_returns_once_bound_then_serves_and_is_listed_and_stopped(world: W
     assert not pid_alive(pid)
     assert listed(world) == []
     with pytest.raises(OSError):
-        await echo(port)
+        await exchange(port, b"ping")
 
 
 async def test_stop_one_binding_keeps_the_others(world: World) -> None:
@@ -88,8 +84,9 @@ async def test_stop_one_binding_keeps_the_others(world: World) -> None:
     assert world.run_client(*specs).returncode == 0
     assert world.qconnect("stop", specs[0]).returncode == 0
     (answer,) = listed(world)
-    assert [b["spec"] for b in answer["bindings"]] == [f"127.0.0.1:{specs[1]}"]  # type: ignore[attr-defined]
-    assert await echo(second) == b"ping"
+    remaining = [b["spec"] for b in answer["bindings"]]  # type: ignore[attr-defined]
+    assert remaining == [f"127.0.0.1:{second}:@default:{world.ports['echo']}"]
+    assert await exchange(second, b"ping") == b"ping"
     missing = world.qconnect("stop", specs[0])
     assert missing.returncode == 1
     assert f"no running binding 127.0.0.1:{specs[0]}" in missing.stderr
@@ -112,16 +109,19 @@ def test_port_in_use_is_reported_before_return(world: World) -> None:
 
 
 def test_port_below_1024_without_privilege_says_what_to_do(world: World) -> None:
-    env = world.env()
-    env["PATH"] = "/usr/bin:/bin"  # no sudo to fall back on
+    # root without CAP_NET_BIND_SERVICE is refused ports below 1024 like any user
     result = subprocess.run(
-        [sys.executable, "-m", "qconnect.client_cli", f"80:{TARGET}:80"],
-        env=env,
+        [
+            "setpriv",
+            "--bounding-set",
+            "-net_bind_service",
+            "--",
+            *world.client_argv(f"80:{TARGET}:80"),
+        ],
+        env=world.env(),
         capture_output=True,
         text=True,
         timeout=30,
-        user=65534,
-        cwd="/",
     )
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -139,7 +139,7 @@ async def test_sigterm_lets_open_connections_finish_then_exits(world: World) -> 
         client.send_signal(signal.SIGTERM)
         await trio.sleep(0.5)
         with pytest.raises(OSError):  # no longer accepting
-            await echo(port)
+            await exchange(port, b"ping")
         await stream.send_all(b"during")  # the open connection still works
         assert await stream.receive_some(6) == b"during"
         assert client.poll() is None
@@ -157,11 +157,9 @@ async def test_after_the_grace_period_open_connections_are_closed(world: World) 
         await stream.send_all(b"x")
         assert await stream.receive_some(1) == b"x"
         client.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            try:
-                assert await stream.receive_some(1) == b""
-            except trio.BrokenResourceError:
-                pass  # a reset is as good as EOF here: the call is gone
+        # EOF or a reset: either way the call is gone
+        with trio.fail_after(15), contextlib.suppress(trio.BrokenResourceError):
+            assert await stream.receive_some(1) == b""
     client.communicate(timeout=30)
     assert client.returncode == 0
     assert world.leftover_calls() == []
@@ -189,7 +187,7 @@ async def test_out_of_file_descriptors_closes_connections_not_the_binding(world:
     # the binding survived and serves normally again
     for _ in range(5):
         with trio.fail_after(20):
-            assert await echo(port) == b"ping"
+            assert await exchange(port, b"ping") == b"ping"
     assert client.poll() is None
     _, log = world.stop_client(client)
     assert "Too many open files" in log
@@ -244,3 +242,24 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
         notify.close()
     assert activate.returncode == 0, log
     assert f"-> @default:{world.ports['echo']}" in log
+
+
+@pytest.mark.parametrize("mode", [(), ("--relay",)])
+async def test_no_descriptor_or_child_outlives_its_connection(
+    world: World, mode: tuple[str, ...]
+) -> None:
+    port = free_port()
+    client = world.start_client(*mode, f"{port}:{TARGET}:{world.ports['echo']}")
+    assert await exchange(port, b"warm-up") == b"warm-up"
+    await trio.sleep(0.5)
+    baseline = len(os.listdir(f"/proc/{client.pid}/fd"))
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(exchange, port, b"x" * 1000)
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{client.pid}/fd")) != baseline and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    assert len(os.listdir(f"/proc/{client.pid}/fd")) == baseline
+    children = Path(f"/proc/{client.pid}/task/{client.pid}/children").read_text().split()
+    assert children == []  # every call reaped: no zombie, no orphan
+    assert world.stop_client(client)[0] == 0

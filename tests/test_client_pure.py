@@ -106,3 +106,16 @@ def test_max_connections_stays_under_qrexec_limit() -> None:
     for bad in (0, -1, MAX_CALLS_IN_FLIGHT):
         with pytest.raises(ClientError, match="--max-connections"):
             check_max_connections(bad)
+
+
+def test_non_loopback_bind_warns_that_other_qubes_can_connect(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from qconnect.client_cli import _warn_exposed
+
+    _warn_exposed([BindingSpec("0.0.0.0", 8080, "web", 80), BindingSpec("::1", 8081, "web", 80)])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "qvm-connect-tcp: warning: listening on 0.0.0.0:8080, not a loopback address: other "
+        "qubes on that network can connect to web:80 through this qube"
+    ]
