@@ -6,10 +6,12 @@ prints what was done. No trio: it runs once and exits.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from qconnect.errors import PersistError
@@ -25,6 +27,7 @@ from qconnect.units.render import (
     Mode,
     Relay,
     Scope,
+    Templates,
     check_executable_path,
     check_max_connections,
     load_templates,
@@ -256,11 +259,26 @@ def run_add(args: argparse.Namespace) -> int:
             args.qvm_connect_tcp or find_our_client(), "--qvm-connect-tcp"
         )
     request = AddRequest(binding, persistence, client, replace=args.replace)
-    templates = load_templates()
+    plan, report, told = install_and_start(layout, request, load_templates(), _live)
+    _print_add(binding, plan, report, told, layout)
+    return 0
+
+
+ManagerFinder = Callable[[Layout, Scope], Systemd | None]
+
+
+def install_and_start(
+    layout: Layout, request: AddRequest, templates: Templates, find_manager: ManagerFinder
+) -> tuple[Plan, list[str], bool]:
+    """Plan, write, then tell systemd; (plan, what was done, whether systemd was told).
+
+    Error handling: if systemd refuses (the port is taken, say), every file
+    is put back as it was and systemd reloaded again, then PersistError.
+    """
     with install.scope_lock(layout):
         plan = install.plan_add(layout, request, templates)
-        scopes = {binding.scope, *(scope for scope, _unit in plan.stop_units)}
-        live = {scope: _live(layout, scope) for scope in scopes}
+        scopes = {request.binding.scope, *(scope for scope, _unit in plan.stop_units)}
+        live = {scope: find_manager(layout, scope) for scope in scopes}
         applied = install.apply(plan)
         try:
             _tell_systemd(plan, live)
@@ -268,10 +286,10 @@ def run_add(args: argparse.Namespace) -> int:
             applied.undo()
             for manager in live.values():
                 if manager is not None:
-                    manager.call("daemon-reload")
+                    with contextlib.suppress(PersistError):
+                        manager.call("daemon-reload")
             raise PersistError(f"{error}; the files were put back as they were") from None
-    _print_add(binding, plan, applied.report, live[binding.scope] is not None, layout)
-    return 0
+    return plan, applied.report, live[request.binding.scope] is not None
 
 
 def _tell_systemd(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
@@ -377,36 +395,50 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     layout = _layout(args)
+    chosen, report, told = remove_and_stop(layout, args.spec, args.all, args.scope, _live)
+    if not chosen:
+        print("no bindings persisted; nothing changed")
+        return 0
+    for item in chosen:
+        print(f"removed binding {item.spec} ({item.mode}, {item.scope} scope)")
+    for line in report:
+        print(f"  {line}")
+    if not told:
+        print("  systemd: not told (not running here, or --root given)")
+    return 0
+
+
+def remove_and_stop(
+    layout: Layout,
+    spec_text: str | None,
+    every: bool,
+    scope: str | None,
+    find_manager: ManagerFinder,
+) -> tuple[list[Installed], list[str], bool]:
+    """Stop, delete, reload; (bindings removed, what was done, whether systemd was told)."""
     with install.scope_lock(layout):
         installed = install.find_installed(layout)
-        if args.all:
-            chosen = [i for i in installed if args.scope is None or i.scope == args.scope]
+        if every or spec_text is None:
+            chosen = [item for item in installed if scope is None or item.scope == scope]
         else:
-            chosen = _select(installed, args.spec, args.scope)
+            chosen = _select(installed, spec_text, scope)
         if not chosen:
-            print("no bindings persisted; nothing changed")
-            return 0
+            return [], [], False
         plan = install.plan_remove(layout, chosen)
-        live = {scope: _live(layout, scope) for scope in {item.scope for item in chosen}}
-        for scope, unit in plan.stop_units:
-            manager = live.get(scope)
+        live = {item.scope: find_manager(layout, item.scope) for item in chosen}
+        for unit_scope, unit in plan.stop_units:
+            manager = live.get(unit_scope)
             if manager is not None:
                 manager.call("stop", unit)
-        for scope in plan.stop_daemon:
-            manager = live.get(scope)
+        for daemon_scope in plan.stop_daemon:
+            manager = live.get(daemon_scope)
             if manager is not None:
                 manager.call("stop", DAEMON_SERVICE)
         applied = install.apply(plan)
         for manager in {m for m in live.values() if m is not None}:
             manager.call("daemon-reload")
-        for scope in plan.restart_daemon:
-            manager = live.get(scope)
+        for daemon_scope in plan.restart_daemon:
+            manager = live.get(daemon_scope)
             if manager is not None:
                 manager.call("try-restart", DAEMON_SERVICE)
-    for item in chosen:
-        print(f"removed binding {item.spec} ({item.mode}, {item.scope} scope)")
-    for line in applied.report:
-        print(f"  {line}")
-    if not any(live.values()):
-        print("  systemd: not told (not running here, or --root given)")
-    return 0
+    return chosen, applied.report, any(live.values())

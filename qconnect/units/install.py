@@ -509,7 +509,7 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
         rc_units.add(socket)
         _check_rc_local_runs(layout, old_rc, plan)
     _plan_rc_local(layout, old_rc, sorted(rc_units), plan)
-    if scope is Scope.SYSTEM and request.persistence is Persistence.NONE:
+    if request.persistence is Persistence.NONE:
         plan.notes.append("this qube keeps nothing across a reboot: the binding lasts until then")
 
     plan.start_units.append((scope, socket))
