@@ -136,9 +136,13 @@ def test_a_second_binding_on_the_same_address_is_refused(tree: Path, qrexec_clie
     assert_one_line_error(add(tree, "8080:work:80", *qcv), "already does", "--replace")
     assert_one_line_error(add(tree, "0.0.0.0:8080:work:80", *qcv), "already does")
     assert snapshot(tree) == before
+    exposed = add(tree, "0.0.0.0:8081:work:80", *qcv)
+    assert "warning: 0.0.0.0 is not a loopback address" in exposed.stdout
     add(tree, "8080:work:80", "--replace", *qcv).check_returncode()
     names = sorted(os.listdir(tree / USER_UNITS))
     assert names == [
+        "qconnect-bind-0.0.0.0-8081-work-80.socket",
+        "qconnect-bind-0.0.0.0-8081-work-80@.service",
         "qconnect-bind-127.0.0.1-8080-work-80.socket",
         "qconnect-bind-127.0.0.1-8080-work-80@.service",
         "sockets.target.wants",

@@ -11,7 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from qconnect.errors import PersistError
@@ -281,7 +281,8 @@ def install_and_start(
         live = {scope: find_manager(layout, scope) for scope in scopes}
         applied = install.apply(plan)
         try:
-            _tell_systemd(plan, live)
+            _stop(plan, live)
+            _reload_and_start(plan, live)
         except PersistError as error:
             applied.undo()
             for manager in live.values():
@@ -292,27 +293,31 @@ def install_and_start(
     return plan, applied.report, live[request.binding.scope] is not None
 
 
-def _tell_systemd(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
-    """Stop what goes, reload, start what comes, and let the daemon pick up its sockets."""
+def _managers(live: dict[Scope, Systemd | None], scopes: Iterable[Scope]) -> list[Systemd]:
+    """The running managers among ``live`` for ``scopes``."""
+    found = [live.get(scope) for scope in scopes]
+    return [manager for manager in found if manager is not None]
+
+
+def _stop(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
+    """Stop the sockets that go (and the daemon-mode client when its last socket goes)."""
     for scope, unit in plan.stop_units:
-        manager = live.get(scope)
-        if manager is not None:
+        for manager in _managers(live, [scope]):
             manager.call("stop", unit)
-    for scope in plan.stop_daemon:
-        manager = live.get(scope)
-        if manager is not None:
-            manager.call("stop", DAEMON_SERVICE)
-    for manager in {m for m in live.values() if m is not None}:
+    for manager in _managers(live, plan.stop_daemon):
+        manager.call("stop", DAEMON_SERVICE)
+
+
+def _reload_and_start(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
+    """Reload, start the sockets that come, and let the daemon pick up its sockets."""
+    for manager in _managers(live, list(live)):
         manager.call("daemon-reload")
     for scope, unit in plan.start_units:
-        manager = live.get(scope)
-        if manager is not None:
+        for manager in _managers(live, [scope]):
             manager.call("start", unit)
-    for scope in plan.restart_daemon:
-        manager = live.get(scope)
-        if manager is not None:
-            # A running client holds only the sockets it was started with.
-            manager.call("try-restart", DAEMON_SERVICE)
+    # A running client holds only the sockets it was started with.
+    for manager in _managers(live, plan.restart_daemon):
+        manager.call("try-restart", DAEMON_SERVICE)
 
 
 def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layout: Layout) -> None:
@@ -426,19 +431,7 @@ def remove_and_stop(
             return [], [], False
         plan = install.plan_remove(layout, chosen)
         live = {item.scope: find_manager(layout, item.scope) for item in chosen}
-        for unit_scope, unit in plan.stop_units:
-            manager = live.get(unit_scope)
-            if manager is not None:
-                manager.call("stop", unit)
-        for daemon_scope in plan.stop_daemon:
-            manager = live.get(daemon_scope)
-            if manager is not None:
-                manager.call("stop", DAEMON_SERVICE)
+        _stop(plan, live)
         applied = install.apply(plan)
-        for manager in {m for m in live.values() if m is not None}:
-            manager.call("daemon-reload")
-        for daemon_scope in plan.restart_daemon:
-            manager = live.get(daemon_scope)
-            if manager is not None:
-                manager.call("try-restart", DAEMON_SERVICE)
+        _reload_and_start(plan, live)
     return chosen, applied.report, any(live.values())

@@ -509,6 +509,11 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
         rc_units.add(socket)
         _check_rc_local_runs(layout, old_rc, plan)
     _plan_rc_local(layout, old_rc, sorted(rc_units), plan)
+    if not binding.spec.is_loopback:
+        plan.notes.append(
+            f"warning: {binding.spec.bind_host} is not a loopback address: other qubes on "
+            "this qube's network can connect to the binding"
+        )
     if request.persistence is Persistence.NONE:
         plan.notes.append("this qube keeps nothing across a reboot: the binding lasts until then")
 
