@@ -284,3 +284,18 @@ def test_show_prints_the_unit_files_and_where_they_start(tree: Path, qrexec_clie
     assert "FileDescriptorName=@default+444" in shown
     assert f"# {tree / SYSTEM_UNITS}/qconnect-bindings.service" in shown
     assert "rc.local starts qconnect-bind-127.0.0.1-444-\\x40default-444.socket at boot" in shown
+
+
+def test_replacing_the_last_daemon_mode_binding_takes_its_service_away(
+    tree: Path, qrexec_client_vm: str
+) -> None:
+    before = snapshot(tree)
+    add(tree, "8080:web:80", "--mode", "daemon").check_returncode()
+    add(tree, "8081:web:81", "--mode", "daemon").check_returncode()
+    qcv = ["--qrexec-client-vm", qrexec_client_vm]
+    add(tree, "8080:web:80", "--replace", *qcv).check_returncode()
+    assert (tree / USER_UNITS / "qconnect-bindings.service").exists()  # 8081 still needs it
+    add(tree, "8081:web:81", "--replace", *qcv).check_returncode()
+    assert not (tree / USER_UNITS / "qconnect-bindings.service").exists()
+    run_persist("remove", "--all", "--root", str(tree), check=True)
+    assert snapshot(tree) == before
