@@ -9,11 +9,11 @@ import argparse
 import contextlib
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
+from qconnect.client.qrexec_call import supports_stdin_socket
 from qconnect.errors import PersistError
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units import install
@@ -36,9 +36,6 @@ from qconnect.units.systemctl import Systemd
 
 # Ports below this need root to bind, so only the system manager can listen there.
 PRIVILEGED_PORT_LIMIT = 1024
-
-# How long `qrexec-client-vm --help` may take to answer the option probe.
-_PROBE_TIMEOUT = 10
 
 # A console script that pip generated for qconnect's client contains this.
 _OUR_CLIENT_MARK = b"qconnect.client_cli"
@@ -183,22 +180,17 @@ def _choose_scope(args: argparse.Namespace, spec: BindingSpec) -> Scope:
 
 
 def detect_relay(qrexec_client_vm: str) -> Relay:
-    """Handoff when ``qrexec-client-vm --help`` lists --use-stdin-socket, else socat."""
-    try:
-        result = subprocess.run(
-            [qrexec_client_vm, "--help"],
-            capture_output=True,
-            timeout=_PROBE_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        reason = error.strerror if isinstance(error, OSError) else "no answer"
+    """Handoff when ``qrexec-client-vm --help`` lists --use-stdin-socket, else socat.
+
+    The probe is the client's own (:func:`supports_stdin_socket`), so a
+    permanent binding and ``qvm-connect-tcp`` always agree on a qube's agent.
+    """
+    if not os.access(qrexec_client_vm, os.X_OK):
         raise PersistError(
-            f"cannot run {qrexec_client_vm} --help to see whether it has --use-stdin-socket "
-            f"({reason}); give --qrexec-client-vm PATH or --relay handoff|socat"
-        ) from None
-    return Relay.HANDOFF if b"--use-stdin-socket" in result.stdout + result.stderr else Relay.SOCAT
+            f"{qrexec_client_vm} is not an executable, so whether it has --use-stdin-socket "
+            "cannot be asked: give --qrexec-client-vm PATH or --relay handoff|socat"
+        )
+    return Relay.HANDOFF if supports_stdin_socket(qrexec_client_vm) else Relay.SOCAT
 
 
 def find_our_client() -> str:
