@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from qconnect.units import rclocal
 from tests.persist_tree import (
     RC_LOCAL_OF_THE_USER,
     fake_executable,
     make_qube_tree,
+    persist_env,
     run_persist,
     snapshot,
 )
@@ -299,3 +301,29 @@ def test_replacing_the_last_daemon_mode_binding_takes_its_service_away(
     assert not (tree / USER_UNITS / "qconnect-bindings.service").exists()
     run_persist("remove", "--all", "--root", str(tree), check=True)
     assert snapshot(tree) == before
+
+
+def test_concurrent_adds_each_keep_their_line_in_rc_local(
+    tree: Path, qrexec_client_vm: str
+) -> None:
+    """The lock serialises read-modify-write: no add loses another's rc.local entry."""
+    ports = [441, 442, 443, 445, 446, 447]
+    common = ["--root", str(tree), "--persistence", "rw-only", "--relay", "handoff"]
+    common += ["--qrexec-client-vm", qrexec_client_vm]
+    command = [sys.executable, "-m", "qconnect.cli", "persist", "add"]
+    processes = [
+        subprocess.Popen(
+            [*command, f"{port}::{port}", *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=persist_env(),
+        )
+        for port in ports
+    ]
+    for process in processes:
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+    text = (tree / "rw/config/rc.local").read_text()
+    assert rclocal.units_in_block(text) == sorted(
+        f"qconnect-bind-127.0.0.1-{port}-\\x40default-{port}.socket" for port in ports
+    )
