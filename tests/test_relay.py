@@ -149,3 +149,25 @@ async def test_a_reset_peer_ends_the_relay_with_an_error_not_an_exception() -> N
                     await trio.sleep(0.01)
         assert stats.error is not None and "reset" in stats.error
         assert stats.a_to_b == 5
+
+
+async def test_idle_relays_hold_no_pipes() -> None:
+    """Splicing borrows a pipe only while bytes are in flight: idle calls hold sockets only."""
+    relays = 100
+    before = len(os.listdir("/proc/self/fd"))
+    async with trio.open_nursery() as nursery:
+        ends = []
+        for _ in range(relays):
+            client, a = _stream_pair()
+            b, server = _stream_pair()
+            ends.append((client, server))
+            nursery.start_soon(relay, a, b)
+        for client, server in ends:  # every relay has moved bytes both ways once
+            await client.send_all(b"up")
+            assert await server.receive_some(10) == b"up"
+            await server.send_all(b"down")
+            assert await client.receive_some(10) == b"down"
+        during = len(os.listdir("/proc/self/fd"))
+        # Four sockets per relay, plus at most the pool's 32 idle pipes (two fds each).
+        assert during - before <= 4 * relays + 2 * 32
+        nursery.cancel_scope.cancel()

@@ -16,7 +16,7 @@ from qconnect.service.install import install_into_rpc_dir
 
 @pytest.fixture(scope="module")
 def service_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_into_rpc_dir(tmp_path_factory.mktemp("rpc"), "exec")
+    return install_into_rpc_dir(tmp_path_factory.mktemp("rpc"))
 
 
 def _env(argument: str, caller: str = "work", **extra: str) -> dict[str, str]:

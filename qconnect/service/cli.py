@@ -148,9 +148,7 @@ def _install(args: argparse.Namespace) -> int:
     from qconnect.service import install
 
     if args.rpc_dir is not None:
-        path = install.install_into_rpc_dir(
-            args.rpc_dir, "exec", rpc_config_dir=args.rpc_config_dir
-        )
+        path = install.install_into_rpc_dir(args.rpc_dir, rpc_config_dir=args.rpc_config_dir)
         print(f"installed the executable qubes.ConnectTCP as {path}")
         return 0
     if args.rpc_config_dir is not None:

@@ -70,6 +70,9 @@ ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 # loopback machine directories) are bound through /proc/self/fd.
 SUN_PATH_MAX = 107
 
+#: Signals that stop the service cleanly (socket removed, one log line).
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
 # How often (seconds) the daemon refreshes its systemd STATUS line; often
 # enough for `systemctl status`, rare enough to cost nothing.
 STATUS_INTERVAL = 5.0
@@ -198,70 +201,82 @@ class ConnectTCPService:
         Resource handling: owns ``stream`` and the TCP connection it opens,
         closing both when the call ends. Error handling: every failure is
         logged with its reason and closes the call; nothing escapes to the
-        listener (one bad call never stops the service).
+        listener (one bad call never stops the service). A call cancelled by
+        the service stopping is logged too, then the cancellation goes on.
         """
         started = time.monotonic()
         fields: dict[str, object] = {"caller": "-", "port": "-"}
-        stats: RelayStats | None = None
-        async with stream:
-            try:
-                try:
-                    with trio.fail_after(self.config.descriptor_timeout):
-                        call, early = await read_descriptor(stream)
-                except trio.TooSlowError:
-                    raise CallRefused(
-                        f"no service descriptor within {self.config.descriptor_timeout:g} s"
-                    ) from None
-                fields["caller"] = call.source
-                fields["port"] = call.argument[:64]
-                port = self._check_port(call)
-                fields["port"] = port
-                refusal = self.limits.acquire(call.source)
-                if refusal is not None:
-                    raise CallRefused(refusal)
-                try:
-                    server, address = await connect_local(port, self.config.connect_timeout)
-                    fields["address"] = address
-                    async with server:
-                        stats = RelayStats()
-                        if early:
-                            await server.send_all(early)
-                            stats.a_to_b = len(early)
-                        await relay(stream, server, stats=stats)
-                finally:
-                    self.limits.release(call.source)
-            except CallRefused as refused:
-                self.limits.refused += 1
-                fields.update(outcome=refused.outcome, reason=refused.reason)
-                fields["duration"] = f"{time.monotonic() - started:.3f}"
-                logger.warning(
-                    "call from %s to port %s %s: %s",
-                    fields["caller"],
-                    fields["port"],
-                    refused.outcome,
-                    refused.reason,
-                    extra={"fields": fields},
-                )
-                return
-            except trio.BrokenResourceError as error:
-                # The early bytes could not be written: the server reset at once.
-                stats = stats or RelayStats()
-                stats.error = f"a->b: {error}"
+        stats = RelayStats()
+        try:
+            async with stream:
+                await self._serve_call(stream, fields, stats)
+        except CallRefused as refused:
+            self.limits.refused += 1
+            fields.update(outcome=refused.outcome, reason=refused.reason)
+            fields["duration"] = f"{time.monotonic() - started:.3f}"
+            logger.warning(
+                "call from %s to port %s %s: %s",
+                fields["caller"],
+                fields["port"],
+                refused.outcome,
+                refused.reason,
+                extra={"fields": fields},
+            )
+            return
+        except trio.Cancelled:
+            stats.error = "service stopping"
+            self._log_relayed(fields, stats, started)
+            raise
         self.limits.served += 1
-        assert stats is not None
-        outcome = "ok" if stats.error is None else "broken"
+        self._log_relayed(fields, stats, started)
+
+    async def _serve_call(
+        self, stream: trio.SocketStream, fields: dict[str, object], stats: RelayStats
+    ) -> None:
+        """Descriptor, checks, connect, relay; fills ``fields`` and ``stats`` as it goes."""
+        try:
+            with trio.fail_after(self.config.descriptor_timeout):
+                call, early = await read_descriptor(stream)
+        except trio.TooSlowError:
+            raise CallRefused(
+                f"no service descriptor within {self.config.descriptor_timeout:g} s"
+            ) from None
+        fields["caller"] = call.source
+        fields["port"] = repr(call.argument[:64])  # shown quoted until it is a valid port
+        port = self._check_port(call)
+        fields["port"] = port
+        refusal = self.limits.acquire(call.source)
+        if refusal is not None:
+            raise CallRefused(refusal)
+        try:
+            server, address = await connect_local(port, self.config.connect_timeout)
+            fields["address"] = address
+            async with server:
+                try:
+                    if early:
+                        await server.send_all(early)
+                        stats.a_to_b = len(early)
+                except trio.BrokenResourceError as error:
+                    stats.error = f"a->b: {error}"  # the server reset at once
+                    return
+                await relay(stream, server, stats=stats)
+        finally:
+            self.limits.release(call.source)
+
+    @staticmethod
+    def _log_relayed(fields: dict[str, object], stats: RelayStats, started: float) -> None:
         fields.update(
             bytes_in=stats.a_to_b,
             bytes_out=stats.b_to_a,
             duration=f"{time.monotonic() - started:.3f}",
-            outcome=outcome,
+            outcome="ok" if stats.error is None else "broken",
         )
         if stats.error:
             fields["reason"] = stats.error
         logger.info(
             "call from %s to %s:%s: %d bytes in, %d bytes out, %s s, %s",
             fields["caller"],
-            fields["address"],
+            fields.get("address", "-"),
             fields["port"],
             stats.a_to_b,
             stats.b_to_a,
@@ -307,6 +322,11 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
     Mode 0600: only the agent (root in a qube) may connect; any other local
     process could otherwise pose as a calling qube.
     """
+    try:
+        # As systemd's socket unit does (DirectoryMode=0755): /run/qubes-rpc may not exist yet.
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    except OSError as error:
+        raise ServiceError(f"cannot listen on {path}: {error.strerror}") from None
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ServiceError(f"refusing to replace {path}: it exists and is not a socket")
@@ -378,7 +398,10 @@ async def _report_status(service: ConnectTCPService) -> None:
 
 
 async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # run() blocked these until now, so that a stop request arriving while
+        # the socket was being set up is handled here, cleanly, not by dying.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             logger.info("stopping on %s: %s", signal.Signals(signum).name, service.status_line())
             _notify("STOPPING=1")
@@ -389,6 +412,7 @@ async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -
 def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True) -> int:
     """Run the service in the foreground: systemd's socket if passed, else bind ``socket_path``."""
     raise_fd_limit()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sock = inherited_socket() if allow_inherited else None
     where = "socket from systemd" if sock is not None else socket_path
     if sock is None:

@@ -8,17 +8,17 @@ Contract (DESIGN.md §2): argv[1] and ``QREXEC_SERVICE_ARGUMENT`` carry the
 argument (the port), ``QREXEC_REMOTE_DOMAIN`` the calling qube (from dom0,
 trustworthy); stdin/stdout are the caller's stream (one socket, or two pipes);
 stderr reaches the caller. A failure prints one line there and exits non-zero.
+The bytes are relayed by ``qconnect.byterelay`` (splice, one thread per
+direction, half-close with shutdown when stdin and stdout share a socket).
 """
 
-import contextlib
 import os
 import socket
-import stat
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from qconnect.byterelay import relay_fds
 from qconnect.errors import QconnectError
 from qconnect.qrexec import EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE, parse_port
 from qconnect.service.allowlist import (
@@ -44,10 +44,6 @@ ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 # A local server that accepts nothing (full backlog) leaves a connect hanging;
 # after this many seconds per address the call fails instead of hanging forever.
 CONNECT_TIMEOUT = 10.0
-
-# Bytes per read. Large enough that a bulk transfer costs few syscalls; the
-# relay holds at most one such buffer per direction (backpressure).
-CHUNK_SIZE = 256 * 1024
 
 
 class CallFailed(QconnectError):
@@ -96,80 +92,6 @@ def check_call(
     return port
 
 
-def _same_socket(fd_in: int, fd_out: int) -> bool:
-    a, b = os.fstat(fd_in), os.fstat(fd_out)
-    return stat.S_ISSOCK(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _end_output(fd_out: int) -> None:
-    """Deliver EOF on the caller's output: shutdown if it is a socket, close otherwise.
-
-    A socket shared with stdin must not be closed (that would end the
-    caller's direction too); shutdown(SHUT_WR) sends just the FIN.
-    """
-    if stat.S_ISSOCK(os.fstat(fd_out).st_mode):
-        with socket.socket(fileno=os.dup(fd_out)) as sock, contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-    os.close(fd_out)
-
-
-def relay_stdio(
-    sock: socket.socket, fd_in: int = 0, fd_out: int = 1
-) -> tuple[int, int, str | None]:
-    """Relay the caller's stdin/stdout and ``sock`` both ways with half-close.
-
-    Returns (bytes caller->server, bytes server->caller, error or None).
-    Each direction runs in its own thread and passes its EOF on as soon as it
-    sees it; the other keeps flowing. A broken direction ends the call.
-    """
-    counts = [0, 0]
-    errors: list[str] = []
-    done = threading.Event()
-    finished = [0]
-    lock = threading.Lock()
-
-    def finish() -> None:
-        with lock:
-            finished[0] += 1
-            if finished[0] == 2:
-                done.set()
-
-    def upstream() -> None:  # caller -> server
-        try:
-            while data := os.read(fd_in, CHUNK_SIZE):
-                sock.sendall(data)
-                counts[0] += len(data)
-            sock.shutdown(socket.SHUT_WR)
-            finish()
-        except OSError as error:
-            errors.append(f"caller->server: {(error.strerror or str(error)).lower()}")
-            done.set()
-
-    def downstream() -> None:  # server -> caller
-        try:
-            buffer = bytearray(CHUNK_SIZE)
-            view = memoryview(buffer)
-            while size := sock.recv_into(buffer):
-                chunk = view[:size]
-                while chunk:
-                    chunk = chunk[os.write(fd_out, chunk) :]
-                counts[1] += size
-            _end_output(fd_out)
-            finish()
-        except OSError as error:
-            errors.append(f"server->caller: {(error.strerror or str(error)).lower()}")
-            done.set()
-
-    threads = [
-        threading.Thread(target=upstream, daemon=True),
-        threading.Thread(target=downstream, daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
-    done.wait()
-    return counts[0], counts[1], (errors[0] if errors else None)
-
-
 def _log_call(message: str, fields: Mapping[str, object]) -> None:
     """One line per call to the journal when there is one (stderr is the caller's)."""
     if not os.path.exists("/run/systemd/journal/socket"):
@@ -205,7 +127,11 @@ def serve(
         log(f"{caller} -> {argument[:64]!r}: {error}", fields)
         return error.exit_code
     with sock:
-        up, down, error_text = relay_stdio(sock)
+        counts = relay_fds(0, 1, sock.fileno())
+    up, down = counts.outbound, counts.inbound
+    error_text = None
+    if counts.error is not None:
+        error_text = (counts.error.strerror or str(counts.error)).lower()
     fields.update(
         address=address,
         bytes_in=up,

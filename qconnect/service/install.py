@@ -314,7 +314,6 @@ def uninstall(root: Path) -> Manifest | None:
 
 def install_into_rpc_dir(
     rpc_dir: Path,
-    form: str = "exec",
     *,
     rpc_config_dir: Path | None = None,
     python: str = sys.executable,
@@ -322,23 +321,22 @@ def install_into_rpc_dir(
 ) -> Path:
     """Put the executable service into one qubes-rpc directory (e.g. a loopback qube's).
 
-    For ``form="socket"`` only the rpc-config is written: the caller then
-    runs ``qconnect service run --socket RPC_DIR/qubes.ConnectTCP``. Returns
-    the service's path in ``rpc_dir``.
+    Replaces what is there (the stock ``/dev/tcp`` symlink). For the socket
+    service use ``install(root, "socket")`` on the qube's root instead: it
+    also installs the executable as the fallback, without which our
+    rpc-config (descriptor on) would corrupt the stock ``/dev/tcp`` service's
+    stream whenever the socket is absent. Returns the service's path.
     """
-    if form not in ("socket", "exec"):
-        raise ServiceError(f"unknown service form {form!r}: expected 'socket' or 'exec'")
     target = rpc_dir / SERVICE
     if rpc_config_dir is not None:
         rpc_config_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(rpc_config_dir / SERVICE, RPC_CONFIG)
-    if form == "exec":
-        rpc_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if target.is_symlink() or not target.is_file():
-                target.unlink()
-        write_atomic(target, render_executable(python, allow_files=allow_files), mode=0o755)
-        os.chmod(target, 0o755)
+    rpc_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if target.is_symlink() or not target.is_file():
+            target.unlink()
+    write_atomic(target, render_executable(python, allow_files=allow_files), mode=0o755)
+    os.chmod(target, 0o755)
     return target
 
 
