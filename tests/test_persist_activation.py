@@ -60,7 +60,7 @@ def machine(loopback_machine: MakeMachine) -> Machine:
             "qubes.ConnectTCP * work @default allow target=web",
         ],
     )
-    install_into_rpc_dir(made.rpc_dir("web"), "exec", rpc_config_dir=made.rpc_config_dir("web"))
+    install_into_rpc_dir(made.rpc_dir("web"), rpc_config_dir=made.rpc_config_dir("web"))
     return made
 
 
