@@ -72,8 +72,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="per-connection mode: handoff (qrexec-client-vm --use-stdin-socket) or socat "
         "(for a qrexec-client-vm without that option); default: ask qrexec-client-vm --help",
     )
-    add.add_argument("--qrexec-client-vm", default=DEFAULT_QREXEC_CLIENT_VM, metavar="PATH")
-    add.add_argument("--socat", default=DEFAULT_SOCAT, metavar="PATH")
+    add.add_argument(
+        "--qrexec-client-vm",
+        default=DEFAULT_QREXEC_CLIENT_VM,
+        metavar="PATH",
+        help=f"per-connection mode: the one the units run (default {DEFAULT_QREXEC_CLIENT_VM})",
+    )
+    add.add_argument(
+        "--socat",
+        default=DEFAULT_SOCAT,
+        metavar="PATH",
+        help=f"--relay socat: the socat the units run (default {DEFAULT_SOCAT})",
+    )
     add.add_argument(
         "--qvm-connect-tcp",
         metavar="PATH",
