@@ -122,22 +122,22 @@ def _set_up(machine: Machine) -> None:
 
 
 def _scenario_1(machine: Machine) -> None:
-    machine.say("untrusted runs `qvm-connect-tcp 444:@default:444`; dom0 picks mytcp-service.")
+    machine.say("So that `qvm-connect-tcp 444:@default:444` in untrusted reaches mytcp-service:")
     machine.policy("allow", "untrusted", "--port", "444", "--default-target", "mytcp-service")
 
 
 def _scenario_2(machine: Machine) -> None:
-    machine.say("untrusted runs `qvm-connect-tcp 10444:mytcp-service:444`, naming the qube.")
+    machine.say("So that `qvm-connect-tcp 10444:mytcp-service:444` in untrusted may name the qube:")
     machine.policy("allow", "untrusted", "--port", "444", "--target", "mytcp-service")
 
 
 def _scenario_3(machine: Machine) -> None:
-    machine.say("Port 445 belongs to mytcp-service-bis: `qvm-connect-tcp ::445` goes there.")
+    machine.say("So that `qvm-connect-tcp ::445` in untrusted reaches mytcp-service-bis instead:")
     machine.policy("allow", "untrusted", "--port", "445", "--default-target", "mytcp-service-bis")
 
 
 def _ask(machine: Machine) -> None:
-    machine.say("Qubes tagged work may reach mytcp-service:444 after dom0 asks the user.")
+    machine.say("So that qubes tagged work reach mytcp-service:444 once the user agrees in dom0:")
     machine.policy("allow", "@tag:work", "--port", "444", "--target", "mytcp-service", "--ask")
 
 
@@ -148,13 +148,13 @@ def _show(machine: Machine) -> None:
 
 
 def _explain(machine: Machine) -> None:
-    machine.say("allowed:")
+    machine.say("Four calls as dom0 would decide them. Allowed:")
     machine.policy("explain", "untrusted", "mytcp-service", "444")
-    machine.say("redirected:")
+    machine.say("Redirected (the call names no target):")
     machine.policy("explain", "untrusted", "@default", "445")
-    machine.say("refused:")
+    machine.say("Refused (no rule of ours for port 22):")
     machine.policy("explain", "untrusted", "mytcp-service", "22")
-    machine.say("asked:")
+    machine.say("Asked (work is tagged work):")
     machine.policy("explain", "work", "mytcp-service", "444", "--json")
 
 

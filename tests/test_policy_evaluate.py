@@ -450,7 +450,7 @@ def test_evaluate_call_reads_the_directory(tmp_path: Path) -> None:
 
 def test_evaluate_call_raises_when_the_directory_does_not_parse(tmp_path: Path) -> None:
     (tmp_path / "30-user.policy").write_text("\n\nqubes.ConnectTCP +444 a b alow\n")
-    with pytest.raises(PolicyError, match="^30-user.policy:3: unknown action 'alow'"):
+    with pytest.raises(PolicyError, match=r"^30-user.policy:3: unknown action 'alow'"):
         evaluate_call(
             tmp_path, SYSTEM, source="a", target="b", service="qubes.ConnectTCP", argument="+444"
         )
@@ -460,3 +460,27 @@ def test_empty_argument_is_plus() -> None:
     assert decide("qubes.ConnectTCP + untrusted work allow", "untrusted", "work", "+").allowed
     assert decide("qubes.ConnectTCP + untrusted work allow", "untrusted", "work", "").allowed
     assert not decide("qubes.ConnectTCP + untrusted work allow", "untrusted", "work").allowed
+
+
+def test_dispvm_template_rule_meeting_a_dispvm_call_without_default_refuses_like_dom0() -> None:
+    # qubes-core-qrexec fails (AttributeError) on this rule for this call: dom0 refuses it,
+    # even though a later rule would allow it
+    resolution = decide(
+        "qubes.ConnectTCP * nodisp @dispvm:default-dvm allow\n"
+        "qubes.ConnectTCP * nodisp @dispvm allow target=work\n",
+        "nodisp",
+        "@dispvm",
+    )
+    assert (resolution.action, resolution.rule) == ("deny", "30-user.policy:1")
+    assert "dom0's evaluator fails here" in resolution.reason
+
+
+def test_ask_choices_naming_an_unknown_dispvm_template_refuse_like_dom0() -> None:
+    resolution = decide(
+        "qubes.ConnectTCP * untrusted @default ask\n"
+        "qubes.ConnectTCP * untrusted @anyvm allow target=@dispvm:ghost\n",
+        "untrusted",
+        "",
+    )
+    assert (resolution.action, resolution.rule) == ("deny", "30-user.policy:1")
+    assert "30-user.policy:2: dom0's evaluator fails here" in resolution.reason

@@ -1,6 +1,9 @@
 """Reading a policy directory as dom0 does: file names, C order, includes, !compat-4.0, R4.0."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,7 +141,7 @@ def test_an_error_in_an_included_file_names_that_file(tmp_path: Path) -> None:
     policy_dir, _ = machine(tmp_path)
     (policy_dir / "inc").write_text("\nqubes.ConnectTCP +1 a b alow\n")
     (policy_dir / "30-x.policy").write_text("!include inc\n")
-    with pytest.raises(PolicyError, match="^inc:2: unknown action 'alow'"):
+    with pytest.raises(PolicyError, match=r"^inc:2: unknown action 'alow'"):
         load_policy(policy_dir)
 
 
@@ -170,7 +173,7 @@ def test_compat_40_without_the_legacy_directory_refuses_the_policy(tmp_path: Pat
     policy_dir = tmp_path / "policy.d"
     policy_dir.mkdir()
     (policy_dir / "35-compat.policy").write_text("!compat-4.0\n")
-    with pytest.raises(PolicyError, match="35-compat.policy:1: !compat-4.0: legacy policy"):
+    with pytest.raises(PolicyError, match=r"35-compat.policy:1: !compat-4.0: legacy policy"):
         load_policy(policy_dir)
 
 
@@ -178,7 +181,7 @@ def test_compat_40_is_not_recursive(tmp_path: Path) -> None:
     policy_dir, legacy_dir = machine(tmp_path)
     (legacy_dir / "qubes.ConnectTCP").write_text("!compat-4.0\n")
     (policy_dir / "35-compat.policy").write_text("!compat-4.0\n")
-    with pytest.raises(PolicyError, match="qubes.ConnectTCP:1: unknown directive '!compat-4.0'"):
+    with pytest.raises(PolicyError, match=r"qubes.ConnectTCP:1: unknown directive '!compat-4.0'"):
         load_policy(policy_dir)
 
 
@@ -211,7 +214,7 @@ def test_legacy_r40_evaluation_uses_the_arg_file_instead_of_the_plain_one(tmp_pa
 def test_non_utf8_policy_file_is_refused(tmp_path: Path) -> None:
     policy_dir, _ = machine(tmp_path)
     (policy_dir / "30-x.policy").write_bytes(b"# caf\xe9\n")
-    with pytest.raises(PolicyError, match="30-x.policy: not valid UTF-8"):
+    with pytest.raises(PolicyError, match=r"30-x.policy: not valid UTF-8"):
         load_policy(policy_dir)
 
 
@@ -236,5 +239,60 @@ def test_system_info_refuses_malformed_descriptions(tmp_path: Path) -> None:
 
 
 def test_system_info_outside_dom0_says_what_to_do() -> None:
-    with pytest.raises(PolicyError, match="this is not dom0.*pass --qubes FILE"):
+    with pytest.raises(PolicyError) as raised:
         SystemInfo.from_running_system()
+    message = str(raised.value)
+    assert "this is not dom0: no qubesd-query" in message
+    assert "no Admin API (the qubesadmin module is missing)" in message
+    assert message.endswith("pass --qubes FILE with the JSON of qubesd's internal.GetSystemInfo")
+
+
+# dom0's Admin API client cannot exist here; this stand-in answers as it does.
+FAKE_QUBESADMIN = """
+class _Features(dict):
+    pass
+
+class _VM:
+    def __init__(self, name, klass, tags, state, **props):
+        self.name, self.klass, self.tags = name, klass, set(tags)
+        self._state = state
+        self.features = _Features(props.pop("features", {}))
+        for key, value in props.items():
+            setattr(self, key, value)
+    def get_power_state(self):
+        return self._state
+
+class Qubes:
+    domains = [
+        _VM("dom0", "AdminVM", [], "Running"),
+        _VM("work", "AppVM", ["work"], "Halted", default_dispvm="dvm",
+            template_for_dispvms=False),
+        _VM("dvm", "AppVM", [], "Halted", default_dispvm=None, template_for_dispvms=True,
+            features={"internal": "1"}),
+    ]
+"""
+
+
+def test_system_info_from_the_admin_api_when_qubesd_is_out_of_reach(tmp_path: Path) -> None:
+    (tmp_path / "qubesadmin.py").write_text(FAKE_QUBESADMIN)
+    script = (
+        "from qconnect.policy.system_info import SystemInfo\n"
+        "for q in SystemInfo.from_running_system():\n"
+        "    print(q.name, q.type, sorted(q.tags), q.default_dispvm, q.template_for_dispvms,"
+        " q.power_state, q.internal)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "dom0 AdminVM [] None False Running False",
+        "work AppVM ['work'] dvm False Halted False",
+        "dvm AppVM [] None True Halted True",
+    ]

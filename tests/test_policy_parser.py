@@ -179,7 +179,7 @@ def test_bad_lines_are_refused_with_file_line_and_value(line: str, message: str)
         parse_text(line, "30-user.policy")
     assert str(raised.value).startswith("30-user.policy:1: ")
     assert "\n" not in str(raised.value)
-    with pytest.raises(PolicyError, match="^30-user.policy:3: "):
+    with pytest.raises(PolicyError, match=r"^30-user.policy:3: "):
         parse_text("# a comment\n\n" + line, "30-user.policy")
 
 
@@ -246,3 +246,9 @@ def test_legacy_plain_file_rules_cover_every_argument() -> None:
 def test_bad_legacy_lines_are_refused(line: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         parse_legacy_text(line, "qubes.ConnectTCP", "qubes.ConnectTCP", None)
+
+
+def test_a_hash_that_dom0_reads_as_a_qube_name_is_not_an_error() -> None:
+    # dom0 takes "#a" as a (non-existent) qube name here: the line parses there too
+    (rule,) = rules_of("qubes.ConnectTCP +1 #a b deny")
+    assert rule.source == QubeName("#a")

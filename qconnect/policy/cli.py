@@ -16,7 +16,6 @@ from pathlib import Path
 from qconnect.errors import PolicyError
 from qconnect.policy.editor import (
     QCONNECT_FILE,
-    SERVICE_NAME,
     EditResult,
     LegacyFormat,
     NewFormat,
@@ -44,7 +43,7 @@ from qconnect.policy.tokens import (
     TokenError,
     parse_token,
 )
-from qconnect.qrexec import is_valid_qube_name, parse_port, validate_target
+from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port, validate_target
 
 PROG = "qconnect policy"
 
@@ -311,7 +310,7 @@ def run_allow(args: argparse.Namespace) -> int:
                 # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
                 preselect = target if Place.REDIRECT in target.allowed else None
                 action = Ask(default_target=preselect, autostart=autostart)
-            rules.append(Rule(SERVICE_NAME, argument, source, target, action))
+            rules.append(Rule(SERVICE, argument, source, target, action))
         else:
             redirect = _redirect(args.default_target, system)
             # An ask for a @default call offers the targets rules name: target= makes
@@ -321,7 +320,7 @@ def run_allow(args: argparse.Namespace) -> int:
                 if args.ask
                 else Allow(target=redirect, autostart=autostart)
             )
-            rules.append(Rule(SERVICE_NAME, argument, source, DefaultVM(), action))
+            rules.append(Rule(SERVICE, argument, source, DefaultVM(), action))
     command = _command(
         "allow",
         args.source,
@@ -343,7 +342,7 @@ def run_deny(args: argparse.Namespace) -> int:
     if args.target is not None:
         target = _target(args.target, system)
     assert target is not None
-    rules = [Rule(SERVICE_NAME, f"+{port}", source, target, Deny()) for port in ports]
+    rules = [Rule(SERVICE, f"+{port}", source, target, Deny()) for port in ports]
     command = _command(
         "deny",
         args.source,
@@ -403,13 +402,13 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     policy = _load(args)
-    rules = [rule for rule in policy.rules_for(SERVICE_NAME)]
+    rules = list(policy.rules_for(SERVICE))
     render = Rule.render_legacy if args.legacy else Rule.render
     if args.json:
         print(json.dumps([{"rule": str(r.location), "text": render(r)} for r in rules], indent=2))
         return 0
     if not rules:
-        print(f"no rule decides {SERVICE_NAME} calls: every call is refused")
+        print(f"no rule decides {SERVICE} calls: every call is refused")
         return 0
     width = max(len(str(rule.location)) for rule in rules)
     for rule in rules:
@@ -423,7 +422,7 @@ def run_explain(args: argparse.Namespace) -> int:
     system = _system(args, required=True)
     assert system is not None
     _check_qube(args.source, "source", system)
-    call = Call(args.source, target, SERVICE_NAME, f"+{port}")
+    call = Call(args.source, target, SERVICE, f"+{port}")
     policy = _load(args)
     resolution = evaluate(policy, system, call)
     if args.json:
@@ -446,6 +445,15 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _block_problems(fmt: PolicyFormat) -> list[Problem]:
+    """Damage to our own blocks (markers, foreign lines), which would stop the next edit."""
+    try:
+        PolicyEditor(fmt).managed()
+    except PolicyError as error:
+        return [Problem("", str(error))]
+    return []
+
+
 def run_lint(args: argparse.Namespace) -> int:
     system = _system(args, required=False) if args.qubes is not None else None
     problems: list[Problem] = []
@@ -456,6 +464,7 @@ def run_lint(args: argparse.Namespace) -> int:
             found, policy = lint_directory(
                 path, system=system, legacy_format=args.legacy, legacy_dir=args.legacy_dir
             )
+            found.extend(_block_problems(LegacyFormat(path) if args.legacy else NewFormat(path)))
         elif path.exists():
             found, policy = lint_file(path, system=system, legacy_format=args.legacy)
         else:
@@ -480,14 +489,12 @@ def run_import_legacy(args: argparse.Namespace) -> int:
     if errors:
         raise PolicyError(f"cannot import, the R4.0 policy does not parse: {errors[0]}")
     rules = [
-        dataclasses.replace(rule, location=None)
-        for rule in policy.rules
-        if rule.service == SERVICE_NAME
+        dataclasses.replace(rule, location=None) for rule in policy.rules if rule.service == SERVICE
     ]
     if not rules:
-        raise PolicyError(f"no {SERVICE_NAME} rules in {legacy_dir}: nothing to import")
+        raise PolicyError(f"no {SERVICE} rules in {legacy_dir}: nothing to import")
     files = sorted(
-        {str(r.location.file) for r in policy.rules if r.location and r.service == SERVICE_NAME}
+        {str(r.location.file) for r in policy.rules if r.location and r.service == SERVICE}
     )
     # Keep the first of rules competing for the same calls: later ones never decided anything.
     unique: dict[tuple[object, ...], Rule] = {}

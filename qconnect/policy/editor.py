@@ -27,6 +27,7 @@ from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_p
 from qconnect.policy.parser import parse_line
 from qconnect.policy.rules import Location, Rule
 from qconnect.policy.system_info import SystemInfo
+from qconnect.qrexec import SERVICE
 
 #: The file our new-format rules go to: sorts before 35-compat and 90-default.
 QCONNECT_FILE = "30-qconnect.policy"
@@ -153,7 +154,7 @@ class LegacyFormat(PolicyFormat):
         return [
             self.directory / name
             for name in sorted(names)
-            if legacy.split_file_name(name)[0] == SERVICE_NAME
+            if legacy.split_file_name(name)[0] == SERVICE
         ]
 
     def render(self, rule: Rule) -> str:
@@ -170,10 +171,6 @@ class LegacyFormat(PolicyFormat):
 
     def load(self, overrides: Overrides | None = None) -> Policy:
         return load_legacy_policy(self.directory, overrides=overrides)
-
-
-# The service every rule of this tool is for.
-SERVICE_NAME = "qubes.ConnectTCP"
 
 
 @dataclass
@@ -217,7 +214,7 @@ def _only_ours(text: str | None) -> bool:
     if text is None:
         return False
     fenced = fence.split(text, "")
-    return fenced.present and not (fenced.before + fenced.after).strip()
+    return fenced.present and not fenced.before and not fenced.after
 
 
 def _read(path: Path) -> str | None:
@@ -314,9 +311,7 @@ class PolicyEditor:
             try:
                 policy = self.format.load(overrides)
             except PolicyError as error:
-                raise PolicyError(
-                    f"refusing the edit, the policy would not parse afterwards: {error}"
-                ) from None
+                raise self._refusal(error) from None
             if not dry_run:
                 _remove_stale_temporaries(
                     self.format.directory, (change.path.name for change in changes)
@@ -330,6 +325,14 @@ class PolicyEditor:
         return EditResult(
             changes, tuple(added), tuple(replaced), tuple(removed), warnings, not dry_run
         )
+
+    def _refusal(self, error: PolicyError) -> PolicyError:
+        """Why an edit is refused: the policy is broken already, or the edit would break it."""
+        try:
+            self.format.load()
+        except PolicyError:
+            return PolicyError(f"refusing the edit, the policy does not parse now: {error}")
+        return PolicyError(f"refusing the edit, the policy would not parse afterwards: {error}")
 
     def _shadow_warnings(self, policy: Policy, added: Sequence[Rule]) -> Iterator[str]:
         rules = policy.rules

@@ -17,7 +17,7 @@ from pathlib import Path
 from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
-from qconnect.policy.tokens import Place, Token, TokenError, parse_token
+from qconnect.policy.tokens import EvaluationFailure, Place, Token, TokenError, parse_token
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,10 @@ def collect_choices(policy: Policy, call: Call, system: SystemInfo) -> list[str]
             continue
         redirect = getattr(rule.action, "target", None)
         token = redirect if isinstance(redirect, Token) else rule.target
-        expansion = set(token.expand(system))
+        try:
+            expansion = set(token.expand(system))
+        except EvaluationFailure as failure:
+            raise _Refused(f"{rule.location}: dom0's evaluator fails here: {failure}") from None
         if isinstance(rule.action, Deny):
             choices -= expansion
         else:
@@ -231,6 +234,13 @@ def _ask(policy: Policy, rule: Rule, action: Ask, call: Call, system: SystemInfo
     )
 
 
+def _target_matches(rule: Rule, intended: str, call: Call, system: SystemInfo) -> bool:
+    try:
+        return rule.target.match(intended, system, call.source)
+    except EvaluationFailure as failure:
+        raise _Refused(f"{rule.location}: dom0's evaluator fails here: {failure}") from None
+
+
 def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     """dom0's decision on ``call`` under ``policy``; never raises, whatever the call."""
     call = Call(call.source, call.target, call.service, call.argument or "+")
@@ -240,15 +250,14 @@ def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     rule: Rule | None = None
     try:
         intended = intended_target(call.target, system)
-        rule = next(
-            (
-                candidate
-                for candidate in policy.rules
-                if _rule_matches_but_target(candidate, call, system)
-                and candidate.target.match(intended, system, call.source)
-            ),
-            None,
-        )
+        for candidate in policy.rules:
+            rule = candidate
+            if _rule_matches_but_target(candidate, call, system) and _target_matches(
+                candidate, intended, call, system
+            ):
+                break
+        else:
+            rule = None
         if rule is None:
             raise _Refused(f"no rule matches {call.describe()}")
         action = rule.action

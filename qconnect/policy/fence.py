@@ -51,7 +51,7 @@ def split(text: str, file: str) -> Fenced:
     if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
         raise PolicyError(
             f"{file}: qconnect's BEGIN/END markers are damaged (found {len(begins)} BEGIN and "
-            f"{len(ends)} END lines); repair the file by hand, nothing was written"
+            f"{len(ends)} END lines): repair the file by hand"
         )
     begin, end = begins[0], ends[0]
     return Fenced(

@@ -112,6 +112,13 @@ def _rule_problems(rules: tuple[Rule, ...], system: SystemInfo | None) -> Iterat
                 f"rule never matches: {shadow.location} ({shadow.render()}) decides "
                 "every call it covers first",
             )
+        for column, token in (("source", rule.source), ("target", rule.target)):
+            if "#" in token.text:
+                yield Problem(
+                    where,
+                    f"{column} {token.text!r} contains '#': dom0 reads it as a qube name, "
+                    "not as a comment (comments start a line)",
+                )
         if isinstance(rule.source, DispVMTemplate):
             yield Problem(
                 where, f"source {rule.source.text} never matches: callers are named qubes"
