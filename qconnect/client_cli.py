@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the sockets systemd passes (LISTEN_FDS), one binding per socket, named by "
         "FileDescriptorName=TARGET+PORT; automatic when run with LISTEN_FDS and no SPEC",
     )
+    parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="append the log to PATH (default: the journal, or stderr with --foreground)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version=f"qconnect {__version__}")
     return parser
@@ -136,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if systemd and args.specs:
         raise ClientError("--systemd serves the sockets systemd passes; give no SPEC with it")
     specs = [] if systemd else parse_specs(args.specs, args.bind)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
     # Imported only now: a mistyped spec is reported without loading trio.
     from qconnect.client.daemon import bind_or_sudo, run_foreground, serve_in_background
 
@@ -153,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
         print(spec.startup_message(), flush=True)
     _warn_exposed(specs)
     if args.foreground:
-        return run_foreground(listeners, options, args.verbose)
-    return serve_in_background(listeners, options, args.verbose)
+        return run_foreground(listeners, options, args.verbose, log_file)
+    return serve_in_background(listeners, options, args.verbose, log_file)
 
 
 def _options(args: argparse.Namespace, *, systemd: bool) -> "ServerOptions":

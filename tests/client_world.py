@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconnect.loopback.machine import Machine
-from qconnect.service.install import install_into_rpc_dir
+from qconnect.service.install import install
 
 SOURCE = "untrusted"
 TARGET = "mytcp-service"
@@ -54,6 +54,7 @@ class World:
     machine: Machine
     ports: dict[str, int]
     processes: list["subprocess.Popen[str]"] = field(default_factory=list)
+    startup_lines: list[str] = field(default_factory=list)  #: of the last start_client
 
     def env(self, qube: str = SOURCE) -> dict[str, str]:
         env = self.machine.env_for(qube)
@@ -98,12 +99,14 @@ class World:
             **kwargs,  # type: ignore[call-overload]
         )
         self.processes.append(process)
+        self.startup_lines = []
         for _ in range(specs):
             line = process.stdout.readline() if process.stdout else ""
             if not line.startswith("Binding TCP"):
                 process.kill()
                 _, err = process.communicate(timeout=10)
                 raise RuntimeError(f"client did not start: {line!r} {err}")
+            self.startup_lines.append(line.rstrip("\n"))
         return process
 
     def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
@@ -168,9 +171,12 @@ def make_world(directory: Path) -> Iterator[World]:
         # today's Qubes ships the service as /etc/qubes-rpc/qubes.ConnectTCP
         (machine.root_dir("noservice") / "etc" / "qubes-rpc" / "qubes.ConnectTCP").unlink()
         world = World(machine, ports, [servers])
-        rpc_dir = machine.rpc_dir(TARGET)
-        install_into_rpc_dir(rpc_dir, "socket", rpc_config_dir=machine.rpc_config_dir(TARGET))
-        service_socket = rpc_dir / "qubes.ConnectTCP"
+        # as `qconnect service install --socket` does in the qube's root, with
+        # the socket where its systemd unit puts it: /run/qubes-rpc
+        root = machine.root_dir(TARGET)
+        install(root, "socket")
+        service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
+        service_socket.parent.mkdir(parents=True, exist_ok=True)
         service = subprocess.Popen(
             [
                 sys.executable,
@@ -180,6 +186,8 @@ def make_world(directory: Path) -> Iterator[World]:
                 "run",
                 "--socket",
                 str(service_socket),
+                "--allow-file",
+                str(directory / "no-allowlist"),
             ],
             env=world.env(TARGET),
             stdout=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ connection, dom0's policy, the socket service in mytcp-service, TCP servers.
 
 import hashlib
 import re
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -49,40 +48,31 @@ def original_message(localport: str, vmname: str, port: str) -> str:
     return f"Binding TCP '{vmname or '@default'}:{port}' to 'localhost:{localport or port}'..."
 
 
-@pytest.mark.parametrize("vmname", [TARGET, ""])
-@pytest.mark.parametrize("empty_localport", [False, True])
-async def test_original_forms_behave_as_the_original(
-    world: World, vmname: str, empty_localport: bool
-) -> None:
+async def test_original_forms_behave_as_the_original(world: World) -> None:
+    """Empty VMNAME means @default; the start-up lines are the original's, word for word."""
     remote = str(world.ports["echo"])
-    # An empty local port means the remote port, where the echo server itself
-    # listens on 127.0.0.1: bind the client on 127.0.0.2 to leave it free.
-    local = "" if empty_localport else str(free_port())
-    client = world.start_client("--bind", "127.0.0.2", f"{local}:{vmname}:{remote}")
-    local_port = int(local or remote)
-    assert await exchange(local_port, b"ping", host="127.0.0.2") == b"ping"
+    named, default = free_port(), free_port()
+    client = world.start_client(f"{named}:{TARGET}:{remote}", f"{default}::{remote}", specs=2)
+    assert world.startup_lines == [
+        original_message(str(named), TARGET, remote),
+        original_message(str(default), "", remote),
+    ]
+    assert await exchange(named, b"named") == b"named"
+    assert await exchange(default, b"default") == b"default"
     code, log = world.stop_client(client)
     assert code == 0
-    assert f"-> {vmname or '@default'}:{remote}" in log
+    assert f"-> {TARGET}:{remote}" in log and f"-> @default:{remote}" in log
 
 
-def test_startup_message_is_the_originals(world: World) -> None:
-    port = free_port()
-    for spec, parts in (
-        (f"{port}::{world.ports['echo']}", (str(port), "", str(world.ports["echo"]))),
-        (f"{port}:{TARGET}:{world.ports['echo']}", (str(port), TARGET, str(world.ports["echo"]))),
-    ):
-        process = subprocess.Popen(
-            world.client_argv("--foreground", spec),
-            env=world.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        assert process.stdout.readline().rstrip("\n") == original_message(*parts)
-        process.terminate()
-        process.communicate(timeout=30)
+@pytest.mark.parametrize("vmname", [TARGET, ""])
+async def test_empty_local_port_means_the_remote_port(world: World, vmname: str) -> None:
+    remote = str(world.ports["echo"])
+    # The echo server itself listens on 127.0.0.1:remote: bind the client on
+    # 127.0.0.2, where that port is free.
+    client = world.start_client("--bind", "127.0.0.2", f":{vmname}:{remote}")
+    assert world.startup_lines == [original_message("", vmname, remote)]
+    assert await exchange(int(remote), b"ping", host="127.0.0.2") == b"ping"
+    assert world.stop_client(client)[0] == 0
 
 
 async def test_several_specs_and_ipv6_in_one_call(world: World) -> None:
@@ -189,7 +179,14 @@ async def test_server_half_close_reaches_client_which_can_still_send(
     assert world.stop_client(client)[0] == 0
 
 
-async def test_thousand_connections_at_once_all_served(world: World) -> None:
+@pytest.mark.parametrize(
+    "count",
+    [
+        150,  # over qrexec's 128 calls in flight and over --max-connections
+        pytest.param(1000, marks=pytest.mark.slow),
+    ],
+)
+async def test_connections_opened_at_once_are_all_served(world: World, count: int) -> None:
     port = free_port()
     client = world.start_client(f"{port}:{TARGET}:{world.ports['echo']}")
     results: dict[int, bytes] = {}
@@ -197,15 +194,15 @@ async def test_thousand_connections_at_once_all_served(world: World) -> None:
     async def one(index: int) -> None:
         results[index] = await exchange(port, f"{index:010d}".encode())
 
-    with trio.fail_after(120):
+    with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
-            for index in range(1000):
+            for index in range(count):
                 nursery.start_soon(one, index)
-    assert all(results[index] == f"{index:010d}".encode() for index in range(1000))
+    assert all(results[index] == f"{index:010d}".encode() for index in range(count))
     code, log = world.stop_client(client)
     assert code == 0
     assert "refused" not in log
-    assert log.count(": closed") == 1000
+    assert log.count(": closed") == count
 
 
 async def test_refused_call_closes_connection_promptly_and_says_how_to_allow(

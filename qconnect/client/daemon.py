@@ -127,7 +127,7 @@ def serve(
                 binding.max_connections,
             )
         trio.run(server.run)
-        if options.log_path is not None:
+        if options.log_path is not None and options.log_path_is_ours:
             with contextlib.suppress(OSError):
                 os.unlink(options.log_path)  # a clean stop: nothing left to look into
     finally:
@@ -139,12 +139,15 @@ def serve(
     return 0
 
 
-def _redirect_logging_for_background(verbose: bool) -> str | None:
-    """Send our log to journald when there is one, else to the registry's log file.
+def _redirect_logging_for_background(verbose: bool, log_file: str | None) -> str:
+    """Send our log to ``log_file``, else journald when there is one, else the registry's file.
 
-    Returns the log file's path (None for the journal). Called in the
+    Returns where the log goes, for ``qconnect list``. Called in the
     background process, whose stdio is /dev/null.
     """
+    if log_file is not None:
+        log_to_file(log_file, verbose)
+        return log_file
     if os.path.exists(JOURNAL_SOCKET):
         try:
             from systemd import journal
@@ -154,12 +157,21 @@ def _redirect_logging_for_background(verbose: bool) -> str | None:
             info = os.fstat(2)
             os.environ["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
             setup_logging(LOG_IDENTIFIER, verbose=verbose)
-            return None
+            return f"the journal: journalctl -t {LOG_IDENTIFIER} _PID={os.getpid()}"
         except (ImportError, OSError):
             pass
     ensure_runtime_dir()
-    path = log_file_path(os.getpid())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    path = str(log_file_path(os.getpid()))
+    log_to_file(path, verbose)
+    return path
+
+
+def log_to_file(path: str, verbose: bool) -> None:
+    """Log to ``path`` (appending, timestamped), on stderr's descriptor so nothing is lost."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise ClientError(f"cannot open log file {path}: {os.strerror(error.errno or 0)}") from None
     os.dup2(fd, 2)
     os.close(fd)
     setup_logging(LOG_IDENTIFIER, verbose=verbose)
@@ -167,10 +179,11 @@ def _redirect_logging_for_background(verbose: bool) -> str | None:
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
         )
-    return str(path)
 
 
-def serve_in_background(listeners: list[Listener], options: ServerOptions, verbose: bool) -> int:
+def serve_in_background(
+    listeners: list[Listener], options: ServerOptions, verbose: bool, log_file: str | None
+) -> int:
     """Fork a background process that serves ``listeners``; return when it is serving.
 
     The listeners are already bound and listening, so connections that
@@ -183,7 +196,7 @@ def serve_in_background(listeners: list[Listener], options: ServerOptions, verbo
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        code = _background_child(listeners, options, verbose, write_end)
+        code = _background_child(listeners, options, verbose, log_file, write_end)
         os._exit(code)
     os.close(write_end)
     for listener in listeners:
@@ -198,7 +211,11 @@ def serve_in_background(listeners: list[Listener], options: ServerOptions, verbo
 
 
 def _background_child(
-    listeners: list[Listener], options: ServerOptions, verbose: bool, report_fd: int
+    listeners: list[Listener],
+    options: ServerOptions,
+    verbose: bool,
+    log_file: str | None,
+    report_fd: int,
 ) -> int:
     """The background process: detach, set up logging, serve; tell the parent how it went."""
     reported = False
@@ -218,7 +235,8 @@ def _background_child(
             os.dup2(devnull, fd)
         os.close(devnull)
         os.chdir("/")
-        options.log_path = _redirect_logging_for_background(verbose)
+        options.log_path = _redirect_logging_for_background(verbose, log_file)
+        options.log_path_is_ours = log_file is None
         return serve(listeners, options, on_ready=lambda: report("ok\n"))
     except ClientError as error:
         report(f"{error}\n")
@@ -232,6 +250,12 @@ def _background_child(
         report("the background process ended before serving\n")
 
 
-def run_foreground(listeners: list[Listener], options: ServerOptions, verbose: bool) -> int:
-    setup_logging(LOG_IDENTIFIER, verbose=verbose)
+def run_foreground(
+    listeners: list[Listener], options: ServerOptions, verbose: bool, log_file: str | None
+) -> int:
+    if log_file is not None:
+        log_to_file(log_file, verbose)
+        options.log_path = log_file
+    else:
+        setup_logging(LOG_IDENTIFIER, verbose=verbose)
     return serve(listeners, options)

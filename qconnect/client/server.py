@@ -46,6 +46,10 @@ TERMINATE_TIMEOUT = 2.0
 #: line; the rest is read and dropped so the child never blocks on the pipe.
 MAX_STDERR_KEPT = 2048
 
+#: After a call's process exits, how long its stderr may take to reach EOF.
+#: Only a grandchild still holding it delays it; its words are not worth more.
+STDERR_DRAIN_TIMEOUT = 1.0
+
 #: Pause after accept() fails for lack of descriptors or memory. The pending
 #: connection stays in the backlog; retrying at once would spin.
 ACCEPT_RETRY_DELAY = 0.1
@@ -103,6 +107,7 @@ class ServerOptions:
     grace: float = DEFAULT_GRACE
     systemd: bool = False
     log_path: str | None = None
+    log_path_is_ours: bool = False  #: the registry's file, removed after a clean stop
 
 
 class ClientServer:
@@ -314,15 +319,20 @@ class ClientServer:
         # The child shares the socket's file description, O_NONBLOCK flag
         # included; qrexec-client-vm expects an ordinary blocking socket.
         os.set_blocking(conn.fileno(), True)
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=conn.fileno(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C in our terminal must not kill calls in their grace
-        )
-        conn.close()
-        return await self._wait_process(process, stderr)
+        errors_ours, errors_theirs = _stdio_pair()
+        async with errors_ours:
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=conn.fileno(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors_theirs.fileno(),
+                    start_new_session=True,  # a Ctrl-C in our terminal must not end calls early
+                )
+            finally:
+                errors_theirs.close()
+                conn.close()
+            return await self._wait_process(process, errors_ours, stderr)
 
     async def _run_relay(
         self,
@@ -331,22 +341,33 @@ class ClientServer:
         stderr: bytearray,
         stats: RelayStats,
     ) -> int:
-        """Copy between ``conn`` and qrexec-client-vm's pipes with half-close both ways."""
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        assert process.stdin is not None and process.stdout is not None
+        """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
+
+        Its stdin and stdout are two socketpairs, not pipes and not one
+        socket: qrexec-client-vm passes the remote EOF on by closing fd 1,
+        which must reach us as EOF while fd 0 stays open for our bytes.
+        """
+        to_call, to_call_theirs = _stdio_pair()
+        from_call, from_call_theirs = _stdio_pair()
+        errors_ours, errors_theirs = _stdio_pair()
         remote_done = trio.Event()
-        pipes = trio.StapledStream(process.stdin, _EofSignal(process.stdout, remote_done))
+        pipes = trio.StapledStream(to_call, _EofSignal(from_call, remote_done))
         stream = trio.SocketStream(conn)
         try:
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=to_call_theirs.fileno(),
+                    stdout=from_call_theirs.fileno(),
+                    stderr=errors_theirs.fileno(),
+                    start_new_session=True,
+                )
+            finally:
+                for theirs in (to_call_theirs, from_call_theirs, errors_theirs):
+                    theirs.close()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_then_close, stream, pipes, stats)
-                returncode = await self._wait_process(process, stderr)
+                returncode = await self._wait_process(process, errors_ours, stderr)
                 # The call is over: pass on what it still wrote, then stop waiting
                 # for bytes from the client that nobody would receive.
                 with trio.move_on_after(DRAIN_TIMEOUT):
@@ -355,6 +376,7 @@ class ClientServer:
                 return returncode
         finally:
             await trio.aclose_forcefully(pipes)
+            await trio.aclose_forcefully(errors_ours)
 
     async def _relay_then_close(
         self, stream: trio.SocketStream, pipes: trio.StapledStream[Any, Any], stats: RelayStats
@@ -364,13 +386,20 @@ class ClientServer:
         if stats.error is not None:
             await trio.aclose_forcefully(pipes)
 
-    async def _wait_process(self, process: trio.Process, stderr: bytearray) -> int:
+    async def _wait_process(
+        self, process: trio.Process, errors: trio.SocketStream, stderr: bytearray
+    ) -> int:
         """Wait for a call to end, collecting its stderr; on cancellation end it and reap it."""
         try:
+            collected = trio.Event()
             async with trio.open_nursery() as nursery:
-                if process.stderr is not None:
-                    nursery.start_soon(_collect, process.stderr, stderr)
-                return await process.wait()
+                nursery.start_soon(_collect, errors, stderr, collected)
+                returncode = await process.wait()
+                # Its stderr ends with it, unless a grandchild still holds it.
+                with trio.move_on_after(STDERR_DRAIN_TIMEOUT):
+                    await collected.wait()
+                nursery.cancel_scope.cancel()
+                return returncode
         except BaseException:
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
@@ -381,9 +410,6 @@ class ClientServer:
                         process.kill()
                         await process.wait()
             raise
-        finally:
-            if process.stderr is not None:
-                await trio.aclose_forcefully(process.stderr)
 
     def _log_call(
         self,
@@ -553,7 +579,18 @@ class _EofSignal(trio.abc.ReceiveStream):
         await self._stream.aclose()
 
 
-async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray) -> None:
+def _stdio_pair() -> tuple[trio.SocketStream, socket.socket]:
+    """A connected pair: our end as a trio stream, the child's as a blocking socket.
+
+    Sockets rather than pipes: a child that splice()s a socket into a pipe
+    holds the pipe's lock while it waits for data, and our non-blocking read
+    of that pipe would then block the whole event loop.
+    """
+    ours, theirs = socket.socketpair()
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray, done: trio.Event) -> None:
     """Read a child's stderr to EOF, keeping the first MAX_STDERR_KEPT bytes."""
     try:
         while True:
@@ -565,6 +602,8 @@ async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray) -> None:
                 kept.extend(data[:room])
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
+    finally:
+        done.set()
 
 
 def _peer_text(peer: Any) -> str:
