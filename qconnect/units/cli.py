@@ -334,8 +334,8 @@ def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layo
         print(f"  {line}")
     if binding.relay is Relay.SOCAT and binding.mode is Mode.PER_CONNECTION:
         print(
-            f"  note: {binding.qrexec_client_vm} has no --use-stdin-socket; every connection "
-            f"runs {binding.socat} as its local program, which keeps half-close correct"
+            f"  note: without --use-stdin-socket, every connection runs {binding.socat} as "
+            f"{binding.qrexec_client_vm}'s local program, which keeps half-close correct"
         )
     if live:
         print(f"  systemd: reloaded and started {binding.socket_unit}")

@@ -567,9 +567,8 @@ def _plan_rc_local(layout: Layout, old_rc: str | None, units: list[str], plan: P
         mode = rclocal.RC_LOCAL_MODE
         if old_rc is not None:
             mode = stat.S_IMODE(os.stat(layout.rc_local).st_mode)
-        plan.steps.append(
-            Write(layout.rc_local, new_rc.encode(), mode, f"starts {len(units)} socket(s) at boot")
-        )
+        what = f"starts {len(units)} socket(s) at boot" if units else "qconnect's lines removed"
+        plan.steps.append(Write(layout.rc_local, new_rc.encode(), mode, what))
 
 
 def _plan_daemon_leftovers(

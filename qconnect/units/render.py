@@ -22,6 +22,7 @@ import re
 import shlex
 import string
 import sys
+import textwrap
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -330,7 +331,7 @@ def render_binding(binding: Binding, templates: Templates) -> dict[str, str]:
                 "qconnect-bind-per-connection@.service.in",
                 **common,
                 exec_start=per_connection_exec_start(binding),
-                relay_note=note,
+                relay_note="\n".join(f"# {line}" for line in textwrap.wrap(note, 76)),
             ),
         }
     return {
