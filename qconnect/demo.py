@@ -51,6 +51,7 @@ qubes.ConnectTCP * @anyvm @anyvm deny
 STEP_PROVIDERS: list[str] = [
     "qconnect.demo:policy_steps",
     "qconnect.client.demo_steps:client_steps",
+    "qconnect.units.demo_steps:persist_steps",
 ]
 
 

@@ -42,9 +42,9 @@ USER_UNITS = "home/user/.config/systemd/user"
 _WAIT = 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
 
@@ -60,7 +60,7 @@ def machine(loopback_machine: MakeMachine) -> Machine:
             "qubes.ConnectTCP * work @default allow target=web",
         ],
     )
-    install_into_rpc_dir(made.rpc_dir("web"), "exec", rpc_config_dir=made.rpc_config_dir("web"))
+    install_into_rpc_dir(made.rpc_dir("web"), rpc_config_dir=made.rpc_config_dir("web"))
     return made
 
 
@@ -188,10 +188,12 @@ def test_per_connection_handoff_units_carry_traffic_and_half_close(
         "reply": half_close_server.reply_after_eof_port,
         "first": half_close_server.writes_first_port,
     }
-    units = {
-        name: add_binding(tree, f"{free_port()}:{target}:{port}", *qcv)
-        for (name, port), target in zip(servers.items(), ["web", "@default", "web"], strict=True)
+    specs = {
+        "echo": f"[::1]:{free_port('::1')}:web:{servers['echo']}",
+        "reply": f"{free_port()}:@default:{servers['reply']}",
+        "first": f"{free_port()}:web:{servers['first']}",
     }
+    units = {name: add_binding(tree, spec, *qcv) for name, spec in specs.items()}
     for name in servers:
         listen, argv = per_connection_units(units[name])
         assert argv[1:3] == ["--use-stdin-socket", "--"]  # auto-detected: handoff

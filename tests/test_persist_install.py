@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from qconnect.units import rclocal
 from tests.persist_tree import (
     RC_LOCAL_OF_THE_USER,
     fake_executable,
     make_qube_tree,
+    persist_env,
     run_persist,
     snapshot,
 )
@@ -136,9 +138,13 @@ def test_a_second_binding_on_the_same_address_is_refused(tree: Path, qrexec_clie
     assert_one_line_error(add(tree, "8080:work:80", *qcv), "already does", "--replace")
     assert_one_line_error(add(tree, "0.0.0.0:8080:work:80", *qcv), "already does")
     assert snapshot(tree) == before
+    exposed = add(tree, "0.0.0.0:8081:work:80", *qcv)
+    assert "warning: 0.0.0.0 is not a loopback address" in exposed.stdout
     add(tree, "8080:work:80", "--replace", *qcv).check_returncode()
     names = sorted(os.listdir(tree / USER_UNITS))
     assert names == [
+        "qconnect-bind-0.0.0.0-8081-work-80.socket",
+        "qconnect-bind-0.0.0.0-8081-work-80@.service",
         "qconnect-bind-127.0.0.1-8080-work-80.socket",
         "qconnect-bind-127.0.0.1-8080-work-80@.service",
         "sockets.target.wants",
@@ -280,3 +286,44 @@ def test_show_prints_the_unit_files_and_where_they_start(tree: Path, qrexec_clie
     assert "FileDescriptorName=@default+444" in shown
     assert f"# {tree / SYSTEM_UNITS}/qconnect-bindings.service" in shown
     assert "rc.local starts qconnect-bind-127.0.0.1-444-\\x40default-444.socket at boot" in shown
+
+
+def test_replacing_the_last_daemon_mode_binding_takes_its_service_away(
+    tree: Path, qrexec_client_vm: str
+) -> None:
+    before = snapshot(tree)
+    add(tree, "8080:web:80", "--mode", "daemon").check_returncode()
+    add(tree, "8081:web:81", "--mode", "daemon").check_returncode()
+    qcv = ["--qrexec-client-vm", qrexec_client_vm]
+    add(tree, "8080:web:80", "--replace", *qcv).check_returncode()
+    assert (tree / USER_UNITS / "qconnect-bindings.service").exists()  # 8081 still needs it
+    add(tree, "8081:web:81", "--replace", *qcv).check_returncode()
+    assert not (tree / USER_UNITS / "qconnect-bindings.service").exists()
+    run_persist("remove", "--all", "--root", str(tree), check=True)
+    assert snapshot(tree) == before
+
+
+def test_concurrent_adds_each_keep_their_line_in_rc_local(
+    tree: Path, qrexec_client_vm: str
+) -> None:
+    """The lock serialises read-modify-write: no add loses another's rc.local entry."""
+    ports = [441, 442, 443, 445, 446, 447]
+    common = ["--root", str(tree), "--persistence", "rw-only", "--relay", "handoff"]
+    common += ["--qrexec-client-vm", qrexec_client_vm]
+    command = [sys.executable, "-m", "qconnect.cli", "persist", "add"]
+    processes = [
+        subprocess.Popen(
+            [*command, f"{port}::{port}", *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=persist_env(),
+        )
+        for port in ports
+    ]
+    for process in processes:
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+    text = (tree / "rw/config/rc.local").read_text()
+    assert rclocal.units_in_block(text) == sorted(
+        f"qconnect-bind-127.0.0.1-{port}-\\x40default-{port}.socket" for port in ports
+    )

@@ -6,12 +6,14 @@ prints what was done. No trio: it runs once and exits.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
-import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
+from qconnect.client.qrexec_call import supports_stdin_socket
 from qconnect.errors import PersistError
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units import install
@@ -25,6 +27,7 @@ from qconnect.units.render import (
     Mode,
     Relay,
     Scope,
+    Templates,
     check_executable_path,
     check_max_connections,
     load_templates,
@@ -33,9 +36,6 @@ from qconnect.units.systemctl import Systemd
 
 # Ports below this need root to bind, so only the system manager can listen there.
 PRIVILEGED_PORT_LIMIT = 1024
-
-# How long `qrexec-client-vm --help` may take to answer the option probe.
-_PROBE_TIMEOUT = 10
 
 # A console script that pip generated for qconnect's client contains this.
 _OUR_CLIENT_MARK = b"qconnect.client_cli"
@@ -72,8 +72,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="per-connection mode: handoff (qrexec-client-vm --use-stdin-socket) or socat "
         "(for a qrexec-client-vm without that option); default: ask qrexec-client-vm --help",
     )
-    add.add_argument("--qrexec-client-vm", default=DEFAULT_QREXEC_CLIENT_VM, metavar="PATH")
-    add.add_argument("--socat", default=DEFAULT_SOCAT, metavar="PATH")
+    add.add_argument(
+        "--qrexec-client-vm",
+        default=DEFAULT_QREXEC_CLIENT_VM,
+        metavar="PATH",
+        help=f"per-connection mode: the one the units run (default {DEFAULT_QREXEC_CLIENT_VM})",
+    )
+    add.add_argument(
+        "--socat",
+        default=DEFAULT_SOCAT,
+        metavar="PATH",
+        help=f"--relay socat: the socat the units run (default {DEFAULT_SOCAT})",
+    )
     add.add_argument(
         "--qvm-connect-tcp",
         metavar="PATH",
@@ -180,22 +190,17 @@ def _choose_scope(args: argparse.Namespace, spec: BindingSpec) -> Scope:
 
 
 def detect_relay(qrexec_client_vm: str) -> Relay:
-    """Handoff when ``qrexec-client-vm --help`` lists --use-stdin-socket, else socat."""
-    try:
-        result = subprocess.run(
-            [qrexec_client_vm, "--help"],
-            capture_output=True,
-            timeout=_PROBE_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        reason = error.strerror if isinstance(error, OSError) else "no answer"
+    """Handoff when ``qrexec-client-vm --help`` lists --use-stdin-socket, else socat.
+
+    The probe is the client's own (:func:`supports_stdin_socket`), so a
+    permanent binding and ``qvm-connect-tcp`` always agree on a qube's agent.
+    """
+    if not os.access(qrexec_client_vm, os.X_OK):
         raise PersistError(
-            f"cannot run {qrexec_client_vm} --help to see whether it has --use-stdin-socket "
-            f"({reason}); give --qrexec-client-vm PATH or --relay handoff|socat"
-        ) from None
-    return Relay.HANDOFF if b"--use-stdin-socket" in result.stdout + result.stderr else Relay.SOCAT
+            f"{qrexec_client_vm} is not an executable, so whether it has --use-stdin-socket "
+            "cannot be asked: give --qrexec-client-vm PATH or --relay handoff|socat"
+        )
+    return Relay.HANDOFF if supports_stdin_socket(qrexec_client_vm) else Relay.SOCAT
 
 
 def find_our_client() -> str:
@@ -256,45 +261,65 @@ def run_add(args: argparse.Namespace) -> int:
             args.qvm_connect_tcp or find_our_client(), "--qvm-connect-tcp"
         )
     request = AddRequest(binding, persistence, client, replace=args.replace)
-    templates = load_templates()
+    plan, report, told = install_and_start(layout, request, load_templates(), _live)
+    _print_add(binding, plan, report, told, layout)
+    return 0
+
+
+ManagerFinder = Callable[[Layout, Scope], Systemd | None]
+
+
+def install_and_start(
+    layout: Layout, request: AddRequest, templates: Templates, find_manager: ManagerFinder
+) -> tuple[Plan, list[str], bool]:
+    """Plan, write, then tell systemd; (plan, what was done, whether systemd was told).
+
+    Error handling: if systemd refuses (the port is taken, say), every file
+    is put back as it was and systemd reloaded again, then PersistError.
+    """
     with install.scope_lock(layout):
         plan = install.plan_add(layout, request, templates)
-        scopes = {binding.scope, *(scope for scope, _unit in plan.stop_units)}
-        live = {scope: _live(layout, scope) for scope in scopes}
+        scopes = {request.binding.scope, *(scope for scope, _unit in plan.stop_units)}
+        live = {scope: find_manager(layout, scope) for scope in scopes}
         applied = install.apply(plan)
         try:
-            _tell_systemd(plan, live)
+            _stop(plan, live)
+            _reload_and_start(plan, live)
         except PersistError as error:
             applied.undo()
             for manager in live.values():
                 if manager is not None:
-                    manager.call("daemon-reload")
+                    with contextlib.suppress(PersistError):
+                        manager.call("daemon-reload")
             raise PersistError(f"{error}; the files were put back as they were") from None
-    _print_add(binding, plan, applied.report, live[binding.scope] is not None, layout)
-    return 0
+    return plan, applied.report, live[request.binding.scope] is not None
 
 
-def _tell_systemd(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
-    """Stop what goes, reload, start what comes, and let the daemon pick up its sockets."""
+def _managers(live: dict[Scope, Systemd | None], scopes: Iterable[Scope]) -> list[Systemd]:
+    """The running managers among ``live`` for ``scopes``."""
+    found = [live.get(scope) for scope in scopes]
+    return [manager for manager in found if manager is not None]
+
+
+def _stop(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
+    """Stop the sockets that go (and the daemon-mode client when its last socket goes)."""
     for scope, unit in plan.stop_units:
-        manager = live.get(scope)
-        if manager is not None:
+        for manager in _managers(live, [scope]):
             manager.call("stop", unit)
-    for scope in plan.stop_daemon:
-        manager = live.get(scope)
-        if manager is not None:
-            manager.call("stop", DAEMON_SERVICE)
-    for manager in {m for m in live.values() if m is not None}:
+    for manager in _managers(live, plan.stop_daemon):
+        manager.call("stop", DAEMON_SERVICE)
+
+
+def _reload_and_start(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
+    """Reload, start the sockets that come, and let the daemon pick up its sockets."""
+    for manager in _managers(live, list(live)):
         manager.call("daemon-reload")
     for scope, unit in plan.start_units:
-        manager = live.get(scope)
-        if manager is not None:
+        for manager in _managers(live, [scope]):
             manager.call("start", unit)
-    for scope in plan.restart_daemon:
-        manager = live.get(scope)
-        if manager is not None:
-            # A running client holds only the sockets it was started with.
-            manager.call("try-restart", DAEMON_SERVICE)
+    # A running client holds only the sockets it was started with.
+    for manager in _managers(live, plan.restart_daemon):
+        manager.call("try-restart", DAEMON_SERVICE)
 
 
 def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layout: Layout) -> None:
@@ -309,8 +334,8 @@ def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layo
         print(f"  {line}")
     if binding.relay is Relay.SOCAT and binding.mode is Mode.PER_CONNECTION:
         print(
-            f"  note: {binding.qrexec_client_vm} has no --use-stdin-socket; every connection "
-            f"runs {binding.socat} as its local program, which keeps half-close correct"
+            f"  note: without --use-stdin-socket, every connection runs {binding.socat} as "
+            f"{binding.qrexec_client_vm}'s local program, which keeps half-close correct"
         )
     if live:
         print(f"  systemd: reloaded and started {binding.socket_unit}")
@@ -377,36 +402,38 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    with install.scope_lock(layout):
-        installed = install.find_installed(layout)
-        if args.all:
-            chosen = [i for i in installed if args.scope is None or i.scope == args.scope]
-        else:
-            chosen = _select(installed, args.spec, args.scope)
-        if not chosen:
-            print("no bindings persisted; nothing changed")
-            return 0
-        plan = install.plan_remove(layout, chosen)
-        live = {scope: _live(layout, scope) for scope in {item.scope for item in chosen}}
-        for scope, unit in plan.stop_units:
-            manager = live.get(scope)
-            if manager is not None:
-                manager.call("stop", unit)
-        for scope in plan.stop_daemon:
-            manager = live.get(scope)
-            if manager is not None:
-                manager.call("stop", DAEMON_SERVICE)
-        applied = install.apply(plan)
-        for manager in {m for m in live.values() if m is not None}:
-            manager.call("daemon-reload")
-        for scope in plan.restart_daemon:
-            manager = live.get(scope)
-            if manager is not None:
-                manager.call("try-restart", DAEMON_SERVICE)
+    chosen, report, told = remove_and_stop(layout, args.spec, args.all, args.scope, _live)
+    if not chosen:
+        print("no bindings persisted; nothing changed")
+        return 0
     for item in chosen:
         print(f"removed binding {item.spec} ({item.mode}, {item.scope} scope)")
-    for line in applied.report:
+    for line in report:
         print(f"  {line}")
-    if not any(live.values()):
+    if not told:
         print("  systemd: not told (not running here, or --root given)")
     return 0
+
+
+def remove_and_stop(
+    layout: Layout,
+    spec_text: str | None,
+    every: bool,
+    scope: str | None,
+    find_manager: ManagerFinder,
+) -> tuple[list[Installed], list[str], bool]:
+    """Stop, delete, reload; (bindings removed, what was done, whether systemd was told)."""
+    with install.scope_lock(layout):
+        installed = install.find_installed(layout)
+        if every or spec_text is None:
+            chosen = [item for item in installed if scope is None or item.scope == scope]
+        else:
+            chosen = _select(installed, spec_text, scope)
+        if not chosen:
+            return [], [], False
+        plan = install.plan_remove(layout, chosen)
+        live = {item.scope: find_manager(layout, item.scope) for item in chosen}
+        _stop(plan, live)
+        applied = install.apply(plan)
+        _reload_and_start(plan, live)
+    return chosen, applied.report, any(live.values())

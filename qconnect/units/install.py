@@ -486,6 +486,7 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
 
     if binding.mode is Mode.DAEMON:
         _plan_daemon_service(layout, request, templates, plan)
+    _plan_daemon_leftovers(layout, installed, replaced, binding, plan)
 
     # Start at boot: a wants link (what systemctl enable makes), or rc.local.
     socket = binding.socket_unit
@@ -509,7 +510,12 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
         rc_units.add(socket)
         _check_rc_local_runs(layout, old_rc, plan)
     _plan_rc_local(layout, old_rc, sorted(rc_units), plan)
-    if scope is Scope.SYSTEM and request.persistence is Persistence.NONE:
+    if not binding.spec.is_loopback:
+        plan.notes.append(
+            f"warning: {binding.spec.bind_host} is not a loopback address: other qubes on "
+            "this qube's network can connect to the binding"
+        )
+    if request.persistence is Persistence.NONE:
         plan.notes.append("this qube keeps nothing across a reboot: the binding lasts until then")
 
     plan.start_units.append((scope, socket))
@@ -561,9 +567,37 @@ def _plan_rc_local(layout: Layout, old_rc: str | None, units: list[str], plan: P
         mode = rclocal.RC_LOCAL_MODE
         if old_rc is not None:
             mode = stat.S_IMODE(os.stat(layout.rc_local).st_mode)
-        plan.steps.append(
-            Write(layout.rc_local, new_rc.encode(), mode, f"starts {len(units)} socket(s) at boot")
+        what = f"starts {len(units)} socket(s) at boot" if units else "qconnect's lines removed"
+        plan.steps.append(Write(layout.rc_local, new_rc.encode(), mode, what))
+
+
+def _plan_daemon_leftovers(
+    layout: Layout,
+    installed: list[Installed],
+    going: list[Installed],
+    coming: Binding | None,
+    plan: Plan,
+) -> None:
+    """The shared daemon-mode service goes with the last daemon-mode binding of its scope;
+    while others remain, it is restarted to let go of the sockets that went."""
+    for scope in Scope:
+        if not any(item.scope is scope and item.mode is Mode.DAEMON for item in going):
+            continue
+        staying = [
+            item
+            for item in installed
+            if item.scope is scope and item.mode is Mode.DAEMON and item not in going
+        ]
+        # A daemon-mode binding being added keeps the service too.
+        kept = bool(staying) or (
+            coming is not None and coming.scope is scope and coming.mode is Mode.DAEMON
         )
+        service = layout.unit_dir(scope) / DAEMON_SERVICE
+        if not kept and _read_ours(service)[1] is not None:
+            plan.steps.append(Delete(service))
+            plan.stop_daemon.add(scope)
+        else:
+            plan.restart_daemon.add(scope)
 
 
 def plan_remove(layout: Layout, chosen: list[Installed]) -> Plan:
@@ -573,19 +607,7 @@ def plan_remove(layout: Layout, chosen: list[Installed]) -> Plan:
     for item in chosen:
         plan.steps.extend(_removal_steps(layout, item))
         plan.stop_units.append((item.scope, item.socket_unit))
-    for scope in Scope:
-        daemons_left = [
-            item
-            for item in installed
-            if item.scope is scope and item.mode is Mode.DAEMON and item not in chosen
-        ]
-        daemon_removed = any(i.scope is scope and i.mode is Mode.DAEMON for i in chosen)
-        service = layout.unit_dir(scope) / DAEMON_SERVICE
-        if daemon_removed and not daemons_left and _read_ours(service)[1] is not None:
-            plan.steps.append(Delete(service))
-            plan.stop_daemon.add(scope)
-        elif daemon_removed:
-            plan.restart_daemon.add(scope)
+    _plan_daemon_leftovers(layout, installed, chosen, None, plan)
     old_rc = _read_rc_local(layout)
     remaining = set(rclocal.units_in_block(old_rc)) - {item.socket_unit for item in chosen}
     _plan_rc_local(layout, old_rc, sorted(remaining), plan)
