@@ -36,11 +36,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Full run / --quick: MiB each way, sequential echo calls, burst size,
 #: connections held open for the memory figure, seconds a burst may take.
 FULL = {"size_mib": 1024, "calls": 500, "burst": 1000, "held": 50, "burst_timeout": 180.0}
-QUICK = {"size_mib": 8, "calls": 10, "burst": 40, "held": 4, "burst_timeout": 30.0}
+QUICK = {"size_mib": 2, "calls": 4, "burst": 20, "held": 2, "burst_timeout": 30.0}
 
 # After a burst or the held connections, seconds for the chain's calls to end
-# before the next measurement starts (they end within milliseconds normally).
-SETTLE_SECONDS = 1.0
+# before the next measurement starts (they end within milliseconds normally;
+# a full run waits longer so one chain's tail never weighs on the next).
+SETTLE_SECONDS = {False: 1.0, True: 0.1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure_throughput(chains: list[Chain], size: int, figures: dict[str, dict[str, Any]]) -> None:
     for chain in chains:
-        for direction, function in (("up_mb_s", load.upload_mb_s), ("down_mb_s", load.download_mb_s)):
+        for direction, function in (
+            ("up_mb_s", load.upload_mb_s),
+            ("down_mb_s", load.download_mb_s),
+        ):
             try:
                 figures[chain.name][direction] = function(chain.port, size)
             except (OSError, load.ChainBroken) as error:
@@ -108,10 +112,10 @@ def measure_latency(chains: list[Chain], calls: int, figures: dict[str, dict[str
             )
 
 
-def measure_memory(chain: Chain, held: int, row: dict[str, Any]) -> None:
+def measure_memory(chain: Chain, held: int, settle: float, row: dict[str, Any]) -> None:
     if chain.name == "direct":
         return
-    time.sleep(SETTLE_SECONDS)
+    time.sleep(settle)
     row["idle_kib"] = chain.owned_pss_kib()
     try:
         socks = load.open_echoed(chain.port, held)
@@ -127,9 +131,10 @@ def measure_memory(chain: Chain, held: int, row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a burst holds BURST sockets
     size = args.size_mib << 20
+    settle = SETTLE_SECONDS[args.quick]
     figures: dict[str, dict[str, Any]] = {name: {} for name in args.chains}
     servers = subprocess.Popen(
         [sys.executable, "-m", "bench.servers"],
@@ -147,7 +152,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 for name in args.chains:
                     chains.append(
-                        start_chain(name, machine, daemon.pid, ports["mux"], directory / "chains.log")
+                        start_chain(
+                            name, machine, daemon.pid, ports["mux"], directory / "chains.log"
+                        )
                     )
                 log("warming up (first process starts, page cache)")
                 for chain in chains:
@@ -159,8 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 measure_latency(chains, args.calls, figures)
                 for chain in chains:
                     log(f"memory and burst: {chain.name}")
-                    measure_memory(chain, args.held, figures[chain.name])
-                    time.sleep(SETTLE_SECONDS)
+                    measure_memory(chain, args.held, settle, figures[chain.name])
+                    time.sleep(settle)
                     result = load.burst(chain.port, args.burst, args.burst_timeout)
                     result["count"] = args.burst
                     figures[chain.name]["burst"] = result
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"  {chain.name}: {result['served']}/{args.burst} served in "
                         f"{result['seconds']:.2f} s"
                     )
-                    time.sleep(SETTLE_SECONDS)
+                    time.sleep(settle)
             finally:
                 for chain in chains:
                     chain.stop()

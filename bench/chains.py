@@ -109,7 +109,9 @@ class Chain:
                 process.wait()
 
 
-def _popen(machine: Machine, argv: list[str], log: Path, **kwargs: Any) -> "subprocess.Popen[bytes]":
+def _popen(
+    machine: Machine, argv: list[str], log: Path, **kwargs: Any
+) -> "subprocess.Popen[bytes]":
     """Start ``argv`` in qube "work", in its own process group (stopped as a whole)."""
     with open(log, "ab") as log_file:
         return machine.popen(
@@ -154,9 +156,7 @@ def systemd_argv(machine: Machine, port: int, target: str, remote_port: int) -> 
     return [*command, "--", "/bin/sh", "-c", 'exec "$@" 1>&2', "sh", *exec_start]
 
 
-def start_chain(
-    name: str, machine: Machine, daemon_pid: int, mux_port: int, log: Path
-) -> Chain:
+def start_chain(name: str, machine: Machine, daemon_pid: int, mux_port: int, log: Path) -> Chain:
     """Start chain ``name`` towards the server's ``mux_port``; return once it accepts."""
     if name == "direct":
         return Chain(name, mux_port)

@@ -32,49 +32,16 @@ from typing import Any
 
 import trio
 
+from bench.common import tree_pss_kib
 from tests.client_world import World, exchange, free_port, make_world
 from tests.test_client_calls import bulk_transfer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size: shared pages counted once across processes."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def own_memory_kib(pid: int) -> int:
     """PSS of the client and its helpers, without qrexec-client-vm (the same for every chain)."""
-    total = 0
-    for member in [pid, *descendants(pid)]:
-        try:
-            comm = Path(f"/proc/{member}/cmdline").read_bytes()
-            if b"qrexec-client-vm" in comm:
-                continue
-            total += pss_kib(member)
-        except OSError:
-            continue
-    return total
+    return tree_pss_kib([pid], excluding=[b"qrexec-client-vm"])
 
 
 class Chain:

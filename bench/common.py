@@ -116,7 +116,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def wait_for_port(port: int, timeout: float = 30.0, process: "subprocess.Popen[Any] | None" = None):  # type: ignore[no-untyped-def]
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: "subprocess.Popen[Any] | None" = None
+) -> None:
     """Block until something accepts on 127.0.0.1:``port`` (or fail, naming the process)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -40,55 +40,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentile
+from bench.servers import BUFFER
 from qconnect.loopback.machine import Machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("direct", "builtin", "socket", "exec")
-BUFFER = 1 << 20
 ECHO = b"0123456789"
 TIMEOUT = 120
-
-# The TCP servers, run in their own process so the benchmark's Python does
-# not share a GIL with them: echo, sink (counts, answers the count after
-# EOF) and source (sends the size asked for, then closes).
-SERVERS = r"""
-import socket, sys, threading
-BUFFER = 1 << 20
-def serve(handler):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    def loop():
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=run, args=(handler, conn), daemon=True).start()
-    threading.Thread(target=loop, daemon=True).start()
-    return listener.getsockname()[1]
-def run(handler, conn):
-    try:
-        handler(conn)
-    except OSError:
-        pass
-    finally:
-        conn.close()
-def echo(conn):
-    while data := conn.recv(65536):
-        conn.sendall(data)
-def sink(conn):
-    buffer = bytearray(BUFFER)
-    total = 0
-    while size := conn.recv_into(buffer):
-        total += size
-    conn.sendall(b"%d\n" % total)
-def source(conn):
-    size = int(conn.recv(64).split(b"\n")[0])
-    block = b"\xa5" * BUFFER
-    while size > 0:
-        conn.sendall(block[: min(size, BUFFER)])
-        size -= BUFFER
-print(serve(echo), serve(sink), serve(source), flush=True)
-sys.stdin.read()
-"""
 
 # A socket service relaying to 127.0.0.1:PORT, PORT taken from the descriptor.
 SOCKET_RELAY = r"""
@@ -133,12 +92,18 @@ class Bench:
             directory, ["work", "web"], policy=["my.Refused * work web deny", "* * work web allow"]
         )
         servers = subprocess.Popen(
-            [sys.executable, "-c", SERVERS], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", "bench.servers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=project,
         )
         stack.callback(_stop, servers)
         assert servers.stdout is not None
-        self.echo_port, self.sink_port, self.source_port = map(
-            int, servers.stdout.readline().split()
+        ports = json.loads(servers.stdout.readline())
+        self.echo_port, self.sink_port, self.source_port = (
+            ports["echo"],
+            ports["sink"],
+            ports["source"],
         )
         relay = subprocess.Popen(
             [
@@ -262,11 +227,6 @@ def _stop(process: "subprocess.Popen[bytes]") -> None:
         process.stdout.close()
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def run(size_mib: int, calls: int, rounds: int) -> dict[str, Any]:
     size = size_mib << 20
     figures: dict[str, dict[str, list[float]]] = {
@@ -292,8 +252,8 @@ def run(size_mib: int, calls: int, rounds: int) -> dict[str, Any]:
             path: {
                 "upload_mb_s": statistics.median(values["upload"]),
                 "download_mb_s": statistics.median(values["download"]),
-                "latency_p50_ms": _percentile(values["latency"], 0.5) * 1e3,
-                "latency_p99_ms": _percentile(values["latency"], 0.99) * 1e3,
+                "latency_p50_ms": percentile(values["latency"], 0.5) * 1e3,
+                "latency_p99_ms": percentile(values["latency"], 0.99) * 1e3,
             }
             for path, values in figures.items()
         },

@@ -32,7 +32,6 @@ Raw figures go to bench/results/service.json.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -42,12 +41,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import descendants, percentile, pss_kib
+from bench.servers import BUFFER, Servers
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
 
@@ -55,68 +54,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = ("socket", "exec", "socat", "builtin")
 ECHO_BYTES = b"0123456789"  # the 10-byte echo of the latency figure
 OPEN_CALLS = 50  # calls held open at once for the memory figure
-BUFFER = 1 << 20
 SOCAT_SERVICE = (
     '#!/bin/sh\n# The socat original, as a qrexec service.\nexec socat STDIO TCP:localhost:"$1"\n'
 )
-
-
-class Servers:
-    """The TCP servers every form connects to: echo, sink (upload) and source (download)."""
-
-    def __init__(self) -> None:
-        self._listeners: list[socket.socket] = []
-        self.echo = self._serve(self._echo)
-        self.sink = self._serve(self._sink)
-        self.source = self._serve(self._source)
-
-    def _serve(self, handler: Callable[[socket.socket], None]) -> int:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        self._listeners.append(listener)
-
-        def accept_loop() -> None:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                threading.Thread(target=self._run, args=(handler, conn), daemon=True).start()
-
-        threading.Thread(target=accept_loop, daemon=True).start()
-        port: int = listener.getsockname()[1]
-        return port
-
-    @staticmethod
-    def _run(handler: Callable[[socket.socket], None], conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            handler(conn)
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
-    @staticmethod
-    def _sink(conn: socket.socket) -> None:
-        buffer = bytearray(BUFFER)
-        total = 0
-        while size := conn.recv_into(buffer):
-            total += size
-        conn.sendall(f"{total}\n".encode())
-
-    @staticmethod
-    def _source(conn: socket.socket) -> None:
-        size = int(conn.recv(64).split(b"\n")[0])
-        block = b"\xa5" * BUFFER
-        while size > 0:
-            conn.sendall(block[: min(size, BUFFER)])
-            size -= BUFFER
-
-    def close(self) -> None:
-        for listener in self._listeners:
-            listener.close()
 
 
 def build_machine(directory: Path, log: Path) -> tuple[Machine, subprocess.Popen[bytes]]:
@@ -267,30 +207,6 @@ def agent_latency(machine: Machine, form: str, servers: Servers) -> float:
     return elapsed * 1000
 
 
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def children_of(pids: set[int]) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid in pids:
-            found.append(int(entry))
-    return found
-
-
 def memory_per_call(
     machine: Machine, form: str, servers: Servers, daemon: subprocess.Popen[bytes]
 ) -> float:
@@ -306,16 +222,11 @@ def memory_per_call(
         busy = pss_kib(daemon.pid)
     else:
         clients = {process.pid for process, _sock in calls}
-        busy = sum(pss_kib(pid) for pid in children_of(clients))
+        busy = sum(pss_kib(pid) for pid in descendants(clients))
     for process, sock in calls:
         sock.shutdown(socket.SHUT_WR)
         finish(process, sock)
     return (busy - idle) / OPEN_CALLS
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
