@@ -83,6 +83,18 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """``pid``'s open descriptors by kind ("socket", "pipe", "anon_inode", "file")."""
+    kinds: dict[str, int] = {}
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{directory}/{name}")
+            kind = target.split(":", 1)[0] if ":" in target and "[" in target else "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The nearest-rank percentile (0.5: median, 0.99: p99) of ``values``."""
     ordered = sorted(values)

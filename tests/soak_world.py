@@ -1,0 +1,211 @@
+"""The soak's world: a loopback machine, servers with every end-of-stream behaviour, a client.
+
+One chain per test: ``qvm-connect-tcp`` in qube "work" (handoff or relay)
+to ``svc-socket`` (qconnect's socket service) or ``svc-exec`` (its
+executable), with one binding per server behaviour plus a binding that dom0
+refuses and one to a port nothing listens on. Built on the benchmark's
+machine (``bench.service.build_machine``), so the soak and the bench run the
+same services.
+"""
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import cmdline, descendants, fd_kinds
+from bench.service import build_machine
+from qconnect.loopback.machine import Machine
+from tests.conftest import ThreadedTCPServer
+
+#: Seconds the "late" server waits after the client's EOF before it answers.
+LATE_DELAY = 0.05
+
+#: What the "early" server sends before it shuts its write side.
+GREETING = b"server done sending\n"
+
+#: Bytes the "big" server sends (the reset scenario cuts it short).
+BIG_SIZE = 4 << 20
+
+#: Bytes the "slow" server sends before it waits for the client's EOF.
+SLOW_FIRST = 65536
+
+_RECV = 65536
+
+
+class SoakServers:
+    """TCP servers on 127.0.0.1; ``early_received`` holds the sha256 of what each early call sent."""
+
+    def __init__(self) -> None:
+        self.early_received: set[str] = set()
+        self._lock = threading.Lock()
+        self._servers = {
+            "echo": ThreadedTCPServer(self._echo),
+            "late": ThreadedTCPServer(self._late),
+            "early": ThreadedTCPServer(self._early),
+            "big": ThreadedTCPServer(self._big),
+            "slow": ThreadedTCPServer(self._slow),
+        }
+        self.ports = {name: server.port for name, server in self._servers.items()}
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        while data := conn.recv(_RECV):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _late(conn: socket.socket) -> None:
+        digest, count = hashlib.sha256(), 0
+        while data := conn.recv(_RECV):
+            digest.update(data)
+            count += len(data)
+        time.sleep(LATE_DELAY)
+        conn.sendall(f"{count} {digest.hexdigest()}\n".encode())
+
+    def _early(self, conn: socket.socket) -> None:
+        conn.sendall(GREETING)
+        conn.shutdown(socket.SHUT_WR)
+        digest = hashlib.sha256()
+        while data := conn.recv(_RECV):
+            digest.update(data)
+        with self._lock:
+            self.early_received.add(digest.hexdigest())
+
+    @staticmethod
+    def _big(conn: socket.socket) -> None:
+        block = b"\x5a" * _RECV
+        for _ in range(BIG_SIZE // _RECV):
+            conn.sendall(block)
+
+    @staticmethod
+    def _slow(conn: socket.socket) -> None:
+        conn.sendall(b"s" * SLOW_FIRST)
+        while conn.recv(_RECV):
+            pass
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+
+
+@dataclass
+class SoakChain:
+    """A running client bound to every behaviour, and the service behind it."""
+
+    machine: Machine
+    target: str
+    client: "subprocess.Popen[str]"
+    client_log: Path
+    service_log: Path
+    daemon: "subprocess.Popen[bytes]"
+    local: dict[str, int] = field(default_factory=dict)  #: behaviour -> local port
+    remote: dict[str, int] = field(default_factory=dict)  #: behaviour -> server port
+
+    def executable_services(self, remote_port: int) -> list[int]:
+        """Pids of executable qubes.ConnectTCP processes now serving ``remote_port``."""
+        marker = f"qubes.ConnectTCP\0{remote_port}\0".encode()
+        return [pid for pid in descendants([self.client.pid]) if marker in cmdline(pid)]
+
+    def snapshot(self) -> dict[str, int]:
+        """Open descriptors of the binding and of the service, and the binding's child processes.
+
+        Pipes are left out: the socket service keeps up to RELAY_PIPES_KEPT
+        empty splice pipes for reuse (qconnect.relay), a bounded pool, not a
+        leak; they are checked against that bound separately.
+        """
+        client, service = fd_kinds(self.client.pid), fd_kinds(self.daemon.pid)
+        return {
+            "client_fds": sum(client.values()) - client.get("pipe", 0),
+            "client_pipes": client.get("pipe", 0),
+            "service_fds": sum(service.values()) - service.get("pipe", 0),
+            "client_children": len(descendants([self.client.pid])),
+        }
+
+    def service_pipes(self) -> int:
+        return fd_kinds(self.daemon.pid).get("pipe", 0)
+
+    def client_outcomes(self) -> dict[int, list[str]]:
+        """Remote port -> the outcome words of each call the client logged (bursts expanded)."""
+        found: dict[int, list[str]] = {}
+        line_pattern = re.compile(r"-> [\w.@-]+:(\d+) \([^)]*\): (.*)$")
+        burst_pattern = re.compile(r"\.\.\. and (\d+) more calls to [\w.@-]+:(\d+) refused")
+        for line in self.client_log.read_text().splitlines():
+            if match := line_pattern.search(line):
+                found.setdefault(int(match[1]), []).append(match[2])
+            elif match := burst_pattern.search(line):
+                found.setdefault(int(match[2]), []).extend(["refused (burst)"] * int(match[1]))
+        return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def soak_chain(directory: Path, servers: SoakServers, *, target: str, relay: bool) -> Iterator[SoakChain]:
+    """Build the machine, start the client bound to every behaviour; stop all afterwards."""
+    service_log = directory / "service.log"
+    machine, daemon = build_machine(directory / "machine", service_log)
+    try:
+        remote = dict(servers.ports)
+        remote["closed"] = _free_port()
+        # dom0 refuses the "denied" binding by a rule that sorts before the allow rules.
+        remote["denied"] = _free_port()
+        machine.add_policy(
+            [f"qubes.ConnectTCP +{remote['denied']} work {target} deny"], name="20-soak.policy"
+        )
+        local = {name: _free_port() for name in remote}
+        specs = [f"{local[name]}:{target}:{remote[name]}" for name in remote]
+        client_log = directory / "client.log"
+        argv = [sys.executable, "-m", "qconnect.client_cli", "--foreground"]
+        if relay:
+            argv.append("--relay")
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        with open(client_log, "w") as log_file:
+            client = machine.popen(
+                "work",
+                [*argv, *specs],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                start_new_session=True,
+            )
+        chain = SoakChain(machine, target, client, client_log, service_log, daemon, local, remote)
+        try:
+            assert client.stdout is not None
+            for _ in specs:
+                line = client.stdout.readline()
+                assert line.startswith("Binding TCP"), (line, client_log.read_text())
+            yield chain
+        finally:
+            if client.poll() is None:
+                client.send_signal(signal.SIGTERM)
+            try:
+                client.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(client.pid, signal.SIGKILL)
+                client.wait()
+            if client.stdout is not None:
+                client.stdout.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
