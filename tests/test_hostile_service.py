@@ -144,8 +144,8 @@ async def _flood(socket_path: Path, port: int, count: int, service: ConnectTCPSe
         payload = f"{index:08d}".encode()
         try:
             stream = await call(socket_path, str(port), data=payload)
-        except OSError:
-            outcomes["closed"] += 1  # the unix socket's backlog was full: refused at once
+        except (OSError, trio.BrokenResourceError):
+            outcomes["closed"] += 1  # refused at once (backlog full, or over the call limit)
             return
         async with stream:
             try:
