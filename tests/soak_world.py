@@ -43,7 +43,7 @@ _RECV = 65536
 
 
 class SoakServers:
-    """TCP servers on 127.0.0.1; ``early_received`` holds the sha256 of what each early call sent."""
+    """TCP servers on 127.0.0.1; ``early_received``: sha256 of what each early call sent."""
 
     def __init__(self) -> None:
         self.early_received: set[str] = set()
@@ -155,7 +155,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def soak_chain(directory: Path, servers: SoakServers, *, target: str, relay: bool) -> Iterator[SoakChain]:
+def soak_chain(
+    directory: Path, servers: SoakServers, *, target: str, relay: bool
+) -> Iterator[SoakChain]:
     """Build the machine, start the client bound to every behaviour; stop all afterwards."""
     service_log = directory / "service.log"
     machine, daemon = build_machine(directory / "machine", service_log)

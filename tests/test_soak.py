@@ -28,7 +28,6 @@ import pytest
 import trio
 
 from qconnect.relay import _pipes
-
 from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_chain
 
 # The socket service's pool of empty splice pipes (qconnect.relay._PipePool).
@@ -94,15 +93,14 @@ class Soak:
 
     async def echo(self) -> None:
         payload = self.rng.randbytes(int(2 ** self.rng.uniform(0, 18)) % MAX_ECHO)
-        async with await self.connect("echo") as stream:
-            async with trio.open_nursery() as nursery:
+        async with await self.connect("echo") as stream, trio.open_nursery() as nursery:
 
-                async def send() -> None:
-                    await stream.send_all(payload)
-                    await stream.send_eof()
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
 
-                nursery.start_soon(send)
-                got = await _receive_all(stream)
+            nursery.start_soon(send)
+            got = await _receive_all(stream)
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), (
             f"echo of {len(payload)} bytes came back as {len(got)} different bytes"
         )
@@ -149,14 +147,14 @@ class Soak:
             self.done["echo"] += 1
             self.done["killed"] -= 1
             return
-        async with self.victim_lock:  # one victim at a time: the process is found by its port
-            async with await self.connect("slow") as stream:
-                first = b""
-                while len(first) < SLOW_FIRST:
-                    first += await stream.receive_some(65536)
-                (victim,) = self.chain.executable_services(self.chain.remote["slow"])
-                os.kill(victim, signal.SIGKILL)
-                await _receive_or_reset(stream)
+        # one victim at a time: its process is found by the port it serves
+        async with self.victim_lock, await self.connect("slow") as stream:
+            first = b""
+            while len(first) < SLOW_FIRST:
+                first += await stream.receive_some(65536)
+            (victim,) = self.chain.executable_services(self.chain.remote["slow"])
+            os.kill(victim, signal.SIGKILL)
+            await _receive_or_reset(stream)
 
     async def run(self, count: int) -> None:
         # QCONNECT_SOAK_SCENARIOS=reset,early narrows the mix to replay a failure.
