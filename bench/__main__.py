@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 from bench import load, report
 from bench.chains import CHAINS, Chain, start_chain
-from bench.common import log, machine_info, percentile
+from bench.common import log, machine_info, percentile, stop_process
 from bench.service import build_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,12 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 for chain in chains:
                     chain.stop()
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
+                stop_process(daemon)
     finally:
         with contextlib.suppress(OSError):
             assert servers.stdin is not None

@@ -145,6 +145,17 @@ def wait_for_port(
             time.sleep(0.05)
 
 
+def stop_process(process: "subprocess.Popen[Any]", timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def log(message: str) -> None:
     """Progress on stderr (the table goes to stdout)."""
     print(message, file=sys.stderr, flush=True)

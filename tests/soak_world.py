@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import cmdline, descendants, fd_kinds
+from bench.common import cmdline, descendants, fd_kinds, stop_process
 from bench.service import build_machine
 from qconnect.loopback.machine import Machine
 from tests.conftest import ThreadedTCPServer
@@ -205,9 +205,4 @@ def soak_chain(
             if client.stdout is not None:
                 client.stdout.close()
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop_process(daemon)
