@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Full run / --quick: MiB each way, sequential echo calls, burst size,
 #: connections held open for the memory figure, seconds a burst may take.
-FULL = {"size_mib": 1024, "calls": 500, "burst": 1000, "held": 50, "burst_timeout": 180.0}
+FULL = {"size_mib": 1024, "calls": 500, "burst": 1000, "held": 50, "burst_timeout": 120.0}
 QUICK = {"size_mib": 2, "calls": 4, "burst": 20, "held": 2, "burst_timeout": 30.0}
 
 # After a burst or the held connections, seconds for the chain's calls to end
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, help="sequential echo connections (500; quick 10)")
     parser.add_argument("--burst", type=int, help="connections opened at once (1000; quick 40)")
     parser.add_argument("--held", type=int, help="connections open for the memory figure (50)")
-    parser.add_argument("--burst-timeout", type=float, help="seconds a burst may take (180)")
+    parser.add_argument("--burst-timeout", type=float, help="seconds a burst may take (120)")
     parser.add_argument(
         "--chains", default=",".join(CHAINS), help=f"comma-separated ({','.join(CHAINS)})"
     )
