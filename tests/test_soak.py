@@ -33,7 +33,7 @@ from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_
 # The socket service's pool of empty splice pipes (qconnect.relay._PipePool).
 RELAY_PIPES_KEPT = _pipes._keep
 
-SOAK_DEFAULT = 100
+SOAK_DEFAULT = 60
 SOAK_FULL = 10_000
 
 #: Connections in flight at once: enough to overlap calls, under the
