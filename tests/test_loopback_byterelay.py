@@ -11,25 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from qconnect import byterelay
+from tests.conftest import recv_all, tcp_pair
 
 TIMEOUT = 20
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        near = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-    return near, far
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    sock.settimeout(TIMEOUT)
-    chunks = []
-    while data := sock.recv(1 << 16):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ services, the built-in /dev/tcp service) and real TCP servers.
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
+from tests.conftest import write_executable
 
 MakeMachine = Callable[..., Machine]
 
@@ -41,12 +41,6 @@ def call(
         capture_output=True,
         timeout=TIMEOUT,
     )
-
-
-def write_executable(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
 
 
 def closed_port() -> int:

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -19,37 +18,13 @@ from typing import Any
 import pytest
 
 from qconnect.loopback.machine import Machine
-from tests.conftest import HalfCloseServer
+from tests.conftest import HalfCloseServer, recv_all, tcp_pair, write_executable
 
 MakeMachine = Callable[..., Machine]
 
 TIMEOUT = 30
 # How long a test waits to be sure something does NOT arrive.
 QUIET_SECONDS = 0.5
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair on 127.0.0.1: (the user's end, the accepted end)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        user = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    return user, accepted
-
-
-def write_executable(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def recv_all(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
-    sock.settimeout(timeout)
-    chunks = []
-    while data := sock.recv(1 << 16):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def recv_exactly(sock: socket.socket, count: int) -> bytes:
