@@ -375,3 +375,85 @@ def test_caller_reading_stdout_pipe_gets_each_reply_while_the_call_goes_on(
         process.wait(TIMEOUT)
         process.stdin.close()
         process.stdout.close()
+
+
+class WritesFirstSocketService:
+    """A unix socket service that sends a greeting, then half-closes or closes its socket.
+
+    After a half-close it reads the caller's bytes to EOF and records them.
+    """
+
+    GREETING = b"greeting from the socket service\n"
+
+    def __init__(self, path: Path, *, full_close: bool) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.full_close = full_close
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.sendall(self.GREETING)
+            if self.full_close:
+                return
+            conn.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            self.received.append(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("exit_on_service_eof", [False, True])
+def test_socket_service_half_close_and_exit_on_service_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any], exit_on_service_eof: bool
+) -> None:
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    service = WritesFirstSocketService(machine.rpc_dir("web") / "my.Sock", full_close=False)
+    (machine.rpc_config_dir("web") / "my.Sock").write_text(
+        f"skip-service-descriptor=true\nexit-on-service-eof={str(exit_on_service_eof).lower()}\n"
+    )
+    try:
+        user, accepted = tcp_pair()
+        process = start_call(
+            machine, [*STDIN_SOCKET, "web", "my.Sock"], accepted, same_socket_out=False
+        )
+        assert recv_all(user) == WritesFirstSocketService.GREETING
+        if exit_on_service_eof:
+            assert process.wait(TIMEOUT) == 0  # the service's EOF ended the call
+        else:
+            assert process.poll() is None
+            user.sendall(b"after the service's EOF")
+            user.shutdown(socket.SHUT_WR)
+            assert process.wait(TIMEOUT) == 0
+            service.thread.join(TIMEOUT)
+            assert service.received == [b"after the service's EOF"]
+    finally:
+        service.close()
+
+
+def test_socket_service_closing_its_socket_ends_the_call_without_the_callers_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any]
+) -> None:
+    """A full close (not a half-close) hangs up the socket: the agent ends the call."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    service = WritesFirstSocketService(machine.rpc_dir("web") / "my.Sock", full_close=True)
+    # No descriptor: the service closes with nothing unread, a clean EOF and a
+    # hang-up (unread bytes would make it a reset instead).
+    (machine.rpc_config_dir("web") / "my.Sock").write_text("skip-service-descriptor=true\n")
+    try:
+        user, accepted = tcp_pair()
+        process = start_call(
+            machine, [*STDIN_SOCKET, "web", "my.Sock"], accepted, same_socket_out=False
+        )
+        assert recv_all(user) == WritesFirstSocketService.GREETING
+        assert process.wait(TIMEOUT) == 0
+    finally:
+        service.close()
