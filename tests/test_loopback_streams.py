@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -457,3 +458,32 @@ def test_socket_service_closing_its_socket_ends_the_call_without_the_callers_eof
         assert process.wait(TIMEOUT) == 0
     finally:
         service.close()
+
+
+def test_a_non_blocking_stdin_socket_is_waited_on_not_taken_for_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any]
+) -> None:
+    """A trio program hands over its accepted socket, which is O_NONBLOCK (shared with us)."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(TIMEOUT)
+        user, accepted = tcp_pair()
+        accepted.setblocking(False)
+        process = start_call(
+            machine,
+            [*STDIN_SOCKET, "web", f"qubes.ConnectTCP+{server.getsockname()[1]}"],
+            accepted,
+            same_socket_out=False,
+        )
+        conn, _ = server.accept()  # the call is connected: the relay starts now
+    with conn:
+        time.sleep(0.3)  # the relay finds nothing to read yet (EAGAIN, not EOF)
+        user.sendall(b"late bytes")
+        assert recv_exactly(conn, 10) == b"late bytes"
+        conn.sendall(b"reply")
+        conn.shutdown(socket.SHUT_WR)
+        assert recv_all(user) == b"reply"
+    user.close()
+    assert process.wait(TIMEOUT) == 0
