@@ -16,6 +16,11 @@ from qconnect.errors import QconnectError
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "policy": (
+        "qconnect.policy.cli",
+        "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
+    ),
+    "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
     "loopback": (
         "qconnect.loopback.cli",
         "a whole Qubes machine (qubes, policy, qrexec) on one host",

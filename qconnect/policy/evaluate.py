@@ -17,7 +17,16 @@ from pathlib import Path
 from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
-from qconnect.policy.tokens import Place, Token, TokenError, parse_token
+from qconnect.policy.tokens import (
+    AdminVM,
+    DispVM,
+    DispVMTemplate,
+    EvaluationFailure,
+    Place,
+    Token,
+    TokenError,
+    parse_token,
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ class _Refused(Exception):
 def intended_target(requested: str, system: SystemInfo) -> str:
     """The call's target as policy matching sees it, or _Refused.
 
-    Empty means ``@default``; an unknown qube is treated as ``@default`` (so
-    a caller cannot probe which qubes exist); ``@dispvm:NAME`` must name a
-    disposable template; other keywords cannot be requested.
+    Empty means ``@default``; a qube that does not exist is read as
+    ``@default`` too (qrexec logs a warning and goes on); ``@dispvm:NAME``
+    must name a disposable template; other keywords cannot be requested.
     """
     if requested in ("", "@default"):
         return "@default"
@@ -80,14 +89,13 @@ def intended_target(requested: str, system: SystemInfo) -> str:
         token = parse_token(requested, Place.REDIRECT)
     except TokenError:
         raise _Refused(f"{requested!r} cannot be a call's target") from None
-    if requested == "@adminvm" or requested == "@dispvm":
-        return requested
-    if requested.startswith("@dispvm:"):
-        template = system.lookup(requested[len("@dispvm:") :])
+    if isinstance(token, AdminVM | DispVM):
+        return token.text
+    if isinstance(token, DispVMTemplate):
+        template = system.lookup(token.template)
         if template is None or not template.template_for_dispvms:
-            raise _Refused(f"{requested[len('@dispvm:') :]!r} is not a disposable template")
+            raise _Refused(f"{token.template!r} is not a disposable template")
         return f"@dispvm:{template.name}"
-    del token
     qube = system.lookup(requested)
     return qube.name if qube is not None else "@default"
 
@@ -175,7 +183,10 @@ def collect_choices(policy: Policy, call: Call, system: SystemInfo) -> list[str]
             continue
         redirect = getattr(rule.action, "target", None)
         token = redirect if isinstance(redirect, Token) else rule.target
-        expansion = set(token.expand(system))
+        try:
+            expansion = set(token.expand(system))
+        except EvaluationFailure as failure:
+            raise _Refused(f"{rule.location}: dom0's evaluator fails here: {failure}") from None
         if isinstance(rule.action, Deny):
             choices -= expansion
         else:
@@ -231,6 +242,13 @@ def _ask(policy: Policy, rule: Rule, action: Ask, call: Call, system: SystemInfo
     )
 
 
+def _target_matches(rule: Rule, intended: str, call: Call, system: SystemInfo) -> bool:
+    try:
+        return rule.target.match(intended, system, call.source)
+    except EvaluationFailure as failure:
+        raise _Refused(f"{rule.location}: dom0's evaluator fails here: {failure}") from None
+
+
 def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     """dom0's decision on ``call`` under ``policy``; never raises, whatever the call."""
     call = Call(call.source, call.target, call.service, call.argument or "+")
@@ -240,15 +258,14 @@ def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     rule: Rule | None = None
     try:
         intended = intended_target(call.target, system)
-        rule = next(
-            (
-                candidate
-                for candidate in policy.rules
-                if _rule_matches_but_target(candidate, call, system)
-                and candidate.target.match(intended, system, call.source)
-            ),
-            None,
-        )
+        for candidate in policy.rules:
+            rule = candidate
+            if _rule_matches_but_target(candidate, call, system) and _target_matches(
+                candidate, intended, call, system
+            ):
+                break
+        else:
+            rule = None
         if rule is None:
             raise _Refused(f"no rule matches {call.describe()}")
         action = rule.action

@@ -107,18 +107,21 @@ class _Loader:
         except OSError as error:
             raise PolicyError(f"{prefix}cannot read {path}: {error.strerror}") from None
 
-    def directory_files(self, directory: Path, where: Location | None) -> list[Path]:
-        """dom0's filter: ``*.policy`` regular files, no dot-files; any bad name refuses all."""
+    def listing(self, directory: Path, where: Location | None, what: str) -> set[Path]:
+        """The regular files of ``directory`` as they would be with the overrides applied."""
         try:
             listed = {path for path in directory.iterdir() if path.is_file()}
         except OSError as error:
             prefix = f"{where}: " if where is not None else ""
-            raise PolicyError(
-                f"{prefix}cannot read policy directory {directory}: {error.strerror}"
-            ) from None
+            raise PolicyError(f"{prefix}cannot read {what} {directory}: {error.strerror}") from None
         for path, content in self.overrides.items():
             if path.parent == directory:
                 (listed.add if content is not None else listed.discard)(path)
+        return listed
+
+    def directory_files(self, directory: Path, where: Location | None) -> list[Path]:
+        """dom0's filter: ``*.policy`` regular files, no dot-files; any bad name refuses all."""
+        listed = self.listing(directory, where, "policy directory")
         chosen = sorted(
             (
                 path
@@ -233,16 +236,7 @@ class _Loader:
 
     def legacy_files(self, directory: Path, where: Location | None) -> list[legacy.LegacyFile]:
         """The R4.0 files !compat-4.0 reads, in its order, edits included."""
-        try:
-            listed = {path for path in directory.iterdir() if path.is_file()}
-        except OSError as error:
-            prefix = f"{where}: " if where is not None else ""
-            raise PolicyError(
-                f"{prefix}cannot read legacy policy directory {directory}: {error.strerror}"
-            ) from None
-        for path, content in self.overrides.items():
-            if path.parent == directory:
-                (listed.add if content is not None else listed.discard)(path)
+        listed = self.listing(directory, where, "legacy policy directory")
         return legacy.order_legacy_files(
             path for path in listed if legacy.is_legacy_file_name(path.name)
         )

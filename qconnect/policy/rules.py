@@ -22,8 +22,32 @@ class Location:
         return f"{self.file}:{self.line if self.line is not None else 'end'}"
 
 
-def _yes_no(value: bool) -> str:
-    return "yes" if value else "no"
+def _params(*pairs: tuple[str, Token | str | bool | None]) -> list[str]:
+    """``key=value`` words for the parameters given (None: absent), in dom0's spelling."""
+    words = []
+    for key, value in pairs:
+        if isinstance(value, bool):
+            words.append(f"{key}={'yes' if value else 'no'}")
+        elif isinstance(value, Token):
+            words.append(f"{key}={value.text}")
+        elif value is not None:
+            words.append(f"{key}={value}")
+    return words
+
+
+class _Running:
+    """What allow and ask share: a call that runs, maybe starting its target."""
+
+    notify: bool | None
+    autostart: bool | None
+
+    @property
+    def effective_notify(self) -> bool:
+        return bool(self.notify)
+
+    @property
+    def effective_autostart(self) -> bool:
+        return True if self.autostart is None else self.autostart
 
 
 @dataclass(frozen=True)
@@ -39,11 +63,11 @@ class Deny:
         return True if self.notify is None else self.notify
 
     def params(self) -> list[str]:
-        return [] if self.notify is None else [f"notify={_yes_no(self.notify)}"]
+        return _params(("notify", self.notify))
 
 
 @dataclass(frozen=True)
-class Allow:
+class Allow(_Running):
     """``allow [target=Q] [user=U] [notify=yes|no] [autostart=yes|no]``."""
 
     target: Token | None = None
@@ -53,29 +77,17 @@ class Allow:
 
     name = "allow"
 
-    @property
-    def effective_notify(self) -> bool:
-        return bool(self.notify)
-
-    @property
-    def effective_autostart(self) -> bool:
-        return True if self.autostart is None else self.autostart
-
     def params(self) -> list[str]:
-        words = []
-        if self.target is not None:
-            words.append(f"target={self.target.text}")
-        if self.user is not None:
-            words.append(f"user={self.user}")
-        if self.notify is not None:
-            words.append(f"notify={_yes_no(self.notify)}")
-        if self.autostart is not None:
-            words.append(f"autostart={_yes_no(self.autostart)}")
-        return words
+        return _params(
+            ("target", self.target),
+            ("user", self.user),
+            ("notify", self.notify),
+            ("autostart", self.autostart),
+        )
 
 
 @dataclass(frozen=True)
-class Ask:
+class Ask(_Running):
     """``ask [target=Q] [default_target=Q] [user=U] [notify=yes|no] [autostart=yes|no]``."""
 
     target: Token | None = None
@@ -86,27 +98,14 @@ class Ask:
 
     name = "ask"
 
-    @property
-    def effective_notify(self) -> bool:
-        return bool(self.notify)
-
-    @property
-    def effective_autostart(self) -> bool:
-        return True if self.autostart is None else self.autostart
-
     def params(self) -> list[str]:
-        words = []
-        if self.target is not None:
-            words.append(f"target={self.target.text}")
-        if self.default_target is not None:
-            words.append(f"default_target={self.default_target.text}")
-        if self.user is not None:
-            words.append(f"user={self.user}")
-        if self.notify is not None:
-            words.append(f"notify={_yes_no(self.notify)}")
-        if self.autostart is not None:
-            words.append(f"autostart={_yes_no(self.autostart)}")
-        return words
+        return _params(
+            ("target", self.target),
+            ("default_target", self.default_target),
+            ("user", self.user),
+            ("notify", self.notify),
+            ("autostart", self.autostart),
+        )
 
 
 Action = Deny | Allow | Ask

@@ -115,14 +115,28 @@ class SystemInfo:
 
     @classmethod
     def from_running_system(cls) -> "SystemInfo":
-        """Ask qubesd for the description, as the policy daemon does; only works in dom0."""
+        """Describe the qubes of the running dom0, or say clearly why that is impossible.
+
+        First as the policy daemon does (qubesd's internal socket, needs root),
+        then through the Admin API (``qubesadmin``, what qvm-ls uses) for a
+        dom0 user without root.
+        """
+        reasons = []
+        for source in (cls._from_qubesd, cls._from_admin_api):
+            try:
+                return source()
+            except PolicyError as error:
+                reasons.append(str(error))
+        raise PolicyError(
+            "cannot describe the qubes (" + "; ".join(reasons) + "): pass --qubes FILE with "
+            "the JSON of qubesd's internal.GetSystemInfo"
+        )
+
+    @classmethod
+    def _from_qubesd(cls) -> "SystemInfo":
         query = shutil.which(QUBESD_QUERY)
         if query is None or not Path(QUBESD_INTERNAL_SOCKET).exists():
-            raise PolicyError(
-                "cannot describe the qubes: this is not dom0 (no qubesd-query or "
-                f"{QUBESD_INTERNAL_SOCKET}); pass --qubes FILE with the JSON of "
-                "internal.GetSystemInfo"
-            )
+            raise PolicyError(f"this is not dom0: no {QUBESD_QUERY} or {QUBESD_INTERNAL_SOCKET}")
         command = [
             query,
             "-e",
@@ -138,15 +152,36 @@ class SystemInfo:
                 command, capture_output=True, timeout=QUBESD_TIMEOUT_SECONDS, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise PolicyError(f"cannot ask qubesd for the qubes: {error}") from None
+            raise PolicyError(f"{QUBESD_QUERY} failed: {error}") from None
         if done.returncode != 0:
             reason = done.stderr.decode(errors="replace").strip().splitlines()
             raise PolicyError(
                 "qubesd refused internal.GetSystemInfo"
                 + (f": {reason[-1]}" if reason else f" (exit {done.returncode})")
-                + "; run as root in dom0 or pass --qubes FILE"
             )
         return cls.from_json(done.stdout, origin="qubesd internal.GetSystemInfo")
+
+    @classmethod
+    def _from_admin_api(cls) -> "SystemInfo":
+        try:
+            import qubesadmin  # type: ignore[import-not-found]  # dom0's Admin API client
+        except ImportError:
+            raise PolicyError("no Admin API (the qubesadmin module is missing)") from None
+        domains: dict[str, object] = {}
+        try:
+            for vm in qubesadmin.Qubes().domains:
+                default_dispvm = getattr(vm, "default_dispvm", None)
+                domains[str(vm.name)] = {
+                    "type": str(vm.klass),
+                    "tags": sorted(str(tag) for tag in vm.tags),
+                    "default_dispvm": None if default_dispvm is None else str(default_dispvm),
+                    "template_for_dispvms": bool(getattr(vm, "template_for_dispvms", False)),
+                    "power_state": str(vm.get_power_state()),
+                    "internal": bool(vm.features.get("internal", False)),
+                }
+        except Exception as error:  # qubesadmin raises many kinds; all mean "cannot list"
+            raise PolicyError(f"the Admin API could not list the qubes: {error}") from None
+        return cls.from_dict({"domains": domains}, origin="the Admin API")
 
 
 def _qube_from_entry(name: str, entry: Any, origin: str) -> QubeInfo:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qconnect.policy.system_info import SystemInfo, is_dom0
+from qconnect.policy.system_info import QubeInfo, SystemInfo, is_dom0
 
 
 class Place(enum.Enum):
@@ -30,6 +30,14 @@ class Place(enum.Enum):
 
 class TokenError(ValueError):
     """A token that is not valid where it stands; the parser adds file and line."""
+
+
+class EvaluationFailure(Exception):
+    """dom0's own evaluator fails on this token for this call, so dom0 refuses the call.
+
+    qubes-core-qrexec raises (AttributeError, KeyError) rather than deciding in
+    two corners of ``@dispvm:NAME``; the call is refused there, and so here.
+    """
 
 
 class Token:
@@ -159,8 +167,22 @@ class DefaultVM(Token):
         yield from ()
 
 
+class _QubeProperty(Token):
+    """A token naming the qubes that have some property (a type, a tag)."""
+
+    def has_property(self, qube: QubeInfo) -> bool:
+        raise NotImplementedError
+
+    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
+        qube = None if other.startswith("@") else system.lookup(other)
+        return qube is not None and self.has_property(qube)
+
+    def expand(self, system: SystemInfo) -> Iterator[str]:
+        yield from (qube.name for qube in system if self.has_property(qube))
+
+
 @dataclass(frozen=True)
-class TypeVM(Token):
+class TypeVM(_QubeProperty):
     """``@type:TYPE``: qubes of that class (``AppVM``, ``AdminVM``...)."""
 
     type_name: str
@@ -171,16 +193,12 @@ class TypeVM(Token):
     def text(self) -> str:
         return self.prefix + self.type_name
 
-    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
-        qube = None if other.startswith("@") else system.lookup(other)
-        return qube is not None and qube.type == self.type_name
-
-    def expand(self, system: SystemInfo) -> Iterator[str]:
-        yield from (qube.name for qube in system if qube.type == self.type_name)
+    def has_property(self, qube: QubeInfo) -> bool:
+        return qube.type == self.type_name
 
 
 @dataclass(frozen=True)
-class TagVM(Token):
+class TagVM(_QubeProperty):
     """``@tag:TAG``: qubes carrying that tag."""
 
     tag: str
@@ -191,12 +209,8 @@ class TagVM(Token):
     def text(self) -> str:
         return self.prefix + self.tag
 
-    def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
-        qube = None if other.startswith("@") else system.lookup(other)
-        return qube is not None and self.tag in qube.tags
-
-    def expand(self, system: SystemInfo) -> Iterator[str]:
-        yield from (qube.name for qube in system if self.tag in qube.tags)
+    def has_property(self, qube: QubeInfo) -> bool:
+        return self.tag in qube.tags
 
 
 @dataclass(frozen=True)
@@ -232,9 +246,11 @@ class DispVMTemplate(Token):
     def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
         if other == "@dispvm" and source is not None:
             template = _dispvm_template_of(source, system)
-            return template is not None and system.canonical(template) == system.canonical(
-                self.template
-            )
+            if template is None:
+                raise EvaluationFailure(
+                    f"{self.text} meets a @dispvm call from {source}, which has no default_dispvm"
+                )
+            return system.canonical(template) == system.canonical(self.template)
         if not other.startswith(self.prefix):
             # A calling qube's name is never "@dispvm:...": as a source this
             # token matches nothing, exactly as in qrexec.
@@ -243,7 +259,9 @@ class DispVMTemplate(Token):
 
     def expand(self, system: SystemInfo) -> Iterator[str]:
         qube = system.lookup(self.template)
-        if qube is not None and qube.template_for_dispvms:
+        if qube is None:
+            raise EvaluationFailure(f"{self.text} names no qube, while collecting ask choices")
+        if qube.template_for_dispvms:
             yield self.prefix + qube.name
 
 

@@ -1,0 +1,199 @@
+"""``qconnect demo``: qconnect at work on a sample Qubes machine in a temporary directory.
+
+Every line the demo prints is the real output of a real command run on the
+sample machine; nothing is canned. The demo is a list of steps: modules
+listed in ``STEP_PROVIDERS`` contribute theirs (imported only when the demo
+runs, so the policy part stays standard-library only), and each step gets
+the same ``Machine``. The temporary directory is removed at the end.
+"""
+
+import argparse
+import contextlib
+import importlib
+import json
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+#: The sample machine: the firewall doc's qubes, and a qube tagged "work".
+SAMPLE_QUBES: dict[str, dict[str, object]] = {
+    "dom0": {"type": "AdminVM", "tags": [], "power_state": "Running"},
+    "untrusted": {
+        "type": "AppVM",
+        "tags": [],
+        "default_dispvm": "default-dvm",
+        "power_state": "Running",
+    },
+    "mytcp-service": {"type": "AppVM", "tags": [], "power_state": "Running"},
+    "mytcp-service-bis": {"type": "AppVM", "tags": [], "power_state": "Running"},
+    "work": {"type": "AppVM", "tags": ["work"], "power_state": "Running"},
+    "default-dvm": {
+        "type": "AppVM",
+        "tags": [],
+        "template_for_dispvms": True,
+        "power_state": "Halted",
+    },
+}
+
+# What Qubes ships in /etc/qubes/policy.d/90-default.policy for this service:
+# without a rule of ours, every ConnectTCP call is refused.
+DEFAULT_POLICY = """\
+# As shipped by Qubes in 90-default.policy: refuse qubes.ConnectTCP unless an
+# earlier file allows it.
+qubes.ConnectTCP * @anyvm @anyvm deny
+"""
+
+#: "module:function" returning the module's demo steps, in the order they run.
+STEP_PROVIDERS: list[str] = ["qconnect.demo:policy_steps"]
+
+
+@dataclass
+class Machine:
+    """The sample machine: dom0's policy directory and the qubes' description."""
+
+    root: Path
+    out: TextIO
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.root / "etc" / "qubes" / "policy.d"
+
+    @property
+    def legacy_dir(self) -> Path:
+        return self.root / "etc" / "qubes-rpc" / "policy"
+
+    @property
+    def qubes_file(self) -> Path:
+        return self.root / "qubes.json"
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def show_file(self, path: Path) -> None:
+        self.say(f"$ cat {self.shown(path)}")
+        self.out.write(path.read_text())
+        self.out.flush()
+
+    def shown(self, path: Path) -> str:
+        return "$MACHINE/" + str(path.relative_to(self.root))
+
+    def policy(self, *words: str) -> int:
+        """Run ``qconnect policy WORDS`` on this machine, showing the command and its output."""
+        from qconnect.cli import main
+
+        self.say("$ qconnect policy " + shlex.join(words))
+        options = ["--policy-dir", str(self.policy_dir), "--qubes", str(self.qubes_file)]
+        with contextlib.redirect_stdout(self.out), contextlib.redirect_stderr(self.out):
+            status = main(["policy", *words, *options])
+        if status != 0:
+            self.say(f"(exit status {status})")
+        return status
+
+
+@dataclass(frozen=True)
+class Step:
+    """One part of the demo: a title and what it does on the machine."""
+
+    title: str
+    run: Callable[[Machine], None]
+
+
+def _set_up(machine: Machine) -> None:
+    machine.policy_dir.mkdir(parents=True)
+    machine.legacy_dir.mkdir(parents=True)
+    machine.qubes_file.write_text(json.dumps({"domains": SAMPLE_QUBES}, indent=1) + "\n")
+    (machine.policy_dir / "90-default.policy").write_text(DEFAULT_POLICY)
+    from qconnect.policy.system_info import SystemInfo
+
+    machine.say(f"MACHINE={machine.root}")
+    machine.say(
+        "Every `qconnect policy` command below runs with --policy-dir "
+        "$MACHINE/etc/qubes/policy.d --qubes $MACHINE/qubes.json"
+    )
+    machine.say("The qubes (from $MACHINE/qubes.json, as qubesd's internal.GetSystemInfo):")
+    for qube in SystemInfo.load(machine.qubes_file):
+        tags = f" tags={','.join(sorted(qube.tags))}" if qube.tags else ""
+        machine.say(f"  {qube.name:<18} {qube.type:<8} {qube.power_state}{tags}")
+    machine.show_file(machine.policy_dir / "90-default.policy")
+
+
+def _scenario_1(machine: Machine) -> None:
+    machine.say("So that `qvm-connect-tcp 444:@default:444` in untrusted reaches mytcp-service:")
+    machine.policy("allow", "untrusted", "--port", "444", "--default-target", "mytcp-service")
+
+
+def _scenario_2(machine: Machine) -> None:
+    machine.say("So that `qvm-connect-tcp 10444:mytcp-service:444` in untrusted may name the qube:")
+    machine.policy("allow", "untrusted", "--port", "444", "--target", "mytcp-service")
+
+
+def _scenario_3(machine: Machine) -> None:
+    machine.say("So that `qvm-connect-tcp ::445` in untrusted reaches mytcp-service-bis instead:")
+    machine.policy("allow", "untrusted", "--port", "445", "--default-target", "mytcp-service-bis")
+
+
+def _ask(machine: Machine) -> None:
+    machine.say("So that qubes tagged work reach mytcp-service:444 once the user agrees in dom0:")
+    machine.policy("allow", "@tag:work", "--port", "444", "--target", "mytcp-service", "--ask")
+
+
+def _show(machine: Machine) -> None:
+    machine.show_file(machine.policy_dir / "30-qconnect.policy")
+    machine.policy("list")
+    machine.policy("lint")
+
+
+def _explain(machine: Machine) -> None:
+    machine.say("Four calls as dom0 would decide them. Allowed:")
+    machine.policy("explain", "untrusted", "mytcp-service", "444")
+    machine.say("Redirected (the call names no target):")
+    machine.policy("explain", "untrusted", "@default", "445")
+    machine.say("Refused (no rule of ours for port 22):")
+    machine.policy("explain", "untrusted", "mytcp-service", "22")
+    machine.say("Asked (work is tagged work):")
+    machine.policy("explain", "work", "mytcp-service", "444", "--json")
+
+
+def policy_steps() -> list[Step]:
+    """The dom0 policy tool on the sample machine (issue 2)."""
+    return [
+        Step("A sample Qubes machine", _set_up),
+        Step("Firewall doc, scenario 1: simple port binding", _scenario_1),
+        Step("Firewall doc, scenario 2: naming the target qube", _scenario_2),
+        Step("Firewall doc, scenario 3: another port to another qube", _scenario_3),
+        Step("Asking the user", _ask),
+        Step("The policy as written", _show),
+        Step("Four calls, explained", _explain),
+    ]
+
+
+def steps() -> Iterator[Step]:
+    for provider in STEP_PROVIDERS:
+        module_name, _, function_name = provider.partition(":")
+        yield from getattr(importlib.import_module(module_name), function_name)()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the sample machine's directory afterwards"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            root = Path(tempfile.mkdtemp(prefix="qconnect-demo-"))
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qconnect-demo-")))
+        machine = Machine(root, sys.stdout)
+        for number, step in enumerate(steps(), start=1):
+            machine.say()
+            machine.say(f"== {number}. {step.title}")
+            step.run(machine)
+    machine.say()
+    machine.say(f"kept the sample machine in {root}" if args.keep else f"removed {root}")
+    return 0

@@ -1,0 +1,511 @@
+"""``qconnect policy``: write, list, explain and lint dom0's qubes.ConnectTCP policy.
+
+Runs in dom0 on the standard library only (never imports trio). Every user
+mistake becomes one line naming the bad value, a non-zero exit and nothing
+written; ``--dry-run`` prints the diff an edit would make.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qconnect.errors import PolicyError
+from qconnect.policy.editor import (
+    QCONNECT_FILE,
+    EditResult,
+    LegacyFormat,
+    NewFormat,
+    PolicyEditor,
+    PolicyFormat,
+)
+from qconnect.policy.evaluate import Call, evaluate
+from qconnect.policy.lint import Problem, lint_directory, lint_file, sort_problems
+from qconnect.policy.loader import (
+    POLICY_DIR,
+    Policy,
+    default_legacy_dir,
+    invalid_file_name,
+    load_legacy_policy,
+    load_policy,
+)
+from qconnect.policy.rules import Allow, Ask, Deny, Rule
+from qconnect.policy.system_info import QUBESD_QUERY, SystemInfo, is_dom0
+from qconnect.policy.tokens import (
+    AnyVM,
+    DefaultVM,
+    DispVMTemplate,
+    Place,
+    QubeName,
+    Token,
+    TokenError,
+    parse_token,
+)
+from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port, validate_target
+
+PROG = "qconnect policy"
+
+
+# -- arguments ----------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--policy-dir",
+        type=Path,
+        default=POLICY_DIR,
+        metavar="DIR",
+        help=f"dom0's policy directory (default {POLICY_DIR})",
+    )
+    common.add_argument(
+        "--qubes",
+        type=Path,
+        metavar="FILE",
+        help="the qubes, as JSON of qubesd's internal.GetSystemInfo (default in dom0: ask qubesd)",
+    )
+    common.add_argument(
+        "--legacy",
+        action="store_true",
+        help="use the R4.0 format: one file per port in the legacy directory",
+    )
+    common.add_argument(
+        "--legacy-dir",
+        type=Path,
+        metavar="DIR",
+        help="the R4.0 policy directory (default /etc/qubes-rpc/policy beside --policy-dir)",
+    )
+    editing = argparse.ArgumentParser(add_help=False)
+    editing.add_argument(
+        "--file",
+        default=QCONNECT_FILE,
+        metavar="NAME",
+        help=f"the policy file our rules go to (default {QCONNECT_FILE})",
+    )
+    editing.add_argument("--dry-run", action="store_true", help="print the diff instead of writing")
+
+    commands = parser.add_subparsers(dest="policy_command", metavar="ACTION")
+    commands.required = True
+
+    allow = commands.add_parser(
+        "allow",
+        parents=[common, editing],
+        help="let SOURCE reach a TCP port of a qube",
+        description="Add qubes.ConnectTCP +PORT SOURCE QUBE allow (calls naming QUBE) or "
+        "qubes.ConnectTCP +PORT SOURCE @default allow target=QUBE (calls naming no target).",
+    )
+    allow.add_argument("source", metavar="SOURCE", help="calling qube, or @tag:T, @type:T, @anyvm")
+    _add_ports(allow)
+    where = allow.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", metavar="QUBE", help="for calls that name QUBE")
+    where.add_argument(
+        "--default-target", metavar="QUBE", help="for calls that name no target: sent to QUBE"
+    )
+    allow.add_argument("--ask", action="store_true", help="ask the user in dom0 each time")
+    allow.add_argument(
+        "--no-autostart", action="store_true", help="refuse when the target is not running"
+    )
+    allow.set_defaults(handler=run_allow)
+
+    deny = commands.add_parser(
+        "deny",
+        parents=[common, editing],
+        help="refuse SOURCE's calls to a port",
+        description="Add qubes.ConnectTCP +PORT SOURCE @anyvm deny (or QUBE with --target).",
+    )
+    deny.add_argument("source", metavar="SOURCE")
+    _add_ports(deny)
+    deny.add_argument("--target", metavar="QUBE", help="only calls naming QUBE (default: all)")
+    deny.set_defaults(handler=run_deny)
+
+    remove = commands.add_parser(
+        "remove",
+        parents=[common, editing],
+        help="remove rules this tool added",
+        description="Remove rules from qconnect's block; rules written by hand are never touched.",
+    )
+    remove.add_argument("source", metavar="SOURCE", nargs="?")
+    remove.add_argument("--port", action="append", default=[], metavar="PORT")
+    target = remove.add_mutually_exclusive_group()
+    target.add_argument("--target", metavar="QUBE")
+    target.add_argument("--default-target", metavar="QUBE")
+    remove.add_argument("--all", action="store_true", help="remove every rule this tool added")
+    remove.set_defaults(handler=run_remove)
+
+    listing = commands.add_parser(
+        "list",
+        parents=[common],
+        help="every rule that can decide a qubes.ConnectTCP call, in evaluation order",
+    )
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=run_list)
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="how dom0 decides one call",
+        description="The decision on qubes.ConnectTCP+PORT from SOURCE to TARGET "
+        "(@default for none), the qube that serves it and the deciding rule.",
+    )
+    explain.add_argument("source", metavar="SOURCE")
+    explain.add_argument("target", metavar="TARGET")
+    explain.add_argument("port", metavar="PORT")
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(handler=run_explain)
+
+    lint = commands.add_parser(
+        "lint",
+        parents=[common],
+        help="report every problem, with FILE:LINE (exit 1 if any)",
+    )
+    lint.add_argument("paths", metavar="PATH", nargs="*", type=Path)
+    lint.set_defaults(handler=run_lint)
+
+    importing = commands.add_parser(
+        "import-legacy",
+        parents=[common, editing],
+        help="turn R4.0 qubes.ConnectTCP files into rules with the same decisions",
+    )
+    importing.set_defaults(handler=run_import_legacy)
+
+
+def _add_ports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port",
+        action="append",
+        required=True,
+        metavar="PORT",
+        help="TCP port in the target (repeat for several: one rule each)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    handler = args.handler
+    result: int = handler(args)
+    return result
+
+
+# -- shared helpers -------------------------------------------------------------
+
+
+def _legacy_dir(args: argparse.Namespace) -> Path:
+    legacy_dir: Path | None = args.legacy_dir
+    return legacy_dir if legacy_dir is not None else default_legacy_dir(args.policy_dir)
+
+
+def _format(args: argparse.Namespace) -> PolicyFormat:
+    if args.legacy:
+        return LegacyFormat(_legacy_dir(args))
+    file_name = getattr(args, "file", QCONNECT_FILE)
+    if invalid_file_name(file_name) or not file_name.endswith(".policy") or "/" in file_name:
+        raise PolicyError(
+            f"invalid policy file name {file_name!r}: expected lowercase letters, digits, "
+            "'_', '.' or '-', ending in .policy"
+        )
+    return NewFormat(args.policy_dir, file_name, args.legacy_dir)
+
+
+def _system(args: argparse.Namespace, *, required: bool) -> SystemInfo | None:
+    """The qubes: from --qubes, else from qubesd in dom0; None when unknowable and optional."""
+    if args.qubes is not None:
+        return SystemInfo.load(args.qubes)
+    if required or shutil.which(QUBESD_QUERY) is not None:
+        return SystemInfo.from_running_system()
+    return None
+
+
+def _load(args: argparse.Namespace) -> Policy:
+    if args.legacy:
+        return load_legacy_policy(_legacy_dir(args))
+    return load_policy(args.policy_dir, legacy_dir=args.legacy_dir)
+
+
+def _ports(texts: Sequence[str]) -> list[int]:
+    ports = [parse_port(text) for text in texts]
+    return list(dict.fromkeys(ports))
+
+
+def _check_qube(name: str, what: str, system: SystemInfo | None) -> None:
+    if not (is_valid_qube_name(name) or is_dom0(name)):
+        raise PolicyError(
+            f"invalid {what} {name!r}: expected a qube name (a letter, then up to 30 letters, "
+            "digits, '_', '.' or '-')"
+        )
+    if system is not None and not is_dom0(name) and name not in system:
+        raise PolicyError(f"unknown {what} {name!r}: no such qube on this machine")
+
+
+def _token(text: str, place: Place, what: str, system: SystemInfo | None) -> Token:
+    try:
+        token = parse_token(text, place)
+    except TokenError as error:
+        raise PolicyError(f"invalid {what}: {error}") from None
+    if isinstance(token, QubeName):
+        _check_qube(token.name, what, system)
+    if isinstance(token, DispVMTemplate):
+        _check_qube(token.template, what, system)
+    return token
+
+
+def _source(text: str, system: SystemInfo | None) -> Token:
+    return _token(text, Place.SOURCE, "source", system)
+
+
+def _target(text: str, system: SystemInfo | None, *, default_ok: bool = False) -> Token:
+    token = _token(text, Place.TARGET, "target", system)
+    if isinstance(token, DefaultVM) and not default_ok:
+        raise PolicyError("invalid target '@default': use --default-target QUBE for such calls")
+    return token
+
+
+def _redirect(text: str, system: SystemInfo | None) -> Token:
+    return _token(text, Place.REDIRECT, "default target", system)
+
+
+def _command(*words: str) -> str:
+    return " ".join(["qconnect", "policy", *(w for w in words if w)])
+
+
+def _report(result: EditResult, fmt: PolicyFormat) -> int:
+    for rule in result.removed:
+        print(f"removed:  {fmt.render(rule)}")
+    for rule in result.replaced:
+        print(f"replaced: {fmt.render(rule)}")
+    for rule in result.added:
+        print(f"added:    {fmt.render(rule)}")
+    if not result.changes:
+        print("nothing to change")
+    for change in result.changes:
+        if not result.written:
+            sys.stdout.write(change.diff())
+        elif change.new is None:
+            print(f"removed {change.path}")
+        else:
+            print(f"wrote {change.path}")
+    if not result.written and result.changes:
+        print("(dry run: nothing written)")
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+# -- actions ------------------------------------------------------------------
+
+
+def run_allow(args: argparse.Namespace) -> int:
+    system = _system(args, required=False)
+    fmt = _format(args)
+    source = _source(args.source, system)
+    ports = _ports(args.port)
+    autostart = False if args.no_autostart else None
+    rules = []
+    for port in ports:
+        argument = f"+{port}"
+        if args.target is not None:
+            target = _target(args.target, system)
+            action: Allow | Ask = Allow(autostart=autostart)
+            if args.ask:
+                # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
+                preselect = target if Place.REDIRECT in target.allowed else None
+                action = Ask(default_target=preselect, autostart=autostart)
+            rules.append(Rule(SERVICE, argument, source, target, action))
+        else:
+            redirect = _redirect(args.default_target, system)
+            # An ask for a @default call offers the targets rules name: target= makes
+            # QUBE the one choice, default_target= preselects it.
+            action = (
+                Ask(target=redirect, default_target=redirect, autostart=autostart)
+                if args.ask
+                else Allow(target=redirect, autostart=autostart)
+            )
+            rules.append(Rule(SERVICE, argument, source, DefaultVM(), action))
+    command = _command(
+        "allow",
+        args.source,
+        *(f"--port {port}" for port in ports),
+        f"--target {args.target}" if args.target else f"--default-target {args.default_target}",
+        "--ask" if args.ask else "",
+        "--no-autostart" if args.no_autostart else "",
+    )
+    result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
+    return _report(result, fmt)
+
+
+def run_deny(args: argparse.Namespace) -> int:
+    system = _system(args, required=False)
+    fmt = _format(args)
+    source = _source(args.source, system)
+    ports = _ports(args.port)
+    # No --target: every call of SOURCE to the port, named target or not (@anyvm covers @default).
+    target = AnyVM() if args.target is None else _target(args.target, system, default_ok=True)
+    rules = [Rule(SERVICE, f"+{port}", source, target, Deny()) for port in ports]
+    command = _command(
+        "deny",
+        args.source,
+        *(f"--port {port}" for port in ports),
+        f"--target {args.target}" if args.target else "",
+    )
+    result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
+    return _report(result, fmt)
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    if args.all and (args.source or args.port or args.target or args.default_target):
+        raise PolicyError("--all removes every rule this tool added: give it alone")
+    if not args.all and args.source is None:
+        raise PolicyError(
+            "say which rules to remove: SOURCE [--port PORT] [--target QUBE], or --all"
+        )
+    fmt = _format(args)
+    arguments = {f"+{port}" for port in _ports(args.port)}
+
+    wanted_source: str | None = args.source
+    wanted_target: str | None = args.target
+    wanted_redirect: str | None = args.default_target
+
+    def matches(rule: Rule) -> bool:
+        if args.all:
+            return True
+        if rule.source.text != wanted_source:
+            return False
+        if arguments and rule.argument not in arguments:
+            return False
+        if wanted_target is not None:
+            return rule.target.text == wanted_target
+        if wanted_redirect is not None:
+            redirect = rule.action.target if isinstance(rule.action, Allow | Ask) else None
+            return isinstance(rule.target, DefaultVM) and (
+                redirect is not None and redirect.text == wanted_redirect
+            )
+        return True
+
+    command = _command(
+        "remove",
+        args.source or "",
+        *(f"--port {port}" for port in args.port),
+        f"--target {args.target}" if args.target else "",
+        f"--default-target {args.default_target}" if args.default_target else "",
+        "--all" if args.all else "",
+    )
+    result = PolicyEditor(fmt).remove(matches, command=command, dry_run=args.dry_run)
+    if not result.removed:
+        raise PolicyError(
+            "no rule added by qconnect matches; nothing removed (rules written by hand "
+            "are never removed: edit them yourself)"
+        )
+    return _report(result, fmt)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    policy = _load(args)
+    rules = list(policy.rules_for(SERVICE))
+    render = Rule.render_legacy if args.legacy else Rule.render
+    if args.json:
+        print(json.dumps([{"rule": str(r.location), "text": render(r)} for r in rules], indent=2))
+        return 0
+    if not rules:
+        print(f"no rule decides {SERVICE} calls: every call is refused")
+        return 0
+    width = max(len(str(rule.location)) for rule in rules)
+    for rule in rules:
+        print(f"{rule.location!s:<{width}}  {render(rule)}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    port = parse_port(args.port)
+    target = validate_target(args.target)
+    system = _system(args, required=True)
+    assert system is not None
+    _check_qube(args.source, "source", system)
+    call = Call(args.source, target, SERVICE, f"+{port}")
+    policy = _load(args)
+    resolution = evaluate(policy, system, call)
+    if args.json:
+        document = {
+            "decision": resolution.action,
+            "target": resolution.target,
+            "rule": resolution.rule,
+        }
+        print(json.dumps(document))
+        return 0
+    print(call.describe())
+    print(f"  decision: {resolution.action}")
+    print(f"  target:   {resolution.target or '-'}")
+    deciding = next((r for r in policy.rules if str(r.location) == resolution.rule), None)
+    rule_text = f"  {deciding.render()}" if deciding is not None else ""
+    print(f"  rule:     {resolution.rule or '(none matched)'}{rule_text}")
+    if resolution.choices:
+        print(f"  choices:  {', '.join(resolution.choices)}")
+    print(f"  why:      {resolution.reason}")
+    return 0
+
+
+def _block_problems(fmt: PolicyFormat) -> list[Problem]:
+    """Damage to our own blocks (markers, foreign lines), which would stop the next edit."""
+    try:
+        PolicyEditor(fmt).managed()
+    except PolicyError as error:
+        return [Problem("", str(error))]
+    return []
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    system = _system(args, required=False) if args.qubes is not None else None
+    problems: list[Problem] = []
+    rule_count = 0
+    paths = args.paths or [_legacy_dir(args) if args.legacy else args.policy_dir]
+    for path in paths:
+        if path.is_dir():
+            found, policy = lint_directory(
+                path, system=system, legacy_format=args.legacy, legacy_dir=args.legacy_dir
+            )
+            found.extend(_block_problems(LegacyFormat(path) if args.legacy else NewFormat(path)))
+        elif path.exists():
+            found, policy = lint_file(path, system=system, legacy_format=args.legacy)
+        else:
+            raise PolicyError(f"cannot lint {path}: no such file or directory")
+        problems.extend(found)
+        rule_count += len(policy.rules)
+    for problem in sort_problems(problems):
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"no problems ({rule_count} rules)")
+    return 0
+
+
+def run_import_legacy(args: argparse.Namespace) -> int:
+    if args.legacy:
+        raise PolicyError("import-legacy writes the new format: drop --legacy")
+    legacy_dir = _legacy_dir(args)
+    errors: list[PolicyError] = []
+    policy = load_legacy_policy(legacy_dir, on_error=errors.append)
+    if errors:
+        raise PolicyError(f"cannot import, the R4.0 policy does not parse: {errors[0]}")
+    rules = [
+        dataclasses.replace(rule, location=None) for rule in policy.rules if rule.service == SERVICE
+    ]
+    if not rules:
+        raise PolicyError(f"no {SERVICE} rules in {legacy_dir}: nothing to import")
+    files = sorted(
+        {str(r.location.file) for r in policy.rules if r.location and r.service == SERVICE}
+    )
+    # Keep the first of rules competing for the same calls: later ones never decided anything.
+    unique: dict[tuple[object, ...], Rule] = {}
+    for rule in rules:
+        unique.setdefault((rule.argument, rule.source, rule.target), rule)
+    fmt = _format(args)
+    command = _command("import-legacy", f"--legacy-dir {legacy_dir}")
+    result = PolicyEditor(fmt).add(list(unique.values()), command=command, dry_run=args.dry_run)
+    status = _report(result, fmt)
+    if result.written:
+        print(
+            f"imported {len(unique)} rule(s) from {', '.join(files)}; the R4.0 files stay in "
+            f"{legacy_dir}: remove them once you have checked `{PROG} list`"
+        )
+    return status
