@@ -517,3 +517,16 @@ def test_local_program_is_refused_with_use_stdin_socket(loopback_machine: MakeMa
         )
     assert result.returncode == 2
     assert b"cannot spawn a local process with --use-stdin-socket" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "2001:db8::1", "localhost"])
+def test_builtin_tcp_never_leaves_the_loopback_addresses(
+    loopback_machine: MakeMachine, host: str
+) -> None:
+    """Only numeric loopback addresses: others are refused before any connect (no DNS)."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    (machine.rpc_dir("web") / "my.Out").symlink_to(f"/dev/tcp/{host}")
+    result = call(machine, "work", "web", "my.Out+80", data=b"x")
+    assert (result.returncode, result.stdout, result.stderr) == (EXIT_QREXEC_PROBLEM, b"", b"")
+    log = machine.log_file.read_text()
+    assert "loopback addresses only" in log or "getaddrinfo" in log
