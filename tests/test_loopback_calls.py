@@ -17,7 +17,7 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
-from tests.conftest import write_executable
+from tests.conftest import HttpServer, write_executable
 
 MakeMachine = Callable[..., Machine]
 
@@ -553,3 +553,14 @@ def test_socket_service_path_longer_than_sockaddr_un_is_still_reached(
     unix_service(path)
     result = call(machine, "work", "web", "my.Sock", data=b"far away")
     assert (result.returncode, result.stdout) == (0, b"my.Sock+ work\0far away")
+
+
+def test_http_server_answers_through_the_builtin_service(
+    loopback_machine: MakeMachine, http_server: HttpServer
+) -> None:
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    request = b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    result = call(machine, "work", "web", f"qubes.ConnectTCP+{http_server.port}", data=request)
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"HTTP/1.0 200 ")
+    assert result.stdout.endswith(b"\r\n\r\n" + http_server.body)
