@@ -4,7 +4,8 @@ Everything here is synchronous (threads), so it works from sync tests and
 from trio tests alike, and everything is torn down at the end of the test
 that asked for it: listeners closed, open connections shut, threads joined.
 
-- ``loopback_machine(*qubes, policy=(), stock_connect_tcp=True, ask=None) -> Machine``
+- ``loopback_machine(*qubes, policy=(), stock_connect_tcp=True, ask=None, old_client=False)``
+  ``-> Machine``
 - ``echo_server -> int`` (port on 127.0.0.1; echoes, then half-closes after the client's EOF)
 - ``ipv6_only_echo_server -> int`` (the same on [::1] only)
 - ``http_server -> HttpServer`` (.port, .body: every GET answers 200 with .body)
@@ -145,7 +146,8 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
     ``qconnect loopback init``: ``NAME[:TYPE][:TAG,...]``); ``policy`` lines
     go to policy.d/30-loopback.policy, ``ask`` answers ask rules ("allow",
     "allow QUBE", "deny"), ``stock_connect_tcp=False`` leaves out the stock
-    qubes.ConnectTCP -> /dev/tcp/127.0.0.1 of today's Qubes.
+    qubes.ConnectTCP -> /dev/tcp/127.0.0.1 of today's Qubes, ``old_client=True``
+    plays a qrexec-client-vm without --use-stdin-socket (for fallback tests).
     """
     numbers = itertools.count()
 
@@ -154,6 +156,7 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
         policy: Sequence[str] = (),
         stock_connect_tcp: bool = True,
         ask: str | None = None,
+        old_client: bool = False,
     ) -> Machine:
         machine = Machine.create(
             tmp_path / f"loopback-{next(numbers)}",
@@ -163,6 +166,8 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
         )
         if ask is not None:
             machine.set_ask_answer(ask)
+        if old_client:
+            machine.set_old_client(True)
         return machine
 
     return make

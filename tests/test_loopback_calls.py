@@ -564,3 +564,32 @@ def test_http_server_answers_through_the_builtin_service(
     assert result.returncode == 0
     assert result.stdout.startswith(b"HTTP/1.0 200 ")
     assert result.stdout.endswith(b"\r\n\r\n" + http_server.body)
+
+
+def test_old_client_has_no_stdin_socket_option(loopback_machine: MakeMachine) -> None:
+    """What a caller that probes for --use-stdin-socket must fall back from."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"], old_client=True)
+    write_executable(machine.rpc_dir("web") / "my.Cat", "#!/bin/sh\nexec cat\n")
+    help_result = machine.run(
+        "work", ["qrexec-client-vm", "--help"], capture_output=True, timeout=TIMEOUT
+    )
+    assert help_result.returncode == 0
+    assert b"--use-stdin-socket" not in help_result.stdout + help_result.stderr
+    left, right = socket.socketpair()
+    with left, right:
+        refused = machine.run(
+            "work",
+            ["qrexec-client-vm", "--use-stdin-socket", "web", "my.Cat"],
+            stdin=left.fileno(),
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+    assert refused.returncode == 2
+    assert b"unrecognized option '--use-stdin-socket'" in refused.stderr
+    # Without the option, calls work as before; switching back restores it.
+    assert call(machine, "work", "web", "my.Cat", data=b"old").stdout == b"old"
+    machine.set_old_client(False)
+    help_result = machine.run(
+        "work", ["qrexec-client-vm", "--help"], capture_output=True, timeout=TIMEOUT
+    )
+    assert b"--use-stdin-socket" in help_result.stdout
