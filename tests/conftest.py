@@ -9,6 +9,8 @@ that asked for it: listeners closed, open connections shut, threads joined.
 - ``ipv6_only_echo_server -> int`` (the same on [::1] only)
 - ``http_server -> HttpServer`` (.port, .body: every GET answers 200 with .body)
 - ``half_close_server -> HalfCloseServer`` (see its docstring)
+
+and plain helpers: ``tcp_pair()``, ``recv_all(sock)``, ``write_executable(path, text)``.
 """
 
 import contextlib
@@ -16,6 +18,7 @@ import hashlib
 import http.server
 import itertools
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -103,6 +106,35 @@ def echo(conn: socket.socket) -> None:
     while data := conn.recv(_RECV_SIZE):
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
+
+
+# -- plain helpers for tests (import them: ``from tests.conftest import tcp_pair``) --
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1: (the user's end, the accepted end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        user = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    return user, accepted
+
+
+def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """Everything ``sock`` receives until EOF (socket.timeout after ``timeout`` idle seconds)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while data := sock.recv(1 << 16):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def write_executable(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` and make it executable (a service or a local program)."""
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
 
 
 @pytest.fixture

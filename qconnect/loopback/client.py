@@ -24,6 +24,7 @@ direction). Known differences from real qrexec are listed in the README.
 import contextlib
 import errno
 import os
+import signal
 import socket
 import sys
 import threading
@@ -680,6 +681,8 @@ def main(argv: list[str] | None = None, *, machine: str | None = None) -> NoRetu
     set both). The process exits with os._exit once the call is over, so a
     thread still blocked reading the caller's input cannot keep it alive.
     """
+    # Like the C program, die of SIGINT (Ctrl-C) instead of a Python traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     words = sys.argv[1:] if argv is None else argv
     try:
         options = parse_command_line(words)
