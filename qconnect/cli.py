@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qconnect.loopback.cli",
         "a whole Qubes machine (qubes, policy, qrexec) on one host",
     ),
+    "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
 }
 
 

@@ -25,3 +25,7 @@ class PolicyError(QconnectError):
 
 class FileWriteError(QconnectError):
     """An atomic file write or its lock failed; the old content is intact."""
+
+
+class ServiceError(QconnectError):
+    """The qubes.ConnectTCP service: a bad call descriptor, allowlist or installation."""

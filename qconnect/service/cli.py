@@ -1,0 +1,188 @@
+"""``qconnect service``: run, install and uninstall the qubes.ConnectTCP service."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from qconnect.errors import ServiceError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    run = actions.add_parser(
+        "run",
+        help="run the socket service in the foreground",
+        description="Serve qubes.ConnectTCP calls as a socket service: one process for every "
+        "call. Uses the socket systemd passes (LISTEN_FDS), else binds --socket.",
+    )
+    from qconnect.service import daemon
+
+    run.add_argument(
+        "--socket",
+        default=daemon.DEFAULT_SOCKET,
+        metavar="PATH",
+        help="unix socket to listen on (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allow-file",
+        action="append",
+        metavar="PATH",
+        help="allowlist file (repeatable; first existing wins; default: "
+        "/usr/local/etc/qconnect/connecttcp.allow, /etc/qconnect/connecttcp.allow)",
+    )
+    run.add_argument(
+        "--max-calls",
+        type=_positive_int,
+        default=daemon.DEFAULT_MAX_CALLS,
+        metavar="N",
+        help="calls open at once, in total (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-calls-per-caller",
+        type=_positive_int,
+        default=daemon.DEFAULT_MAX_CALLS_PER_CALLER,
+        metavar="N",
+        help="calls open at once from one qube (default: %(default)s)",
+    )
+    run.add_argument(
+        "--descriptor-timeout",
+        type=_positive_float,
+        default=daemon.DEFAULT_DESCRIPTOR_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a connection that sends no descriptor in time (default: %(default)s)",
+    )
+    run.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=daemon.DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up connecting to the local port (default: %(default)s)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    run.set_defaults(handler=_run)
+
+    for name, help_text in (
+        ("install", "install the service in this qube (or under --root)"),
+        ("uninstall", "remove exactly what install put there"),
+    ):
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--root",
+            type=Path,
+            default=Path("/"),
+            metavar="DIR",
+            help="the qube's root directory (default: /)",
+        )
+        if name == "install":
+            form = sub.add_mutually_exclusive_group()
+            form.add_argument(
+                "--socket",
+                dest="form",
+                action="store_const",
+                const="socket",
+                help="socket service, socket-activated (default)",
+            )
+            form.add_argument(
+                "--exec",
+                dest="form",
+                action="store_const",
+                const="exec",
+                help="executable service, one process per call",
+            )
+            form.add_argument(
+                "--rpc-dir",
+                type=Path,
+                metavar="DIR",
+                help="only put the executable into this qubes-rpc directory "
+                "(e.g. a loopback qube's)",
+            )
+            sub.add_argument(
+                "--rpc-config-dir",
+                type=Path,
+                metavar="DIR",
+                help="with --rpc-dir: also write the rpc-config there",
+            )
+            sub.set_defaults(form="socket", handler=_install)
+        else:
+            sub.set_defaults(handler=_uninstall)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected positive seconds")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qconnect.logs import setup_logging
+    from qconnect.service import daemon
+
+    setup_logging("qconnect-service", verbose=args.verbose)
+    config = daemon.ServiceConfig(
+        max_calls=args.max_calls,
+        max_calls_per_caller=args.max_calls_per_caller,
+        descriptor_timeout=args.descriptor_timeout,
+        connect_timeout=args.connect_timeout,
+        allow_files=daemon.allow_files_from(args.allow_file),
+    )
+    return daemon.run(args.socket, config)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from qconnect.service import install
+
+    if args.rpc_dir is not None:
+        path = install.install_into_rpc_dir(args.rpc_dir, rpc_config_dir=args.rpc_config_dir)
+        print(f"installed the executable qubes.ConnectTCP as {path}")
+        return 0
+    if args.rpc_config_dir is not None:
+        raise ServiceError("--rpc-config-dir goes with --rpc-dir")
+    manifest = install.install(args.root, args.form)
+    for relative in manifest.files:
+        print(f"installed {args.root / relative}")
+    if manifest.rc_local_block:
+        print(f"added the start-up block to {args.root / install.RC_LOCAL}")
+    if args.root == Path("/") and args.form == "socket":
+        install.systemctl("daemon-reload")
+        # A running service keeps its old socket: stop both, then start the socket afresh.
+        install.systemctl("stop", install.SERVICE_UNIT, install.SOCKET_UNIT)
+        install.systemctl("start", install.SOCKET_UNIT)
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from qconnect.service import install
+
+    if args.root == Path("/"):
+        install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
+    manifest = install.uninstall(args.root)
+    if manifest is None:
+        print(f"no qconnect service installed under {args.root}", file=sys.stderr)
+        return 0
+    for relative in manifest.files:
+        print(f"removed {args.root / relative}")
+    if args.root == Path("/"):
+        install.systemctl("daemon-reload")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    handler = args.handler
+    result: int = handler(args)
+    return result

@@ -1,0 +1,449 @@
+"""qubes.ConnectTCP as a socket service: one long-running trio process for every call.
+
+qrexec-agent connects to our unix socket once per call and writes the
+descriptor ``qubes.ConnectTCP+PORT SOURCE\\0``, then the caller's bytes. We
+check the port (qrexec's rule), the allowlist and the limits, connect to
+127.0.0.1:PORT then [::1]:PORT (numeric addresses: never DNS) and relay with
+correct half-close. No process is started per call.
+
+A socket service cannot set the caller's exit code (qrexec reports 0), so a
+call that cannot be served is closed at once, without a byte, and the reason
+goes to the log with the caller's name.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from qconnect.errors import QconnectError, ServiceError
+from qconnect.qrexec import SERVICE, parse_port
+from qconnect.relay import RelayStats, relay
+from qconnect.service.allowlist import DEFAULT_ALLOW_FILES, AllowlistCache, AnyPath
+from qconnect.service.descriptor import (
+    MAX_DESCRIPTOR,
+    CallDescriptor,
+    parse_descriptor,
+    split_descriptor,
+)
+
+logger = logging.getLogger("qconnect.service")
+
+#: Where qrexec-agent looks first for services (DESIGN.md §2: /run/qubes-rpc
+#: comes before /usr/local/etc/qubes-rpc and /etc/qubes-rpc).
+DEFAULT_SOCKET = "/run/qubes-rpc/" + SERVICE
+
+# Calls open at once, in total. Each holds two sockets (four with the
+# agent's side) and, while bytes flow, up to one relay chunk per direction;
+# 1024 calls stay well under the fd limit we raise to at start and under
+# ~100 MB even if every call is busy. Above it a call is refused, not queued.
+DEFAULT_MAX_CALLS = 1024
+
+# Calls open at once from one calling qube. qrexec lets one qube start at
+# most 128 calls at once (MAX_CALLS_IN_FLIGHT); the default leaves one
+# caller able to use all of them, and a lower value keeps a noisy qube from
+# starving the others of DEFAULT_MAX_CALLS.
+DEFAULT_MAX_CALLS_PER_CALLER = 128
+
+# qrexec-agent writes the descriptor as soon as it connects; a peer that has
+# not sent it within this many seconds is not the agent (or is stuck) and is
+# dropped, so it cannot hold a call slot forever.
+DEFAULT_DESCRIPTOR_TIMEOUT = 5.0
+
+# A local server that never completes the handshake (full backlog) would
+# leave the call hanging; after this many seconds per address it fails.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+#: Loopback addresses tried in order; numeric, so never DNS.
+ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
+
+# sockaddr_un holds 108 bytes including the NUL; longer paths (deep test or
+# loopback machine directories) are bound through /proc/self/fd.
+SUN_PATH_MAX = 107
+
+#: Signals that stop the service cleanly (socket removed, one log line).
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+# How often (seconds) the daemon refreshes its systemd STATUS line; often
+# enough for `systemctl status`, rare enough to cost nothing.
+STATUS_INTERVAL = 5.0
+
+
+@dataclass
+class ServiceConfig:
+    """Settings of one socket service process (the CLI's options)."""
+
+    max_calls: int = DEFAULT_MAX_CALLS
+    max_calls_per_caller: int = DEFAULT_MAX_CALLS_PER_CALLER
+    descriptor_timeout: float = DEFAULT_DESCRIPTOR_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    allow_files: tuple[AnyPath, ...] = DEFAULT_ALLOW_FILES
+
+
+@dataclass
+class CallLimits:
+    """Counts open calls in total and per caller; refuses over the limits."""
+
+    max_calls: int
+    max_calls_per_caller: int
+    total: int = 0
+    per_caller: dict[str, int] = field(default_factory=dict)
+    served: int = 0
+    refused: int = 0
+
+    def acquire(self, caller: str) -> str | None:
+        """Take a slot for ``caller``; return None, or why the call is refused."""
+        if self.total >= self.max_calls:
+            return f"too many calls open ({self.total}, limit {self.max_calls})"
+        mine = self.per_caller.get(caller, 0)
+        if mine >= self.max_calls_per_caller:
+            return f"too many calls open from {caller} ({mine}, limit {self.max_calls_per_caller})"
+        self.total += 1
+        self.per_caller[caller] = mine + 1
+        return None
+
+    def release(self, caller: str) -> None:
+        self.total -= 1
+        left = self.per_caller[caller] - 1
+        if left:
+            self.per_caller[caller] = left
+        else:
+            del self.per_caller[caller]
+
+
+class CallRefused(Exception):
+    """This call is not served; ``reason`` goes to the log."""
+
+    def __init__(self, reason: str, outcome: str = "refused") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome = outcome
+
+
+async def read_descriptor(stream: trio.SocketStream) -> tuple[CallDescriptor, bytes]:
+    """Read the descriptor with a bounded read; return it and the caller's first bytes.
+
+    Never reads more than MAX_DESCRIPTOR + 1 bytes before deciding; the bytes
+    after the NUL are the caller's and must be forwarded, not dropped.
+    """
+    buffer = b""
+    while True:
+        data = await stream.receive_some(MAX_DESCRIPTOR + 1 - len(buffer))
+        if not data:
+            raise CallRefused(f"closed before the service descriptor ({len(buffer)} bytes)")
+        buffer += data
+        try:
+            parts = split_descriptor(buffer)
+        except ServiceError as error:
+            raise CallRefused(str(error)) from None
+        if parts is not None:
+            try:
+                return parse_descriptor(parts[0]), parts[1]
+            except ServiceError as error:
+                raise CallRefused(str(error)) from None
+
+
+async def connect_local(port: int, timeout: float) -> tuple[trio.SocketStream, str]:
+    """Connect to 127.0.0.1:PORT, then [::1]:PORT; return the stream and address used."""
+    reasons = []
+    for address, family in ADDRESSES:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            with trio.fail_after(timeout):
+                await sock.connect((address, port))
+        except (OSError, trio.TooSlowError) as error:
+            sock.close()
+            if isinstance(error, trio.TooSlowError):
+                reasons.append(f"{address}: timed out")
+            else:
+                reason = os.strerror(error.errno) if error.errno else str(error)
+                reasons.append(f"{address}: {reason.lower()}")
+            continue
+        return trio.SocketStream(sock), address
+    raise CallRefused(f"cannot connect to port {port}: {'; '.join(reasons)}", "unreachable")
+
+
+class ConnectTCPService:
+    """The state of one socket service process: config, allowlist, limits."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.allowlist = AllowlistCache(config.allow_files)
+        self.limits = CallLimits(config.max_calls, config.max_calls_per_caller)
+
+    def _check_port(self, call: CallDescriptor) -> int:
+        try:
+            port = parse_port(call.argument, what="port argument")
+        except QconnectError as error:
+            raise CallRefused(str(error)) from None
+        try:
+            allowlist = self.allowlist.current()
+        except QconnectError as error:
+            raise CallRefused(f"allowlist broken, refusing every call: {error}") from None
+        if allowlist is not None and not allowlist.allows(port, call.source):
+            raise CallRefused(
+                f"port {port} is not served to {call.source}: not in {allowlist.source}"
+            )
+        return port
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one call on ``stream`` (the agent's connection) and log one line.
+
+        Resource handling: owns ``stream`` and the TCP connection it opens,
+        closing both when the call ends. Error handling: every failure is
+        logged with its reason and closes the call; nothing escapes to the
+        listener (one bad call never stops the service). A call cancelled by
+        the service stopping is logged too, then the cancellation goes on.
+        """
+        started = time.monotonic()
+        fields: dict[str, object] = {"caller": "-", "port": "-"}
+        stats = RelayStats()
+        try:
+            async with stream:
+                await self._serve_call(stream, fields, stats)
+        except CallRefused as refused:
+            self.limits.refused += 1
+            fields.update(outcome=refused.outcome, reason=refused.reason)
+            fields["duration"] = f"{time.monotonic() - started:.3f}"
+            logger.warning(
+                "call from %s to port %s %s: %s",
+                fields["caller"],
+                fields["port"],
+                refused.outcome,
+                refused.reason,
+                extra={"fields": fields},
+            )
+            return
+        except trio.Cancelled:
+            stats.error = "service stopping"
+            self._log_relayed(fields, stats, started)
+            raise
+        self.limits.served += 1
+        self._log_relayed(fields, stats, started)
+
+    async def _serve_call(
+        self, stream: trio.SocketStream, fields: dict[str, object], stats: RelayStats
+    ) -> None:
+        """Descriptor, checks, connect, relay; fills ``fields`` and ``stats`` as it goes."""
+        try:
+            with trio.fail_after(self.config.descriptor_timeout):
+                call, early = await read_descriptor(stream)
+        except trio.TooSlowError:
+            raise CallRefused(
+                f"no service descriptor within {self.config.descriptor_timeout:g} s"
+            ) from None
+        fields["caller"] = call.source
+        fields["port"] = repr(call.argument[:64])  # shown quoted until it is a valid port
+        port = self._check_port(call)
+        fields["port"] = port
+        refusal = self.limits.acquire(call.source)
+        if refusal is not None:
+            raise CallRefused(refusal)
+        try:
+            server, address = await connect_local(port, self.config.connect_timeout)
+            fields["address"] = address
+            async with server:
+                try:
+                    if early:
+                        await server.send_all(early)
+                        stats.a_to_b = len(early)
+                except trio.BrokenResourceError as error:
+                    stats.error = f"a->b: {error}"  # the server reset at once
+                    return
+                await relay(stream, server, stats=stats)
+        finally:
+            self.limits.release(call.source)
+
+    @staticmethod
+    def _log_relayed(fields: dict[str, object], stats: RelayStats, started: float) -> None:
+        fields.update(
+            bytes_in=stats.a_to_b,
+            bytes_out=stats.b_to_a,
+            duration=f"{time.monotonic() - started:.3f}",
+            outcome="ok" if stats.error is None else "broken",
+        )
+        if stats.error:
+            fields["reason"] = stats.error
+        logger.info(
+            "call from %s to %s:%s: %d bytes in, %d bytes out, %s s, %s",
+            fields["caller"],
+            fields.get("address", "-"),
+            fields["port"],
+            stats.a_to_b,
+            stats.b_to_a,
+            fields["duration"],
+            stats.error or "ok",
+            extra={"fields": fields},
+        )
+
+    def status_line(self) -> str:
+        limits = self.limits
+        return f"{limits.total} calls open, {limits.served} served, {limits.refused} refused"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one: each call holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (socket unit with Accept=no), if any."""
+    if not os.environ.get("LISTEN_FDS"):
+        return None
+    from systemd import daemon as sd_daemon
+
+    fds = sd_daemon.listen_fds()
+    if len(fds) != 1:
+        raise ServiceError(f"expected one socket from systemd, got {len(fds)}")
+    sock = socket.socket(fileno=fds[0])
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ServiceError("the socket systemd passed is not a unix stream socket")
+    return sock
+
+
+def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
+    """Bind and listen on the unix socket ``path``, replacing a stale socket file only.
+
+    Mode 0600: only the agent (root in a qube) may connect; any other local
+    process could otherwise pose as a calling qube.
+    """
+    try:
+        # As systemd's socket unit does (DirectoryMode=0755): /run/qubes-rpc may not exist yet.
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    except FileExistsError:
+        parent = os.path.dirname(path)
+        raise ServiceError(f"cannot listen on {path}: {parent} is not a directory") from None
+    except OSError as error:
+        raise ServiceError(f"cannot listen on {path}: {error.strerror}") from None
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ServiceError(f"refusing to replace {path}: it exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    directory_fd = None
+    try:
+        bind_path = path
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            # Too long for sockaddr_un: bind through /proc/self/fd/N of its directory.
+            directory_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+            bind_path = f"/proc/self/fd/{directory_fd}/{os.path.basename(path)}"
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(bind_path)
+        finally:
+            os.umask(old_umask)
+            if directory_fd is not None:
+                os.close(directory_fd)
+        os.chmod(path, mode)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as error:
+        sock.close()
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOENT:
+            reason = "its directory does not exist"
+        raise ServiceError(f"cannot listen on {path}: {reason}") from None
+    return sock
+
+
+def _notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    with contextlib.suppress(ImportError, OSError):
+        from systemd import daemon as sd_daemon
+
+        sd_daemon.notify(message)
+
+
+async def serve(
+    listen_sock: socket.socket,
+    config: ServiceConfig,
+    *,
+    task_status: trio.TaskStatus[ConnectTCPService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept calls on ``listen_sock`` until cancelled or SIGTERM/SIGINT.
+
+    Resource handling: takes ownership of ``listen_sock`` and closes it on
+    return; calls still open are cancelled (their sockets closed) at return.
+    """
+    service = ConnectTCPService(config)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(listen_sock))
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, service.handle, [listener])
+        nursery.start_soon(_report_status, service)
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
+        _notify("READY=1\nSTATUS=" + service.status_line())
+        task_status.started(service)
+
+
+async def _report_status(service: ConnectTCPService) -> None:
+    last = ""
+    while True:
+        line = service.status_line()
+        if line != last:
+            _notify("STATUS=" + line)
+            last = line
+        await trio.sleep(STATUS_INTERVAL)
+
+
+async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # run() blocked these until now, so that a stop request arriving while
+        # the socket was being set up is handled here, cleanly, not by dying.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        async for signum in signals:
+            logger.info("stopping on %s: %s", signal.Signals(signum).name, service.status_line())
+            _notify("STOPPING=1")
+            scope.cancel()
+            return
+
+
+def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True) -> int:
+    """Run the service in the foreground: systemd's socket if passed, else bind ``socket_path``.
+
+    SIGTERM/SIGINT are held back from the start until the trio signal
+    receiver takes them (see _stop_on_signal); the previous signal mask is
+    restored on return, whatever happened.
+    """
+    raise_fd_limit()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        sock = inherited_socket() if allow_inherited else None
+        where = "socket from systemd" if sock is not None else socket_path
+        if sock is None:
+            sock = bind_socket(socket_path)
+        logger.info(
+            "%s socket service listening on %s (max %d calls, %d per caller)",
+            SERVICE,
+            where,
+            config.max_calls,
+            config.max_calls_per_caller,
+        )
+        try:
+            trio.run(serve, sock, config)
+        finally:
+            if where == socket_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return 0
+
+
+def allow_files_from(paths: Iterable[str] | None) -> tuple[AnyPath, ...]:
+    """The allowlist search list: the given files, or the defaults."""
+    return tuple(paths) if paths else DEFAULT_ALLOW_FILES
