@@ -48,7 +48,11 @@ qubes.ConnectTCP * @anyvm @anyvm deny
 """
 
 #: "module:function" returning the module's demo steps, in the order they run.
-STEP_PROVIDERS: list[str] = ["qconnect.demo:policy_steps"]
+STEP_PROVIDERS: list[str] = [
+    "qconnect.demo:policy_steps",
+    "qconnect.client.demo_steps:client_steps",
+    "qconnect.units.demo_steps:persist_steps",
+]
 
 
 @dataclass

@@ -27,5 +27,9 @@ class FileWriteError(QconnectError):
     """An atomic file write or its lock failed; the old content is intact."""
 
 
+class PersistError(QconnectError):
+    """A permanent binding cannot be installed, changed or removed as asked; nothing changed."""
+
+
 class ServiceError(QconnectError):
     """The qubes.ConnectTCP service: a bad call descriptor, allowlist or installation."""

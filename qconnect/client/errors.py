@@ -1,0 +1,9 @@
+"""The client's exception type (one per area, see :mod:`qconnect.errors`)."""
+
+from qconnect.errors import QconnectError
+
+
+class ClientError(QconnectError):
+    """A binding cannot be set up: the message says which and what to do instead."""
+
+    exit_code = 1

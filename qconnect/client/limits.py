@@ -1,0 +1,59 @@
+"""How many calls one client process may have in flight, and its file limit."""
+
+import logging
+import resource
+
+from qconnect.client.errors import ClientError
+from qconnect.qrexec import MAX_CALLS_IN_FLIGHT
+
+logger = logging.getLogger(__name__)
+
+#: Default cap on open connections of one binding. Half of what qrexec lets a
+#: qube have in flight, so two busy bindings still fit without refusals.
+DEFAULT_MAX_CONNECTIONS = 64
+
+#: Cap on open connections of all bindings of one process. qrexec refuses a
+#: qube's 129th concurrent call (MAX_CALLS_IN_FLIGHT); the qube also starts
+#: calls of its own (clipboard, updates, notifications) from the same table,
+#: so we keep 16 channels free for them. At the cap we stop accepting and the
+#: kernel's listen backlog holds new connections until a call ends.
+PROCESS_MAX_CONNECTIONS = MAX_CALLS_IN_FLIGHT - 16
+
+#: Default seconds open connections may keep running after a stop request.
+#: Long enough for a page load or a short transfer to complete, short enough
+#: that a shutdown does not hang on an idle keep-alive connection.
+DEFAULT_GRACE = 10.0
+
+#: Listen backlog asked of the kernel (capped by net.core.somaxconn). While
+#: every slot is busy, new connections wait here rather than being refused;
+#: the original's socat used 5, so a burst of 1,000 connections saw resets.
+LISTEN_BACKLOG = 4096
+
+
+def check_max_connections(value: int) -> int:
+    """Validate a ``--max-connections`` value against what qrexec can carry."""
+    if not 1 <= value <= PROCESS_MAX_CONNECTIONS:
+        raise ClientError(
+            f"invalid --max-connections {value}: expected 1 to {PROCESS_MAX_CONNECTIONS} "
+            f"(qrexec allows a qube {MAX_CALLS_IN_FLIGHT} calls in flight, some kept for "
+            "the qube's own calls)"
+        )
+    return value
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force.
+
+    Each handed-off connection costs a few descriptors while its process
+    starts, each relayed one keeps three; the usual soft limit of 1,024 would
+    be reached long before the hard one. Failure is not fatal: the
+    connections that hit EMFILE are closed one by one and the binding lives.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:
+            logger.debug("could not raise the open file limit from %d to %d: %s", soft, hard, error)
+    return soft

@@ -1,0 +1,101 @@
+"""Calling ``qrexec-client-vm``: where it is, what it supports, what to run.
+
+Synchronous and cheap: everything here runs once, before the event loop.
+"""
+
+import enum
+import os
+import shutil
+import socket
+import subprocess
+
+from qconnect.client.errors import ClientError
+from qconnect.qrexec import service_call
+from qconnect.spec import BindingSpec
+
+QREXEC_CLIENT_VM = "qrexec-client-vm"
+
+#: The option that lets qrexec-client-vm use an accepted socket as its only
+#: stream (qubes-core-qrexec >= 4.2, agent/qrexec-client-vm.c). Older agents
+#: do not list it in their usage text.
+STDIN_SOCKET_OPTION = "--use-stdin-socket"
+
+#: Set by the loopback machine in the processes "inside" one of its qubes
+#: (qconnect.loopback.layout.QUBE_ENV): that qube's name.
+LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+
+#: How long ``qrexec-client-vm --help`` may take before we give up and use
+#: the relay, which works with every version.
+PROBE_TIMEOUT = 5.0
+
+
+class Mode(enum.Enum):
+    """How bytes get from the accepted socket to qrexec."""
+
+    HANDOFF = "handoff"  #: the socket is qrexec-client-vm's fd 0; no Python in the data path
+    RELAY = "relay"  #: trio copies between the socket and qrexec-client-vm's pipes
+
+
+def find_qrexec_client_vm() -> str:
+    """The absolute path of ``qrexec-client-vm`` on PATH, or a ClientError saying it is missing."""
+    path = shutil.which(QREXEC_CLIENT_VM)
+    if path is None:
+        raise ClientError(
+            f"{QREXEC_CLIENT_VM} not found on PATH: qvm-connect-tcp runs in a Qubes app qube "
+            "(package qubes-core-agent) or in a qube of a loopback machine "
+            "(qconnect loopback run DIR QUBE -- qvm-connect-tcp ...)"
+        )
+    return os.path.abspath(path)
+
+
+def supports_stdin_socket(executable: str) -> bool:
+    """Whether this ``qrexec-client-vm`` accepts ``--use-stdin-socket`` (asked once, via --help).
+
+    Its usage text goes partly to stdout and partly to stderr, and older
+    versions print it on stderr for an unknown option, so both are read.
+    """
+    try:
+        probe = subprocess.run(
+            [executable, "--help"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return STDIN_SOCKET_OPTION.encode() in probe.stdout + probe.stderr
+
+
+def choose_mode(executable: str, *, force_relay: bool) -> Mode:
+    if force_relay or not supports_stdin_socket(executable):
+        return Mode.RELAY
+    return Mode.HANDOFF
+
+
+def call_argv(executable: str, spec: BindingSpec, mode: Mode) -> list[str]:
+    """The command line of one call; the target is validated, so never read as an option."""
+    options = [STDIN_SOCKET_OPTION] if mode is Mode.HANDOFF else []
+    return [executable, *options, spec.qrexec_target, service_call(spec.remote_port)]
+
+
+def this_qube_name() -> str:
+    """This qube's name, for the dom0 command printed when a call is refused.
+
+    Qubes keeps it in QubesDB (``/name``); the loopback machine and plain
+    Linux fall back to the host name, which Qubes sets to the qube's name.
+    """
+    loopback_name = os.environ.get(LOOPBACK_QUBE_ENV)
+    if loopback_name:
+        return loopback_name
+    reader = shutil.which("qubesdb-read")
+    if reader is not None:
+        try:
+            result = subprocess.run(
+                [reader, "/name"], capture_output=True, text=True, timeout=5, check=False
+            )
+            if result.returncode == 0 and result.stdout.strip():
+                return result.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return socket.gethostname()

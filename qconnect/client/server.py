@@ -1,0 +1,613 @@
+"""The trio event loop of one client process: accept, call qrexec, account, stop.
+
+One process serves every binding of one command line (or of one systemd
+service). Task tree, each nursery owned by the function that opens it::
+
+    ClientServer.run
+    ├── services: signals, control socket, refusal-burst flusher, systemd STATUS
+    └── bindings: serve_binding(b) per binding
+        └── connections of b: handle_connection(...) per accepted connection
+
+Stopping a binding cancels its accept loop and closes its listener; its open
+connections get ``grace`` seconds to finish, then their calls are ended
+(SIGTERM, then SIGKILL) and reaped. The process ends when no binding is left.
+"""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from qconnect.client.bursts import BurstCounter
+from qconnect.client.limits import DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
+from qconnect.client.listeners import Listener
+from qconnect.client.outcome import Kind, describe_exit
+from qconnect.client.qrexec_call import Mode, call_argv
+from qconnect.errors import SpecError
+from qconnect.relay import RelayStats, relay
+from qconnect.spec import BindingSpec, parse_spec
+
+logger = logging.getLogger("qconnect.client")
+
+#: After SIGTERM, seconds a qrexec-client-vm gets to exit before SIGKILL.
+TERMINATE_TIMEOUT = 2.0
+
+#: stderr kept from one qrexec-client-vm (e.g. "Request refused") for the log
+#: line; the rest is read and dropped so the child never blocks on the pipe.
+MAX_STDERR_KEPT = 2048
+
+#: After a call's process exits, how long its stderr may take to reach EOF.
+#: Only a grandchild still holding it delays it; its words are not worth more.
+STDERR_DRAIN_TIMEOUT = 1.0
+
+#: Pause after accept() fails for lack of descriptors or memory. The pending
+#: connection stays in the backlog; retrying at once would spin.
+ACCEPT_RETRY_DELAY = 0.1
+
+#: After a relayed call's process exits, seconds its last output may take to
+#: reach the client (at most a pipe buffer, 64 KiB) before the relay ends.
+DRAIN_TIMEOUT = 10.0
+
+#: accept() errors that mean "this process is out of resources right now".
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+#: Largest request on the control socket (see registry.py): "stop SPEC".
+MAX_CONTROL_REQUEST = 512
+
+#: How long a control-socket client may take to send its request.
+CONTROL_TIMEOUT = 2.0
+
+#: Minimum seconds between two systemd STATUS updates.
+STATUS_INTERVAL = 1.0
+
+
+@dataclass
+class Binding:
+    """The live state of one binding; owned by :class:`ClientServer`."""
+
+    spec: BindingSpec
+    listener: trio.socket.SocketType
+    max_connections: int
+    slots: trio.Semaphore
+    accept_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    open: int = 0
+    served: int = 0
+    refused: int = 0
+    stopping: bool = False
+    done: bool = False  #: stopped and every connection closed: no longer listed
+    idle: trio.Event = field(default_factory=trio.Event)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "spec": str(self.spec),
+            "open": self.open,
+            "max": self.max_connections,
+            "served": self.served,
+            "refused": self.refused,
+            "stopping": self.stopping,
+        }
+
+
+@dataclass
+class ServerOptions:
+    mode: Mode
+    executable: str
+    source_qube: str
+    max_connections: int
+    grace: float = DEFAULT_GRACE
+    systemd: bool = False
+    log_path: str | None = None
+    log_path_is_ours: bool = False  #: the registry's file, removed after a clean stop
+
+
+class ClientServer:
+    """Serve a set of bound listeners until every binding is stopped.
+
+    Resource handling: takes ownership of the listening sockets and of the
+    control socket and closes them; every qrexec-client-vm it starts is
+    reaped before :meth:`run` returns.
+    """
+
+    def __init__(
+        self,
+        listeners: list[Listener],
+        options: ServerOptions,
+        control: socket.socket | None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.bindings = [
+            Binding(
+                spec=listener.spec,
+                listener=trio.socket.from_stdlib_socket(listener.sock),
+                max_connections=options.max_connections,
+                slots=trio.Semaphore(options.max_connections),
+            )
+            for listener in listeners
+        ]
+        self._control = trio.socket.from_stdlib_socket(control) if control else None
+        self._on_ready = on_ready
+        self._process_slots = trio.Semaphore(PROCESS_MAX_CONNECTIONS)
+        self._bursts = BurstCounter()
+        self._burst_keys: dict[Hashable, str] = {}
+        self._burst_added = trio.Event()
+        self._changed = trio.Event()
+        self._started = time.time()
+        self._urgent = trio.CancelScope()  # cancelled by a second signal: no more grace
+
+    # -- status and control ------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started": self._started,
+            "mode": self.options.mode.value,
+            "systemd": self.options.systemd,
+            "log": self.options.log_path,
+            "bindings": [binding.status() for binding in self.bindings if not binding.done],
+        }
+
+    def stop(self, spec: BindingSpec | None = None) -> int:
+        """Stop accepting on ``spec`` (every binding when None); return how many matched."""
+        matched = 0
+        for binding in self.bindings:
+            if (spec is None or binding.spec == spec) and not binding.done:
+                matched += 1
+                if not binding.stopping:
+                    binding.stopping = True
+                    binding.accept_scope.cancel()
+        self._note_change()
+        return matched
+
+    def _note_change(self) -> None:
+        self._changed.set()
+
+    # -- the loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        with self._urgent:
+            async with trio.open_nursery() as services:
+                services.start_soon(self._watch_signals)
+                services.start_soon(self._flush_bursts)
+                if self._control is not None:
+                    services.start_soon(self._serve_control)
+                if self.options.systemd:
+                    services.start_soon(self._report_status)
+                async with trio.open_nursery() as bindings:
+                    for binding in self.bindings:
+                        bindings.start_soon(self._serve_binding, binding)
+                    if self._on_ready is not None:
+                        self._on_ready()
+                services.cancel_scope.cancel()
+        self._log_suppressed(everything=True)
+        if self._control is not None:
+            self._control.close()
+
+    async def _serve_binding(self, binding: Binding) -> None:
+        async with trio.open_nursery() as connections:
+            with binding.accept_scope:
+                await self._accept_loop(binding, connections)
+            binding.stopping = True
+            binding.listener.close()
+            if binding.open:
+                logger.info(
+                    "%s: stopped accepting; waiting up to %g s for %d open connection(s)",
+                    binding.spec,
+                    self.options.grace,
+                    binding.open,
+                )
+                with trio.move_on_after(self.options.grace):
+                    await binding.idle.wait()
+            connections.cancel_scope.cancel()
+        binding.done = True
+        logger.info("%s: stopped", binding.spec)
+        self._note_change()
+
+    async def _accept_loop(self, binding: Binding, connections: trio.Nursery) -> None:
+        while True:
+            await self._acquire_slots(binding)
+            try:
+                conn, peer = await binding.listener.accept()
+            except OSError as error:
+                self._release_slots(binding)
+                if error.errno in ACCEPT_CAPACITY_ERRNOS:
+                    self._log_burst(
+                        ("accept", binding.spec),
+                        f"{binding.spec}: cannot accept a connection: {os.strerror(error.errno)}; "
+                        "it stays in the listen backlog and is retried",
+                        "accept() failures",
+                    )
+                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                    continue
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the peer gave up before we accepted; nothing to serve
+                raise
+            except BaseException:
+                self._release_slots(binding)
+                raise
+            binding.open += 1
+            binding.idle = trio.Event()
+            self._note_change()
+            connections.start_soon(self._handle_connection, binding, conn, peer)
+
+    async def _acquire_slots(self, binding: Binding) -> None:
+        """Take a slot of the binding and one of the process; log when either is exhausted."""
+        if binding.slots.value == 0:
+            self._log_burst(
+                ("binding-full", binding.spec),
+                f"{binding.spec}: all {binding.max_connections} connection slots busy "
+                "(--max-connections); new connections wait in the listen backlog",
+                "times the binding was full",
+            )
+        await binding.slots.acquire()
+        try:
+            if self._process_slots.value == 0:
+                self._log_burst(
+                    ("process-full",),
+                    f"all {PROCESS_MAX_CONNECTIONS} calls this process may have in flight are "
+                    "busy; new connections wait in the listen backlog",
+                    "times the process was full",
+                )
+            await self._process_slots.acquire()
+        except BaseException:
+            binding.slots.release()
+            raise
+
+    def _release_slots(self, binding: Binding) -> None:
+        self._process_slots.release()
+        binding.slots.release()
+
+    # -- one connection --------------------------------------------------------
+
+    async def _handle_connection(
+        self, binding: Binding, conn: trio.socket.SocketType, peer: Any
+    ) -> None:
+        """Serve one accepted connection with one qrexec call.
+
+        Resource handling: owns ``conn`` and the call's process; both are
+        closed or reaped here whatever happens. Error handling: any failure
+        (no descriptors, the call cannot start) closes this connection only.
+        """
+        spec = binding.spec
+        started = time.monotonic()
+        stats: RelayStats | None = None
+        returncode: int | None = None
+        stderr = bytearray()
+        try:
+            argv = call_argv(self.options.executable, spec, self.options.mode)
+            try:
+                if self.options.mode is Mode.HANDOFF:
+                    returncode = await self._run_handoff(argv, conn, stderr)
+                else:
+                    stats = RelayStats()
+                    returncode = await self._run_relay(argv, conn, stderr, stats)
+            except OSError as error:
+                self._log_burst(
+                    ("start-failed", spec),
+                    f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: cannot start "
+                    f"qrexec-client-vm: {error.strerror or error}; connection closed",
+                    "connections closed because qrexec-client-vm could not start",
+                )
+                return
+        finally:
+            conn.close()
+            binding.open -= 1
+            if binding.open == 0:
+                binding.idle.set()
+            self._release_slots(binding)
+            self._note_change()
+        self._log_call(binding, peer, returncode, time.monotonic() - started, stats, stderr)
+
+    async def _run_handoff(
+        self, argv: list[str], conn: trio.socket.SocketType, stderr: bytearray
+    ) -> int:
+        """Give ``conn`` to qrexec-client-vm as its fd 0 and wait for it.
+
+        Our copy of the socket is closed as soon as the child has its own, so
+        the child's shutdown() and exit are what the TCP peer sees.
+        """
+        # The child shares the socket's file description, O_NONBLOCK flag
+        # included; qrexec-client-vm expects an ordinary blocking socket.
+        os.set_blocking(conn.fileno(), True)
+        errors_ours, errors_theirs = _stdio_pair()
+        async with errors_ours:
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=conn.fileno(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors_theirs.fileno(),
+                    start_new_session=True,  # a Ctrl-C in our terminal must not end calls early
+                )
+            finally:
+                errors_theirs.close()
+                conn.close()
+            return await self._wait_process(process, errors_ours, stderr)
+
+    async def _run_relay(
+        self,
+        argv: list[str],
+        conn: trio.socket.SocketType,
+        stderr: bytearray,
+        stats: RelayStats,
+    ) -> int:
+        """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
+
+        Its stdin and stdout are two socketpairs, not pipes and not one
+        socket: qrexec-client-vm passes the remote EOF on by closing fd 1,
+        which must reach us as EOF while fd 0 stays open for our bytes.
+        """
+        to_call, to_call_theirs = _stdio_pair()
+        from_call, from_call_theirs = _stdio_pair()
+        errors_ours, errors_theirs = _stdio_pair()
+        remote_done = trio.Event()
+        pipes = trio.StapledStream(to_call, _EofSignal(from_call, remote_done))
+        stream = trio.SocketStream(conn)
+        try:
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=to_call_theirs.fileno(),
+                    stdout=from_call_theirs.fileno(),
+                    stderr=errors_theirs.fileno(),
+                    start_new_session=True,
+                )
+            finally:
+                for theirs in (to_call_theirs, from_call_theirs, errors_theirs):
+                    theirs.close()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._relay_then_close, stream, pipes, stats)
+                returncode = await self._wait_process(process, errors_ours, stderr)
+                # The call is over: pass on what it still wrote, then stop waiting
+                # for bytes from the client that nobody would receive.
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    await remote_done.wait()
+                nursery.cancel_scope.cancel()
+                return returncode
+        finally:
+            await trio.aclose_forcefully(pipes)
+            await trio.aclose_forcefully(errors_ours)
+
+    async def _relay_then_close(
+        self, stream: trio.SocketStream, pipes: trio.StapledStream[Any, Any], stats: RelayStats
+    ) -> None:
+        """Relay, then end the call if the client broke off (its stdin closed, stdout dropped)."""
+        await relay(stream, pipes, stats=stats)
+        if stats.error is not None:
+            await trio.aclose_forcefully(pipes)
+
+    async def _wait_process(
+        self, process: trio.Process, errors: trio.SocketStream, stderr: bytearray
+    ) -> int:
+        """Wait for a call to end, collecting its stderr; on cancellation end it and reap it."""
+        try:
+            collected = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_collect, errors, stderr, collected)
+                returncode = await process.wait()
+                # Its stderr ends with it, unless a grandchild still holds it.
+                with trio.move_on_after(STDERR_DRAIN_TIMEOUT):
+                    await collected.wait()
+                nursery.cancel_scope.cancel()
+                return returncode
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.terminate()
+                    with trio.move_on_after(TERMINATE_TIMEOUT):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+            raise
+
+    def _log_call(
+        self,
+        binding: Binding,
+        peer: Any,
+        returncode: int | None,
+        duration: float,
+        stats: RelayStats | None,
+        stderr: bytearray,
+    ) -> None:
+        spec = binding.spec
+        fields: dict[str, Any] = {
+            "PEER": _peer_text(peer),
+            "BINDING": str(spec),
+            "TARGET": spec.target,
+            "PORT": spec.remote_port,
+            "DURATION": f"{duration:.3f}",
+            "MODE": self.options.mode.value,
+        }
+        if returncode is None:
+            outcome_text = "ended at shutdown"
+            kind = None
+        else:
+            outcome = describe_exit(
+                returncode,
+                source_qube=self.options.source_qube,
+                target=spec.target,
+                remote_port=spec.remote_port,
+            )
+            outcome_text, kind = outcome.words, outcome.kind
+            fields["EXIT"] = returncode
+            fields["OUTCOME"] = outcome.kind.value
+        timing = f"{duration:.2f} s"
+        if stats is not None:
+            fields["BYTES_OUT"], fields["BYTES_IN"] = stats.a_to_b, stats.b_to_a
+            timing += f", {stats.a_to_b} bytes out, {stats.b_to_a} bytes in"
+        message = f"{fields['PEER']} -> {spec.target}:{spec.remote_port} ({timing}): {outcome_text}"
+        detail = bytes(stderr).decode(errors="replace").strip()
+        if detail and kind not in (None, Kind.OK):
+            message += f" [qrexec-client-vm: {' '.join(detail.split())[:200]}]"
+        if kind is Kind.REFUSED:
+            binding.refused += 1
+            self._log_burst(
+                ("refused", spec), message, f"calls to {spec.target}:{spec.remote_port} refused"
+            )
+            return
+        binding.served += 1
+        level = logging.INFO if kind in (None, Kind.OK) else logging.WARNING
+        logger.log(level, message, extra={"fields": fields})
+
+    # -- rate-limited logging -----------------------------------------------------
+
+    def _log_burst(self, key: tuple[object, ...], message: str, counted_as: str) -> None:
+        """Log ``message`` unless the same key was logged within the burst window."""
+        if self._bursts.record(key, time.monotonic()):
+            logger.warning(message, extra={"fields": {"EVENT": str(key[0])}})
+            self._burst_keys[key] = counted_as
+            self._burst_added.set()
+
+    def _log_suppressed(self, *, everything: bool = False) -> None:
+        for key, count in self._bursts.flush(time.monotonic(), everything=everything):
+            what = self._burst_keys.pop(key, "events")
+            logger.warning(
+                "... and %d more %s in the last %g s",
+                count,
+                what,
+                self._bursts.window,
+                extra={"fields": {"EVENT": str(key), "COUNT": count}},
+            )
+
+    async def _flush_bursts(self) -> None:
+        while True:
+            deadline = self._bursts.next_deadline()
+            if deadline is None:
+                await self._burst_added.wait()
+                self._burst_added = trio.Event()
+                continue
+            await trio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+            self._log_suppressed()
+
+    # -- signals, control socket, systemd --------------------------------------------
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            first = True
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if first:
+                    logger.info("%s: stopping; open connections get %g s", name, self.options.grace)
+                    self.stop()
+                    first = False
+                else:
+                    logger.info("%s again: closing open connections now", name)
+                    self._urgent.cancel()
+
+    async def _serve_control(self) -> None:
+        assert self._control is not None
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await self._control.accept()
+                nursery.start_soon(self._answer_control, conn)
+
+    async def _answer_control(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            request = b""
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                while b"\n" not in request and len(request) <= MAX_CONTROL_REQUEST:
+                    chunk = await conn.recv(MAX_CONTROL_REQUEST)
+                    if not chunk:
+                        break
+                    request += chunk
+            answer = self._control_request(request.split(b"\n", 1)[0])
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await trio.SocketStream(conn).send_all(json.dumps(answer).encode() + b"\n")
+
+    def _control_request(self, line: bytes) -> dict[str, Any]:
+        words = line.decode(errors="replace").split()
+        if words == ["status"]:
+            return self.status()
+        if words and words[0] == "stop" and len(words) <= 2:
+            if len(words) == 1:
+                self.stop()
+            else:
+                try:
+                    spec = parse_spec(words[1])
+                except SpecError as error:
+                    return {"error": str(error)}
+                if not self.stop(spec):
+                    return {**self.status(), "error": f"no binding {words[1]} here"}
+            return self.status()
+        return {"error": "unknown request: expected 'status', 'stop' or 'stop SPEC'"}
+
+    async def _report_status(self) -> None:
+        from systemd import daemon
+
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            live = [b for b in self.bindings if not b.stopping]
+            open_total = sum(b.open for b in self.bindings)
+            daemon.notify(
+                f"STATUS=serving {len(live)} binding(s), {open_total} open connection(s)"
+                f"{' (stopping)' if len(live) < len(self.bindings) else ''}"
+            )
+            await trio.sleep(STATUS_INTERVAL)
+
+
+class _EofSignal(trio.abc.ReceiveStream):
+    """A receive stream that sets ``done`` once it has reported EOF (or broke)."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
+        self._stream = stream
+        self._done = done
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except BaseException:
+            self._done.set()
+            raise
+        if not data:
+            self._done.set()
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        self._done.set()
+        await self._stream.aclose()
+
+
+def _stdio_pair() -> tuple[trio.SocketStream, socket.socket]:
+    """A connected pair: our end as a trio stream, the child's as a blocking socket.
+
+    Sockets rather than pipes: a child that splice()s a socket into a pipe
+    holds the pipe's lock while it waits for data, and our non-blocking read
+    of that pipe would then block the whole event loop.
+    """
+    ours, theirs = socket.socketpair()
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray, done: trio.Event) -> None:
+    """Read a child's stderr to EOF, keeping the first MAX_STDERR_KEPT bytes."""
+    try:
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            room = MAX_STDERR_KEPT - len(kept)
+            if room > 0:
+                kept.extend(data[:room])
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        done.set()
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)

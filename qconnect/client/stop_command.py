@@ -1,0 +1,64 @@
+"""``qconnect stop SPEC... | --all``: stop running bindings and wait for them to end."""
+
+import argparse
+import time
+
+from qconnect.client.errors import ClientError
+from qconnect.client.registry import ask_all
+from qconnect.spec import BindingSpec, parse_spec
+
+#: How often ``stop`` looks whether the bindings it stopped are gone. The
+#: wait is normally the grace period of their open connections (seconds).
+POLL_INTERVAL = 0.1
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Stop running qvm-connect-tcp bindings: they stop accepting at once, open "
+        "connections get the binding's grace period, then the command returns."
+    )
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="[BIND:]LOCALPORT:[VMNAME]:PORT")
+    parser.add_argument("--all", action="store_true", help="stop every running binding")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for them to end (default 60)",
+    )
+
+
+def _running() -> set[BindingSpec]:
+    specs: set[BindingSpec] = set()
+    for answer in ask_all("status"):
+        for binding in answer.get("bindings", []):
+            specs.add(parse_spec(str(binding["spec"])))
+    return specs
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.all == bool(args.specs):
+        raise ClientError("expected SPEC... or --all (see 'qconnect list' for the running ones)")
+    if args.all:
+        wanted = _running()
+        if not wanted:
+            print("no running bindings")
+            return 0
+        ask_all("stop")
+    else:
+        wanted = {parse_spec(text) for text in args.specs}
+        running = _running()
+        missing = sorted(str(spec) for spec in wanted - running)
+        if missing:
+            raise ClientError(f"no running binding {', '.join(missing)} (see 'qconnect list')")
+        for spec in sorted(wanted):
+            ask_all(f"stop {spec}")
+    deadline = time.monotonic() + args.timeout
+    while wanted & _running():
+        if time.monotonic() > deadline:
+            left = ", ".join(str(spec) for spec in sorted(wanted & _running()))
+            raise ClientError(f"still running after {args.timeout:g} s: {left}")
+        time.sleep(POLL_INTERVAL)
+    for spec in sorted(wanted):
+        print(f"stopped {spec}")
+    return 0

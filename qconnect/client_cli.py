@@ -1,0 +1,216 @@
+"""``qvm-connect-tcp``: Qubes' command, compatible and stricter.
+
+``qvm-connect-tcp [OPTIONS] [BIND:]LOCALPORT:[VMNAME]:PORT ...`` binds each
+local port and, for every connection accepted there, calls
+``qubes.ConnectTCP+PORT`` in VMNAME (``@default`` when empty: dom0's policy
+picks the qube). It returns once every listener is bound and serving in the
+background, like the original; ``--foreground`` stays attached. Run by
+systemd with sockets passed (LISTEN_FDS), it serves those instead.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qconnect import __version__
+from qconnect.client.errors import ClientError
+from qconnect.client.limits import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_CONNECTIONS,
+    check_max_connections,
+    raise_nofile_limit,
+)
+from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
+from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
+from qconnect.errors import QconnectError
+from qconnect.logs import setup_logging
+from qconnect.spec import BindingSpec, parse_bind_address, parse_spec
+
+if TYPE_CHECKING:
+    from qconnect.client.server import ServerOptions
+
+PROG = "qvm-connect-tcp"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [OPTIONS] [BIND:]LOCALPORT:[VMNAME]:PORT ...",
+        description=(
+            "Bind a local TCP port to a port of another qube using the qubes.ConnectTCP RPC "
+            "service. An empty LOCALPORT means the same as PORT; an empty VMNAME means "
+            "@default (dom0's policy picks the qube). Returns once every port is bound, "
+            "leaving the binding running in the background."
+        ),
+        epilog=(
+            "examples: qvm-connect-tcp ::22 (local 22 to @default's 22); "
+            "qvm-connect-tcp 8080:web:80 5432:db:5432; qvm-connect-tcp '[::1]:8080:web:80'. "
+            "See the running bindings with 'qconnect list', stop them with 'qconnect stop'."
+        ),
+    )
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="[BIND:]LOCALPORT:[VMNAME]:PORT")
+    parser.add_argument(
+        "--bind",
+        metavar="ADDR",
+        default=None,
+        help="listen on ADDR for every SPEC without its own (default 127.0.0.1; "
+        "a non-loopback address lets other qubes on that network connect)",
+    )
+    parser.add_argument(
+        "-f", "--foreground", action="store_true", help="stay attached; log to stderr"
+    )
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="copy the bytes in this process instead of handing the connection to "
+        "qrexec-client-vm (automatic when it lacks --use-stdin-socket)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"open connections per binding (default {DEFAULT_MAX_CONNECTIONS}); more wait "
+        "in the listen backlog",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"on stop, how long open connections may continue (default {DEFAULT_GRACE:g})",
+    )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="serve the sockets systemd passes (LISTEN_FDS), one binding per socket, named by "
+        "FileDescriptorName=TARGET+PORT; automatic when run with LISTEN_FDS and no SPEC",
+    )
+    parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="append the log to PATH (default: the journal, or stderr with --foreground)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"qconnect {__version__}")
+    return parser
+
+
+def _socket_activated() -> bool:
+    """Whether systemd passed sockets to this very process (sd_listen_fds' own test)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and bool(os.environ.get("LISTEN_FDS"))
+
+
+def parse_specs(texts: Sequence[str], bind: str | None) -> list[BindingSpec]:
+    default_bind = parse_bind_address(bind) if bind is not None else "127.0.0.1"
+    specs = [parse_spec(text, default_bind=default_bind) for text in texts]
+    seen: dict[tuple[str, int], BindingSpec] = {}
+    for spec in specs:
+        key = (spec.bind_address, spec.local_port)
+        if key in seen:
+            raise ClientError(
+                f"local port {spec.bind_host}:{spec.local_port} given twice "
+                f"({seen[key]} and {spec})"
+            )
+        seen[key] = spec
+    return specs
+
+
+def _warn_exposed(specs: Sequence[BindingSpec]) -> None:
+    for spec in specs:
+        if not spec.is_loopback:
+            print(
+                f"{PROG}: warning: listening on {spec.bind_host}:{spec.local_port}, not a "
+                f"loopback address: other qubes on that network can connect to "
+                f"{spec.target}:{spec.remote_port} through this qube",
+                file=sys.stderr,
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    check_max_connections(args.max_connections)
+    if args.grace < 0:
+        raise ClientError(f"invalid --grace {args.grace:g}: expected 0 or more seconds")
+    systemd = args.systemd or (not args.specs and _socket_activated())
+    if not systemd and not args.specs:
+        raise ClientError(
+            "no binding given: expected [BIND:]LOCALPORT:[VMNAME]:PORT, e.g. 8080:work:80 or ::444"
+        )
+    if systemd and args.specs:
+        raise ClientError("--systemd serves the sockets systemd passes; give no SPEC with it")
+    specs = [] if systemd else parse_specs(args.specs, args.bind)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    # Imported only now: a mistyped spec is reported without loading trio.
+    from qconnect.client.daemon import bind_or_sudo, run_foreground, serve_in_background
+
+    raise_nofile_limit()
+    if systemd:
+        return _run_systemd(_options(args, systemd=True), args.verbose)
+    listeners: list[Listener] = bind_or_sudo(lambda: open_listeners(specs))
+    try:
+        options = _options(args, systemd=False)
+    except BaseException:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    for spec in specs:
+        print(spec.startup_message(), flush=True)
+    _warn_exposed(specs)
+    if args.foreground:
+        return run_foreground(listeners, options, args.verbose, log_file)
+    return serve_in_background(listeners, options, args.verbose, log_file)
+
+
+def _options(args: argparse.Namespace, *, systemd: bool) -> "ServerOptions":
+    """Find qrexec-client-vm and decide the mode (asked once, for the whole process)."""
+    from qconnect.client.server import ServerOptions
+
+    executable = find_qrexec_client_vm()
+    return ServerOptions(
+        mode=choose_mode(executable, force_relay=args.relay),
+        executable=executable,
+        source_qube=this_qube_name(),
+        max_connections=args.max_connections,
+        grace=args.grace,
+        systemd=systemd,
+    )
+
+
+def _run_systemd(options: "ServerOptions", verbose: bool) -> int:
+    """Serve socket-activated listeners, telling systemd when we are ready."""
+    from systemd import daemon
+
+    from qconnect.client.daemon import LOG_IDENTIFIER, serve
+
+    setup_logging(LOG_IDENTIFIER, verbose=verbose)
+    listeners = adopt_systemd_listeners()
+    if not listeners:
+        raise ClientError(
+            "--systemd: no sockets were passed (LISTEN_FDS is unset or not for this process); "
+            "run it from a .socket unit with Accept=no and FileDescriptorName=TARGET+PORT"
+        )
+    _warn_exposed([listener.spec for listener in listeners])
+    summary = ", ".join(str(listener.spec) for listener in listeners)
+
+    def ready() -> None:
+        daemon.notify(f"READY=1\nSTATUS=serving {len(listeners)} binding(s): {summary}")
+
+    return serve(listeners, options, on_ready=ready)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except QconnectError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The world the client's tests run in: a loopback machine, a service, servers, a client.
+
+``untrusted`` runs ``qvm-connect-tcp``; ``mytcp-service`` runs the socket
+service (``qconnect service run``) in front of the servers of
+:mod:`tests.client_servers`. dom0's policy lets ``untrusted`` call those
+ports in ``mytcp-service``, by name and as ``@default``; everything else is
+refused (there is no allowing rule). ``noservice`` has no qubes.ConnectTCP
+at all; ``stock`` has only today's built-in ``/dev/tcp`` service.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qconnect.loopback.machine import Machine
+from qconnect.service.install import install
+
+SOURCE = "untrusted"
+TARGET = "mytcp-service"
+
+#: How long a process we start may take to get ready on a loaded 2-core machine.
+START_TIMEOUT = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's pick for port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_path(path: Path, process: "subprocess.Popen[str]") -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not path.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.02)
+
+
+@dataclass
+class World:
+    machine: Machine
+    ports: dict[str, int]
+    processes: list["subprocess.Popen[str]"] = field(default_factory=list)
+    startup_lines: list[str] = field(default_factory=list)  #: of the last start_client
+
+    def env(self, qube: str = SOURCE) -> dict[str, str]:
+        env = self.machine.env_for(qube)
+        env.pop("NOTIFY_SOCKET", None)
+        return env
+
+    def client_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "qconnect.client_cli", *args]
+
+    def qconnect(self, *args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(
+            [sys.executable, "-m", "qconnect.cli", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def run_client(self, *args: str, **kwargs: object) -> "subprocess.CompletedProcess[str]":
+        """Run qvm-connect-tcp in ``untrusted`` to completion (background mode returns)."""
+        return subprocess.run(
+            self.client_argv(*args),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            **kwargs,  # type: ignore[call-overload]
+        )
+
+    def start_client(self, *args: str, specs: int = 1, **kwargs: object) -> "subprocess.Popen[str]":
+        """Start ``qvm-connect-tcp --foreground`` in ``untrusted``; return once it is bound.
+
+        It prints the original's start-up line per spec once every listener
+        is bound, so reading ``specs`` lines means it is ready.
+        """
+        process = subprocess.Popen(
+            self.client_argv("--foreground", *args),
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        self.processes.append(process)
+        self.startup_lines = []
+        for _ in range(specs):
+            line = process.stdout.readline() if process.stdout else ""
+            if not line.startswith("Binding TCP"):
+                process.kill()
+                _, err = process.communicate(timeout=10)
+                raise RuntimeError(f"client did not start: {line!r} {err}")
+            self.startup_lines.append(line.rstrip("\n"))
+        return process
+
+    def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
+        """SIGTERM the client and return its exit code and its log (stderr)."""
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        return process.returncode, err
+
+    def close(self) -> None:
+        self.qconnect("stop", "--all")
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.communicate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.communicate()
+
+    def leftover_calls(self) -> list[int]:
+        """Pids of loopback qrexec-client-vm processes of this machine still running."""
+        marker = str(self.machine.qrexec_client_vm).encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if marker in cmdline:
+                    pids.append(int(entry))
+        return pids
+
+
+def allow_lines(ports: dict[str, int]) -> list[str]:
+    lines = []
+    for port in ports.values():
+        lines.append(f"qubes.ConnectTCP +{port} {SOURCE} {TARGET} allow")
+        lines.append(f"qubes.ConnectTCP +{port} {SOURCE} @default allow target={TARGET}")
+        lines.append(f"qubes.ConnectTCP +{port} {SOURCE} stock allow")
+        lines.append(f"qubes.ConnectTCP +{port} {SOURCE} noservice allow")
+    return lines
+
+
+@contextlib.contextmanager
+def make_world(directory: Path) -> Iterator[World]:
+    """Build the machine, start the servers and the socket service; tear all down after."""
+    servers = subprocess.Popen(
+        [sys.executable, "-m", "tests.client_servers"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert servers.stdout is not None
+        ports: dict[str, int] = json.loads(servers.stdout.readline())
+        ports["closed"] = free_port()
+        machine = Machine.create(
+            directory / "machine",
+            [SOURCE, TARGET, "stock", "noservice"],
+            policy=allow_lines(ports),
+        )
+        # today's Qubes ships the service as /etc/qubes-rpc/qubes.ConnectTCP
+        (machine.root_dir("noservice") / "etc" / "qubes-rpc" / "qubes.ConnectTCP").unlink()
+        world = World(machine, ports, [servers])
+        # as `qconnect service install --socket` does in the qube's root, with
+        # the socket where its systemd unit puts it: /run/qubes-rpc
+        root = machine.root_dir(TARGET)
+        install(root, "socket")
+        service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
+        service_socket.parent.mkdir(parents=True, exist_ok=True)
+        service = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qconnect.cli",
+                "service",
+                "run",
+                "--socket",
+                str(service_socket),
+                "--allow-file",
+                str(directory / "no-allowlist"),
+            ],
+            env=world.env(TARGET),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        world.processes.append(service)
+        wait_for_path(service_socket, service)
+        try:
+            yield world
+        finally:
+            world.close()
+    finally:
+        if servers.poll() is None:
+            servers.terminate()
+            servers.communicate(timeout=20)

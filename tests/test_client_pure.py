@@ -1,0 +1,108 @@
+"""The client's pure parts: exit codes in words, refusal bursts, spec lists, limits."""
+
+import pytest
+
+from qconnect.client.bursts import BurstCounter
+from qconnect.client.errors import ClientError
+from qconnect.client.limits import PROCESS_MAX_CONNECTIONS, check_max_connections
+from qconnect.client.outcome import Kind, describe_exit, policy_allow_command
+from qconnect.client_cli import parse_specs
+from qconnect.qrexec import MAX_CALLS_IN_FLIGHT
+from qconnect.spec import BindingSpec
+
+
+def describe(code: int, target: str = "web") -> tuple[Kind, str]:
+    outcome = describe_exit(code, source_qube="untrusted", target=target, remote_port=80)
+    return outcome.kind, outcome.words
+
+
+def test_exit_0_is_a_closed_connection() -> None:
+    assert describe(0) == (Kind.OK, "closed")
+
+
+def test_exit_126_names_policy_and_the_command_that_allows_it() -> None:
+    kind, words = describe(126)
+    assert kind is Kind.REFUSED
+    assert "refused by dom0 policy" in words
+    assert "qconnect policy allow untrusted --port 80 --target web" in words
+
+
+def test_refused_default_target_asks_for_the_qube_to_allow() -> None:
+    _, words = describe(126, target="@default")
+    assert "qconnect policy allow untrusted --port 80 --default-target QUBE" in words
+
+
+def test_exit_125_says_the_target_could_not_reach_the_port() -> None:
+    kind, words = describe(125)
+    assert kind is Kind.UNREACHABLE
+    assert "could not connect to its port 80" in words
+
+
+def test_exit_127_says_the_service_is_missing() -> None:
+    kind, words = describe(127)
+    assert kind is Kind.NO_SERVICE
+    assert "web has no qubes.ConnectTCP service" in words
+
+
+@pytest.mark.parametrize("code", [-15, 143])
+def test_signal_exits_name_the_signal(code: int) -> None:
+    kind, words = describe(code)
+    assert kind is Kind.SIGNALLED
+    assert "SIGTERM" in words
+
+
+def test_other_exit_codes_are_reported_as_is() -> None:
+    assert describe(3) == (Kind.FAILED, "the service failed with exit code 3")
+
+
+def test_policy_command_quotes_hostile_names() -> None:
+    assert "'a b'" in policy_allow_command("a b", "web", 80)
+
+
+def test_burst_logs_first_event_and_counts_the_rest() -> None:
+    counter = BurstCounter(window=10.0)
+    assert counter.record("refused", 0.0)
+    assert not any(counter.record("refused", 0.001 * i) for i in range(1, 1000))
+    assert counter.flush(5.0) == []
+    assert counter.flush(10.0) == [("refused", 999)]
+    assert counter.record("refused", 11.0)
+
+
+def test_burst_keys_are_independent() -> None:
+    counter = BurstCounter(window=10.0)
+    assert counter.record("a", 0.0)
+    assert counter.record("b", 1.0)
+    assert not counter.record("a", 2.0)
+    assert counter.next_deadline() == 10.0
+    assert counter.flush(0.0, everything=True) == [("a", 1)]
+    assert counter.next_deadline() is None
+
+
+def test_burst_count_survives_a_new_burst_before_flush() -> None:
+    counter = BurstCounter(window=10.0)
+    counter.record("a", 0.0)
+    counter.record("a", 1.0)
+    assert counter.record("a", 20.0)
+    assert counter.flush(21.0) == [("a", 1)]
+
+
+def test_several_specs_and_bind_default() -> None:
+    specs = parse_specs(["8080:web:80", "5432:db:5432", "[::1]:9000::9000"], "127.0.0.2")
+    assert specs == [
+        BindingSpec("127.0.0.2", 8080, "web", 80),
+        BindingSpec("127.0.0.2", 5432, "db", 5432),
+        BindingSpec("::1", 9000, "@default", 9000),
+    ]
+
+
+def test_same_local_port_twice_is_refused() -> None:
+    with pytest.raises(ClientError, match="given twice"):
+        parse_specs(["8080:web:80", "8080:db:80"], None)
+
+
+def test_max_connections_stays_under_qrexec_limit() -> None:
+    assert PROCESS_MAX_CONNECTIONS < MAX_CALLS_IN_FLIGHT
+    assert check_max_connections(64) == 64
+    for bad in (0, -1, MAX_CALLS_IN_FLIGHT):
+        with pytest.raises(ClientError, match="--max-connections"):
+            check_max_connections(bad)

@@ -1,0 +1,94 @@
+"""The fenced rc.local block: only our lines change, and removing them restores the file."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qconnect.errors import PersistError
+from qconnect.units import rclocal
+
+SOCKET_A = "qconnect-bind-127.0.0.1-444-\\x40default-444.socket"
+SOCKET_B = "qconnect-bind-__1-22-work-22.socket"
+
+
+def test_missing_rc_local_is_created_with_a_shebang_and_deleted_again() -> None:
+    created = rclocal.update(None, [SOCKET_A])
+    assert created is not None
+    assert created.startswith("#!/bin/sh\n# BEGIN qconnect persist")
+    assert rclocal.units_in_block(created) == [SOCKET_A]
+    assert rclocal.update(created, []) is None
+
+
+def test_block_goes_before_a_final_exit_so_that_it_runs() -> None:
+    text = "#!/bin/sh\necho mine\nexit 0\n"
+    updated = rclocal.update(text, [SOCKET_A])
+    assert updated is not None
+    lines = updated.splitlines()
+    assert lines[:2] == ["#!/bin/sh", "echo mine"]
+    assert lines[-1] == "exit 0"
+    assert lines.index("# END qconnect persist") == len(lines) - 2
+    assert rclocal.update(updated, []) == text
+
+
+def test_block_is_replaced_in_place_and_user_lines_after_it_are_kept() -> None:
+    text = rclocal.update("#!/bin/sh\necho one\n", [SOCKET_A])
+    assert text is not None
+    text += "echo added later by the user\n"
+    both = rclocal.update(text, [SOCKET_A, SOCKET_B])
+    assert both is not None
+    assert rclocal.units_in_block(both) == sorted([SOCKET_A, SOCKET_B])
+    assert both.endswith("# END qconnect persist\necho added later by the user\n")
+    assert rclocal.update(both, []) == "#!/bin/sh\necho one\necho added later by the user\n"
+
+
+def test_a_missing_final_newline_is_restored_exactly() -> None:
+    text = "#!/bin/sh\necho no newline"
+    updated = rclocal.update(text, [SOCKET_A])
+    assert updated is not None and "echo no newline\n# BEGIN" in updated
+    assert rclocal.update(updated, []) == text
+
+
+def test_same_units_give_the_same_text() -> None:
+    once = rclocal.update("#!/bin/sh\n", [SOCKET_B, SOCKET_A])
+    assert rclocal.update(once, [SOCKET_A, SOCKET_B]) == once
+
+
+def test_unit_names_are_shell_quoted() -> None:
+    text = rclocal.update(None, [SOCKET_A])
+    assert text is not None
+    assert f"start '{SOCKET_A}' ||" in text
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "#!/bin/sh\n# BEGIN qconnect persist\nsystemctl start x\n",
+        "#!/bin/sh\n# END qconnect persist\n",
+        "# BEGIN qconnect persist\n# END qconnect persist\n# BEGIN qconnect persist\n"
+        "# END qconnect persist\n",
+        "# END qconnect persist\n# BEGIN qconnect persist\n",
+    ],
+)
+def test_a_broken_block_is_refused_not_guessed_at(broken: str) -> None:
+    with pytest.raises(PersistError, match="broken qconnect block"):
+        rclocal.update(broken, [SOCKET_A])
+
+
+_USER_LINES = st.lists(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20).filter(
+        lambda line: "qconnect persist" not in line
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_USER_LINES, st.booleans(), st.lists(st.sampled_from([SOCKET_A, SOCKET_B]), min_size=1))
+def test_adding_then_removing_the_block_restores_any_file(
+    lines: list[str], final_newline: bool, units: list[str]
+) -> None:
+    text = "\n".join(lines) + ("\n" if final_newline and lines else "")
+    updated = rclocal.update(text, units)
+    assert updated is not None
+    assert sorted(set(rclocal.units_in_block(updated))) == sorted(set(units))
+    assert rclocal.update(updated, []) == text
