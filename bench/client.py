@@ -73,9 +73,9 @@ def own_memory_kib(pid: int) -> int:
     total = 0
     for member in [pid, *descendants(pid)]:
         try:
-            comm = Path(f"/proc/{member}/cmdline").read_bytes()
-            if b"qrexec-client-vm" in comm:
-                continue
+            words = Path(f"/proc/{member}/cmdline").read_bytes().split(b"\0")[:3]
+            if any(os.path.basename(word) == b"qrexec-client-vm" for word in words):
+                continue  # the loopback client runs as "python -IS .../qrexec-client-vm"
             total += pss_kib(member)
         except OSError:
             continue
@@ -207,8 +207,8 @@ async def measure(chain: Chain, size: int, sequential: int, burst: int) -> dict[
                 if await echo_then_close(chain.echo_port, payload) == payload:
                     served += 1
                     return
-        except (OSError, trio.TooSlowError):
-            pass
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            pass  # refused, reset or timed out: counted as failed
         failed += 1
 
     begin = time.perf_counter()
@@ -231,7 +231,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="MiB each way (default 256)")
     parser.add_argument("--sequential", type=int, default=500, help="latency samples")
     parser.add_argument("--burst", type=int, default=1000, help="connections opened at once")
-    parser.add_argument("--chains", default="original,handoff,relay")
+    parser.add_argument("--chains", default="handoff,relay,original")
     args = parser.parse_args()
     results: dict[str, Any] = {
         "machine": {
@@ -254,6 +254,7 @@ def main() -> int:
                 results["chains"][name] = trio.run(
                     measure, chain, args.size << 20, args.sequential, args.burst
                 )
+                print(f"{name}: {json.dumps(results['chains'][name])}", file=sys.stderr, flush=True)
             finally:
                 chain.close()
     RESULTS.mkdir(exist_ok=True)
