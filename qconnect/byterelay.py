@@ -17,10 +17,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 
 # One splice moves at most this much. 1 MiB is Linux's default
 # fs.pipe-max-size, the largest pipe an unprivileged process may ask for; a
@@ -57,7 +59,6 @@ def _failed(error: OSError, *, reading: bool) -> OSError:
     return kind(error.errno, error.strerror)
 
 
-@dataclass
 class RelayCounts:
     """Bytes moved by a two-way relay, each direction counted on its own.
 
@@ -65,49 +66,81 @@ class RelayCounts:
     socket) to the peer; ``inbound`` what came back. ``error`` holds the first
     failure that ended a direction early (not a peer that went away, which is
     an ordinary end), or None.
+
+    A plain class, not a dataclass: importing dataclasses (and inspect, which
+    it pulls in) costs ~10 ms, paid by every per-call process that relays.
     """
 
-    outbound: int = 0
-    inbound: int = 0
-    error: OSError | None = None
+    __slots__ = ("error", "inbound", "outbound")
 
+    def __init__(self, outbound: int = 0, inbound: int = 0, error: OSError | None = None) -> None:
+        self.outbound = outbound
+        self.inbound = inbound
+        self.error = error
 
-def _is_pipe(fd: int) -> bool:
-    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    def __repr__(self) -> str:
+        return (
+            f"RelayCounts(outbound={self.outbound}, inbound={self.inbound}, error={self.error!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RelayCounts):
+            return NotImplemented
+        mine = (self.outbound, self.inbound, self.error)
+        return mine == (other.outbound, other.inbound, other.error)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces was
 
 
 def _is_socket(fd: int) -> bool:
     return stat.S_ISSOCK(os.fstat(fd).st_mode)
 
 
+def _wait_ready(fd: int, *, writing: bool) -> None:
+    """Block until ``fd`` can be read (or written).
+
+    A descriptor we were handed may be non-blocking: O_NONBLOCK belongs to
+    the open file, shared with whoever passed it (a trio program's accepted
+    socket, say), so we wait here instead of changing it under them.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writing else select.POLLIN)
+    poller.poll()
+
+
+def _retry(function: Callable[[], int], fd: int, *, writing: bool) -> int:
+    """``function()``, waiting for ``fd`` and retrying whenever it says EAGAIN."""
+    while True:
+        try:
+            return function()
+        except BlockingIOError:
+            _wait_ready(fd, writing=writing)
+
+
 def _splice_all(pipe_read: int, dst_fd: int, count: int) -> None:
     """Move exactly ``count`` bytes that sit in ``pipe_read`` to ``dst_fd``."""
     while count:
-        count -= os.splice(pipe_read, dst_fd, count)
+        count -= _retry(partial(os.splice, pipe_read, dst_fd, count), dst_fd, writing=True)
 
 
 def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
-    """Copy with splice, directly when one end is a pipe, else through a private pipe."""
-    src_is_pipe = _is_pipe(src_fd)
-    if src_is_pipe or _is_pipe(dst_fd):
-        try:
-            while moved := os.splice(src_fd, dst_fd, PIPE_SIZE):
-                progress[0] += moved
-        except OSError as error:
-            if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
-                raise _SpliceUnsupported from None
-            # One call both reads and writes: a pipe source cannot fail to
-            # read, and a pipe destination only fails to write with EPIPE.
-            reading = not src_is_pipe and error.errno != errno.EPIPE
-            raise _failed(error, reading=reading) from None
-        return
+    """Copy with splice through a private pipe that only this thread touches.
+
+    Never splice straight into (or out of) a pipe someone else holds: a
+    splice from a socket into a pipe keeps the pipe's lock while it waits for
+    the socket, so the process reading that pipe blocks even on the bytes
+    already in it (seen on Linux 6.x: a reader stuck until the next chunk).
+    The private pipe is only locked against ourselves.
+    """
     pipe_read, pipe_write = os.pipe()
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe_write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while True:
             try:
-                moved = os.splice(src_fd, pipe_write, PIPE_SIZE)
+                moved = _retry(
+                    lambda: os.splice(src_fd, pipe_write, PIPE_SIZE), src_fd, writing=False
+                )
             except OSError as error:
                 if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
                     raise _SpliceUnsupported from None
@@ -131,11 +164,11 @@ def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte of ``data`` to the blocking descriptor ``fd`` (WriteFailed on error)."""
+    """Write every byte of ``data`` to ``fd`` (WriteFailed on error)."""
     view = memoryview(data)
     try:
         while view:
-            written = os.write(fd, view)
+            written = _retry(partial(os.write, fd, view), fd, writing=True)
             view = view[written:]
     except OSError as error:
         raise _failed(error, reading=False) from None
@@ -146,7 +179,7 @@ def _copy_buffered(src_fd: int, dst_fd: int, progress: list[int]) -> None:
     view = memoryview(buffer)
     while True:
         try:
-            count = os.readv(src_fd, [buffer])
+            count = _retry(lambda: os.readv(src_fd, [buffer]), src_fd, writing=False)
         except OSError as error:
             raise _failed(error, reading=True) from None
         if count == 0:

@@ -1,6 +1,9 @@
 """Shared helpers for the service tests: local TCP servers and a socket service in-process."""
 
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -69,3 +72,23 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_service_process(path: Path, log: Path, *options: str) -> "subprocess.Popen[bytes]":
+    """Run ``qconnect service run --socket PATH`` as its own process, stderr to ``log``.
+
+    No allowlist applies (a file that does not exist is given). Returns once
+    the socket exists; the caller stops it (SIGTERM) and waits for it.
+    """
+    argv = [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(path)]
+    argv += ["--allow-file", str(log.parent / "no-such.allow"), *options]
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(argv, stderr=log_file)
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"socket service did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return process

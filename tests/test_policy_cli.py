@@ -243,6 +243,10 @@ def test_allow_writes_one_rule_per_port_in_our_block(dom0: Dom0) -> None:
             ["deny", "untrusted", "--port", "22", "--target", "work"],
             "qubes.ConnectTCP +22 untrusted work deny",
         ),
+        (
+            ["deny", "untrusted", "--port", "22", "--target", "@default"],
+            "qubes.ConnectTCP +22 untrusted @default deny",
+        ),
     ],
 )
 def test_each_command_writes_the_rule_a_user_means(dom0: Dom0, words: list[str], rule: str) -> None:
@@ -482,6 +486,46 @@ def test_the_policy_tool_never_imports_trio(dom0: Dom0) -> None:
     modules = [line.rsplit("|", 1)[-1].strip() for line in imported.stderr.splitlines()]
     assert "qconnect.policy.editor" in modules  # the policy tool was really loaded
     assert not [m for m in modules if m == "trio" or m.startswith("trio.")]
+
+
+def test_the_policy_tool_runs_without_any_installed_package(dom0: Dom0) -> None:
+    """As in dom0: Python's standard library and the qconnect sources, nothing else."""
+    source_root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "PYTHONPATH": str(source_root)}
+    options = ["--policy-dir", str(dom0.policy_dir), "--qubes", str(dom0.qubes)]
+
+    def bare_python(*words: str) -> subprocess.CompletedProcess[str]:
+        # -S: no site-packages, so trio and every other installed package are out of reach
+        return subprocess.run(
+            [sys.executable, "-S", *words],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=60,
+            check=False,
+        )
+
+    assert bare_python("-c", "import trio").returncode != 0
+    policy = ["-m", "qconnect.cli", "policy"]
+    edit = bare_python(
+        *policy,
+        "allow",
+        "untrusted",
+        "--port",
+        "444",
+        "--default-target",
+        "mytcp-service",
+        *options,
+    )
+    assert edit.returncode == 0, edit.stderr
+    explain = bare_python(*policy, "explain", "untrusted", "@default", "444", "--json", *options)
+    assert json.loads(explain.stdout) == {
+        "decision": "allow",
+        "target": "mytcp-service",
+        "rule": "30-qconnect.policy:6",
+    }
+    lint = bare_python(*policy, "lint", *options)
+    assert (lint.returncode, lint.stdout) == (0, "no problems (2 rules)\n")
 
 
 def test_concurrent_edits_are_serialized_and_none_is_lost(dom0: Dom0) -> None:

@@ -45,6 +45,20 @@ def new_machine(root: Path) -> Path:
     return policy_dir
 
 
+def legacy_decision(
+    legacy_dir: Path, source: str, target: str, port: int
+) -> tuple[str, str | None]:
+    resolution = evaluate_legacy_call(
+        legacy_dir,
+        SYSTEM,
+        source=source,
+        target=target,
+        service="qubes.ConnectTCP",
+        argument=f"+{port}",
+    )
+    return resolution.action, resolution.target
+
+
 def served_by(policy_dir: Path, target: str, port: int, source: str = "untrusted") -> str | None:
     resolution = evaluate_call(
         policy_dir,
@@ -86,15 +100,7 @@ def test_ready_r40_files_give_the_documented_outcome(tmp_path: Path, scenario: s
     shutil.copytree(READY / scenario / "qubes-rpc-policy", legacy_dir)
     _, outcomes = SCENARIOS[scenario]
     for (target, port), expected in outcomes.items():
-        resolution = evaluate_legacy_call(
-            legacy_dir,
-            SYSTEM,
-            source="untrusted",
-            target=target,
-            service="qubes.ConnectTCP",
-            argument=f"+{port}",
-        )
-        assert (resolution.target if resolution.allowed else None) == expected, (target, port)
+        assert legacy_decision(legacy_dir, "untrusted", target, port)[1] == expected, (target, port)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -120,15 +126,7 @@ def test_legacy_generation_gives_the_documented_outcome(tmp_path: Path, scenario
         {f"qubes.ConnectTCP+{command[3]}" for command in commands}
     )
     for (target, port), expected in outcomes.items():
-        resolution = evaluate_legacy_call(
-            legacy_dir,
-            SYSTEM,
-            source="untrusted",
-            target=target,
-            service="qubes.ConnectTCP",
-            argument=f"+{port}",
-        )
-        assert (resolution.target if resolution.allowed else None) == expected
+        assert legacy_decision(legacy_dir, "untrusted", target, port)[1] == expected
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -141,14 +139,6 @@ def test_import_legacy_keeps_every_decision(tmp_path: Path, scenario: str) -> No
     sources = ["untrusted", "work", "mytcp-service"]
     targets = ["", "mytcp-service", "mytcp-service-bis", "work", "ghost", "@dispvm"]
     for source, target, port in itertools.product(sources, targets, [22, 444, 445]):
-        before = evaluate_legacy_call(
-            legacy_dir,
-            SYSTEM,
-            source=source,
-            target=target,
-            service="qubes.ConnectTCP",
-            argument=f"+{port}",
-        )
         after = evaluate_call(
             policy_dir,
             SYSTEM,
@@ -157,8 +147,5 @@ def test_import_legacy_keeps_every_decision(tmp_path: Path, scenario: str) -> No
             service="qubes.ConnectTCP",
             argument=f"+{port}",
         )
-        assert (after.action, after.target) == (before.action, before.target), (
-            source,
-            target,
-            port,
-        )
+        before = legacy_decision(legacy_dir, source, target, port)
+        assert (after.action, after.target) == before, (source, target, port)

@@ -2,13 +2,11 @@
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
-from tests.service_helpers import call, echo, tcp_server
+from tests.service_helpers import call, echo, start_service_process, tcp_server
 
 CALLS = 500
 CALLERS = ("work", "personal", "dev", "vault", "untrusted")
@@ -24,25 +22,8 @@ def _rss_kib(pid: int) -> int:
 async def test_500_concurrent_calls_are_served_by_one_process(tmp_path: Path) -> None:
     path = tmp_path / "qubes.ConnectTCP"
     log = tmp_path / "service.log"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qconnect.cli",
-                "service",
-                "run",
-                "--socket",
-                str(path),
-                "--allow-file",
-                str(tmp_path / "none.allow"),
-            ],
-            stderr=log_file,
-        )
+    process = start_service_process(path, log)
     try:
-        with trio.fail_after(20):
-            while not path.exists():
-                await trio.sleep(0.05)
         await trio.sleep(0.2)
         async with tcp_server(echo) as port:
             idle_rss = _rss_kib(process.pid)

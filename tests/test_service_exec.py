@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qconnect.service.install import install_into_rpc_dir
+from tests.conftest import recv_all
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,6 @@ def _start_over_socket(
     return process, ours
 
 
-def _receive_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
-
-
 def test_client_half_close_and_late_reply_over_one_socket(
     service_exe: Path, listening: socket.socket
 ) -> None:
@@ -64,11 +58,11 @@ def test_client_half_close_and_late_reply_over_one_socket(
     server, _ = listening.accept()
     caller.sendall(b"question")
     caller.shutdown(socket.SHUT_WR)
-    assert _receive_all(server) == b"question"
+    assert recv_all(server) == b"question"
     time.sleep(0.5)
     server.sendall(b"late reply")
     server.close()
-    assert _receive_all(caller) == b"late reply"
+    assert recv_all(caller) == b"late reply"
     assert process.wait(10) == 0
     caller.close()
 
@@ -81,11 +75,11 @@ def test_server_half_close_reaches_caller_who_can_still_send(
     server, _ = listening.accept()
     server.sendall(b"banner")
     server.shutdown(socket.SHUT_WR)
-    assert _receive_all(caller) == b"banner"  # EOF reached us, not a close of the whole call
+    assert recv_all(caller) == b"banner"  # EOF reached us, not a close of the whole call
     time.sleep(0.3)
     caller.sendall(b"still talking")
     caller.shutdown(socket.SHUT_WR)
-    assert _receive_all(server) == b"still talking"
+    assert recv_all(server) == b"still talking"
     server.close()
     assert process.wait(10) == 0
     caller.close()
@@ -104,7 +98,7 @@ def test_pipes_carry_bytes_both_ways(service_exe: Path, listening: socket.socket
     server, _ = listening.accept()
 
     def serve() -> None:
-        data = _receive_all(server)
+        data = recv_all(server)
         server.sendall(data[::-1])
         server.close()
 
@@ -125,7 +119,7 @@ def test_ipv6_only_server_is_reached(service_exe: Path) -> None:
         server, _ = listener.accept()
         server.sendall(b"v6")
         server.close()
-        assert _receive_all(caller) == b"v6"
+        assert recv_all(caller) == b"v6"
         caller.shutdown(socket.SHUT_WR)
         assert process.wait(10) == 0
         caller.close()

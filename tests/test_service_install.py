@@ -197,3 +197,45 @@ def test_socket_activated_service_notifies_ready_and_serves(tmp_path: Path) -> N
             err += process.communicate(timeout=20)[1]
     assert f"call from work to 127.0.0.1:{port}: 4 bytes in, 4 bytes out" in err
     assert "listening on socket from systemd" in err
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("file", "refusing to replace {path}: it exists and is not a socket"),
+        ("parent-file", "cannot listen on {path}: {path.parent} is not a directory"),
+    ],
+)
+def test_service_run_with_an_unusable_socket_path_fails_in_one_line(
+    tmp_path: Path, make: str, message: str
+) -> None:
+    if make == "file":
+        path = tmp_path / "qubes.ConnectTCP"
+        path.write_text("not a socket")
+    else:
+        (tmp_path / "plain").write_text("")
+        path = tmp_path / "plain" / "qubes.ConnectTCP"
+    result = subprocess.run(
+        [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"qconnect: error: {message.format(path=path)}\n"
+
+
+def test_missing_source_files_are_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import qconnect.service.install as install_module
+
+    monkeypatch.setattr(install_module, "SERVICE_SOURCE", tmp_path / "gone" / "qubes.ConnectTCP")
+    root = tmp_path / "root"
+    root.mkdir()
+    assert main(["service", "install", "--exec", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qconnect: error: cannot read {tmp_path}/gone/qubes.ConnectTCP: ")
+    assert err.count("\n") == 1
+    assert _tree(root) == {}  # nothing half-written

@@ -10,7 +10,6 @@ import hashlib
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,8 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install, install_into_rpc_dir
-from tests.conftest import HalfCloseServer, HttpServer
+from tests.conftest import HalfCloseServer, HttpServer, recv_all
+from tests.service_helpers import start_service_process
 
 TIMEOUT = 60
 POLICY = [
@@ -63,28 +63,7 @@ def _start_socket_service(machine: Machine, log: Path) -> subprocess.Popen[bytes
     install(root, "socket")
     path = root / "run/qubes-rpc/qubes.ConnectTCP"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qconnect.cli",
-                "service",
-                "run",
-                "--socket",
-                str(path),
-                "--allow-file",
-                str(log.parent / "no.allow"),
-            ],
-            stderr=log_file,
-        )
-    deadline = time.monotonic() + 20
-    while not path.exists():
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise AssertionError(f"socket service did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return process
+    return start_service_process(path, log)
 
 
 @pytest.fixture(params=["socket", "exec"])
@@ -162,13 +141,6 @@ def _stdin_socket_call(target: Target, port: int) -> tuple[subprocess.Popen[byte
     return process, ours
 
 
-def _receive_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
-
-
 def test_client_half_close_then_a_reply_2_s_later_arrives(
     target: Target, half_close_server: HalfCloseServer
 ) -> None:
@@ -178,7 +150,7 @@ def test_client_half_close_then_a_reply_2_s_later_arrives(
         caller.sendall(b"request body")
         caller.shutdown(socket.SHUT_WR)
         started = time.monotonic()
-        reply = _receive_all(caller)
+        reply = recv_all(caller)
         assert time.monotonic() - started >= 1.9
     assert reply == HalfCloseServer.summary(b"request body")
     assert process.wait(TIMEOUT) == 0
@@ -189,7 +161,7 @@ def test_server_half_close_reaches_client_which_can_still_send(
 ) -> None:
     process, caller = _stdin_socket_call(target, half_close_server.writes_first_port)
     with caller:
-        assert _receive_all(caller) == HalfCloseServer.GREETING  # EOF arrived
+        assert recv_all(caller) == HalfCloseServer.GREETING  # EOF arrived
         time.sleep(0.5)
         caller.sendall(b"sent after the server's EOF")
         caller.shutdown(socket.SHUT_WR)
@@ -304,3 +276,55 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_500_concurrent_calls_through_the_loopback_are_served_by_one_process(
+    loopback_machine: Callable[..., Machine], tmp_path: Path, echo_server: int
+) -> None:
+    """Four calling qubes, 125 calls each (qrexec allows 128 per qube), all open at once."""
+    callers = [f"caller{index}" for index in range(4)]
+    machine = loopback_machine(
+        "web",
+        *callers,
+        policy=[f"qubes.ConnectTCP * {c} @default allow target=web" for c in callers],
+    )
+    log = tmp_path / "service.log"
+    service = _start_socket_service(machine, log)
+    calls = []
+    try:
+        for index in range(500):
+            ours, theirs = socket.socketpair()
+            process = machine.popen(
+                callers[index % 4],
+                [
+                    "qrexec-client-vm",
+                    "--use-stdin-socket",
+                    "@default",
+                    f"qubes.ConnectTCP+{echo_server}",
+                ],
+                stdin=theirs,
+            )
+            theirs.close()
+            calls.append((process, ours))
+        for index, (_process, sock) in enumerate(calls):
+            sock.sendall(f"{index:04d}".encode())
+            assert sock.recv(10) == f"{index:04d}".encode()
+        assert len(list(Path(f"/proc/{service.pid}/task").iterdir())) == 1
+        for process, sock in calls:
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b""
+            sock.close()
+            assert process.wait(TIMEOUT) == 0
+        _wait_for(lambda: log.read_text().count(" bytes in, ") >= 500, timeout=30)
+    finally:
+        for process, sock in calls:
+            sock.close()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        service.send_signal(signal.SIGTERM)
+        service.wait(20)
+    text = log.read_text()
+    for caller in callers:
+        assert text.count(f"call from {caller} to 127.0.0.1:{echo_server}: 4 bytes in") == 125

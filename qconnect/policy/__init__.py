@@ -14,5 +14,7 @@ Modules, inwards to outwards:
 - ``loader``: a policy directory with its includes to the ordered rule list;
 - ``system_info``: the qubes, as qubesd's ``internal.GetSystemInfo`` describes them;
 - ``evaluate``: one call against the rules, as dom0 decides it;
-- ``editor``, ``lint``, ``cli``: the ``qconnect policy`` tool.
+- ``fence``: our marked block inside a policy file;
+- ``lint``: every problem, and rules that can never match;
+- ``editor``, ``cli``: the ``qconnect policy`` tool.
 """

@@ -35,6 +35,7 @@ from qconnect.policy.loader import (
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import QUBESD_QUERY, SystemInfo, is_dom0
 from qconnect.policy.tokens import (
+    AnyVM,
     DefaultVM,
     DispVMTemplate,
     Place,
@@ -253,9 +254,9 @@ def _source(text: str, system: SystemInfo | None) -> Token:
     return _token(text, Place.SOURCE, "source", system)
 
 
-def _target(text: str, system: SystemInfo | None) -> Token:
+def _target(text: str, system: SystemInfo | None, *, default_ok: bool = False) -> Token:
     token = _token(text, Place.TARGET, "target", system)
-    if isinstance(token, DefaultVM):
+    if isinstance(token, DefaultVM) and not default_ok:
         raise PolicyError("invalid target '@default': use --default-target QUBE for such calls")
     return token
 
@@ -338,10 +339,8 @@ def run_deny(args: argparse.Namespace) -> int:
     fmt = _format(args)
     source = _source(args.source, system)
     ports = _ports(args.port)
-    target = parse_token("@anyvm", Place.TARGET) if args.target is None else None
-    if args.target is not None:
-        target = _target(args.target, system)
-    assert target is not None
+    # No --target: every call of SOURCE to the port, named target or not (@anyvm covers @default).
+    target = AnyVM() if args.target is None else _target(args.target, system, default_ok=True)
     rules = [Rule(SERVICE, f"+{port}", source, target, Deny()) for port in ports]
     command = _command(
         "deny",
@@ -504,8 +503,9 @@ def run_import_legacy(args: argparse.Namespace) -> int:
     command = _command("import-legacy", f"--legacy-dir {legacy_dir}")
     result = PolicyEditor(fmt).add(list(unique.values()), command=command, dry_run=args.dry_run)
     status = _report(result, fmt)
-    print(
-        f"imported {len(unique)} rule(s) from {', '.join(files)}; the R4.0 files stay in "
-        f"{legacy_dir}: remove them once you have checked `{PROG} list`"
-    )
+    if result.written:
+        print(
+            f"imported {len(unique)} rule(s) from {', '.join(files)}; the R4.0 files stay in "
+            f"{legacy_dir}: remove them once you have checked `{PROG} list`"
+        )
     return status

@@ -17,7 +17,16 @@ from pathlib import Path
 from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
-from qconnect.policy.tokens import EvaluationFailure, Place, Token, TokenError, parse_token
+from qconnect.policy.tokens import (
+    AdminVM,
+    DispVM,
+    DispVMTemplate,
+    EvaluationFailure,
+    Place,
+    Token,
+    TokenError,
+    parse_token,
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ class _Refused(Exception):
 def intended_target(requested: str, system: SystemInfo) -> str:
     """The call's target as policy matching sees it, or _Refused.
 
-    Empty means ``@default``; an unknown qube is treated as ``@default`` (so
-    a caller cannot probe which qubes exist); ``@dispvm:NAME`` must name a
-    disposable template; other keywords cannot be requested.
+    Empty means ``@default``; a qube that does not exist is read as
+    ``@default`` too (qrexec logs a warning and goes on); ``@dispvm:NAME``
+    must name a disposable template; other keywords cannot be requested.
     """
     if requested in ("", "@default"):
         return "@default"
@@ -80,14 +89,13 @@ def intended_target(requested: str, system: SystemInfo) -> str:
         token = parse_token(requested, Place.REDIRECT)
     except TokenError:
         raise _Refused(f"{requested!r} cannot be a call's target") from None
-    if requested == "@adminvm" or requested == "@dispvm":
-        return requested
-    if requested.startswith("@dispvm:"):
-        template = system.lookup(requested[len("@dispvm:") :])
+    if isinstance(token, AdminVM | DispVM):
+        return token.text
+    if isinstance(token, DispVMTemplate):
+        template = system.lookup(token.template)
         if template is None or not template.template_for_dispvms:
-            raise _Refused(f"{requested[len('@dispvm:') :]!r} is not a disposable template")
+            raise _Refused(f"{token.template!r} is not a disposable template")
         return f"@dispvm:{template.name}"
-    del token
     qube = system.lookup(requested)
     return qube.name if qube is not None else "@default"
 

@@ -172,35 +172,23 @@ def build_rule(
 ) -> Rule:
     """A rule from its columns, with every check dom0 makes on one line."""
     try:
-        return _build_rule(service, argument, source, target, action, params, location)
+        service_value, argument_value = check_service_argument(service, argument, location)
+        source_token = _token(source, Place.SOURCE, location)
+        target_token = _token(target, Place.TARGET, location)
+        parsed_action = parse_action(action, params, location)
+        if (
+            isinstance(target_token, DefaultVM)
+            and isinstance(parsed_action, Allow)
+            and parsed_action.target is None
+        ):
+            raise fail(
+                location,
+                "allow to @default needs target=QUBE: a call that names no target has "
+                "nowhere else to go",
+            )
     except PolicyError as error:
         words = [service, argument, source, target, action, *params]
         raise (_inline_comment(words, location) or error) from None
-
-
-def _build_rule(
-    service: str,
-    argument: str,
-    source: str,
-    target: str,
-    action: str,
-    params: Sequence[str],
-    location: Location,
-) -> Rule:
-    service_value, argument_value = check_service_argument(service, argument, location)
-    source_token = _token(source, Place.SOURCE, location)
-    target_token = _token(target, Place.TARGET, location)
-    parsed_action = parse_action(action, params, location)
-    if (
-        isinstance(target_token, DefaultVM)
-        and isinstance(parsed_action, Allow)
-        and parsed_action.target is None
-    ):
-        raise fail(
-            location,
-            "allow to @default needs target=QUBE: a call that names no target has "
-            "nowhere else to go",
-        )
     return Rule(service_value, argument_value, source_token, target_token, parsed_action, location)
 
 

@@ -325,6 +325,9 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
     try:
         # As systemd's socket unit does (DirectoryMode=0755): /run/qubes-rpc may not exist yet.
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    except FileExistsError:
+        parent = os.path.dirname(path)
+        raise ServiceError(f"cannot listen on {path}: {parent} is not a directory") from None
     except OSError as error:
         raise ServiceError(f"cannot listen on {path}: {error.strerror}") from None
     with contextlib.suppress(FileNotFoundError):
@@ -410,26 +413,34 @@ async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -
 
 
 def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True) -> int:
-    """Run the service in the foreground: systemd's socket if passed, else bind ``socket_path``."""
+    """Run the service in the foreground: systemd's socket if passed, else bind ``socket_path``.
+
+    SIGTERM/SIGINT are held back from the start until the trio signal
+    receiver takes them (see _stop_on_signal); the previous signal mask is
+    restored on return, whatever happened.
+    """
     raise_fd_limit()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    sock = inherited_socket() if allow_inherited else None
-    where = "socket from systemd" if sock is not None else socket_path
-    if sock is None:
-        sock = bind_socket(socket_path)
-    logger.info(
-        "%s socket service listening on %s (max %d calls, %d per caller)",
-        SERVICE,
-        where,
-        config.max_calls,
-        config.max_calls_per_caller,
-    )
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        trio.run(serve, sock, config)
+        sock = inherited_socket() if allow_inherited else None
+        where = "socket from systemd" if sock is not None else socket_path
+        if sock is None:
+            sock = bind_socket(socket_path)
+        logger.info(
+            "%s socket service listening on %s (max %d calls, %d per caller)",
+            SERVICE,
+            where,
+            config.max_calls,
+            config.max_calls_per_caller,
+        )
+        try:
+            trio.run(serve, sock, config)
+        finally:
+            if where == socket_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
     finally:
-        if where == socket_path:
-            with contextlib.suppress(OSError):
-                os.unlink(socket_path)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
 
 

@@ -100,13 +100,24 @@ def _search_path() -> list[str]:
     return paths
 
 
+def _read_source(path: Path) -> str:
+    """A file of the source tree (rpc-services/, systemd-units/), or a clear error."""
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise ServiceError(
+            f"cannot read {path}: {error.strerror}; qconnect must be installed from its "
+            "source tree (pip install -e) so that rpc-services/ and systemd-units/ are there"
+        ) from None
+
+
 def render_executable(
     python: str = sys.executable,
     search_path: list[str] | None = None,
     allow_files: list[str] | None = None,
 ) -> str:
     """The executable service with its interpreter line and paths filled in. Pure."""
-    source = SERVICE_SOURCE.read_text()
+    source = _read_source(SERVICE_SOURCE)
     first, rest = source.split("\n", 1)
     if not first.startswith("#!"):
         raise ServiceError(f"{SERVICE_SOURCE}: no interpreter line")
@@ -147,7 +158,7 @@ def render_units(
     }
     units = {}
     for name in (SOCKET_UNIT, SERVICE_UNIT):
-        template = string.Template((UNITS_SOURCE / f"{name}.in").read_text())
+        template = string.Template(_read_source(UNITS_SOURCE / f"{name}.in"))
         try:
             units[name] = template.substitute(values)
         except (KeyError, ValueError) as error:

@@ -1,0 +1,186 @@
+"""qconnect.byterelay: the standard-library relay the per-call processes copy with."""
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from qconnect import byterelay
+from tests.conftest import recv_all, tcp_pair
+
+TIMEOUT = 20
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+def test_relay_sockets_copies_both_ways_and_counts(pairs: list[socket.socket]) -> None:
+    user, first = tcp_pair()
+    second, server = tcp_pair()
+    pairs.extend([user, first, second, server])
+    result: list[byterelay.RelayCounts] = []
+    thread = threading.Thread(target=lambda: result.append(byterelay.relay_sockets(first, second)))
+    thread.start()
+    request = os.urandom(3 << 20)
+    user.sendall(request)
+    user.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == request
+    server.sendall(b"reply after the request's EOF")
+    server.shutdown(socket.SHUT_WR)
+    assert recv_all(user) == b"reply after the request's EOF"
+    thread.join(TIMEOUT)
+    assert result == [byterelay.RelayCounts(len(request), 29, None)]
+
+
+def test_relay_sockets_server_half_close_lets_the_client_keep_sending(
+    pairs: list[socket.socket],
+) -> None:
+    user, first = tcp_pair()
+    second, server = tcp_pair()
+    pairs.extend([user, first, second, server])
+    thread = threading.Thread(target=byterelay.relay_sockets, args=(first, second))
+    thread.start()
+    server.sendall(b"greeting")
+    server.shutdown(socket.SHUT_WR)
+    assert recv_all(user) == b"greeting"
+    user.sendall(b"sent after the server's EOF")
+    user.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"sent after the server's EOF"
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+RELAY_PROGRAM = """
+import socket, sys
+from qconnect import byterelay
+peer = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+counts = byterelay.relay_fds(0, 1, peer.fileno())
+print(counts.outbound, counts.inbound, counts.error, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("shape", ["pipes", "socketpairs"])
+def test_relay_fds_as_an_executable_service_with_half_close(
+    pairs: list[socket.socket], shape: str
+) -> None:
+    """stdin/stdout as pipes (a shell) or socketpairs (qrexec-agent): EOF each way alone."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        if shape == "pipes":
+            stdin_arg: int = subprocess.PIPE
+            stdout_arg: int = subprocess.PIPE
+        else:
+            in_ours, in_theirs = socket.socketpair()
+            out_ours, out_theirs = socket.socketpair()
+            pairs.extend([in_ours, in_theirs, out_ours, out_theirs])
+            stdin_arg, stdout_arg = in_theirs.fileno(), out_theirs.fileno()
+        process = subprocess.Popen(
+            [sys.executable, "-c", RELAY_PROGRAM, str(listener.getsockname()[1])],
+            stdin=stdin_arg,
+            stdout=stdout_arg,
+            stderr=subprocess.PIPE,
+        )
+        server, _ = listener.accept()
+    pairs.append(server)
+    payload = os.urandom(1 << 20)
+    if shape == "pipes":
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(payload)
+        process.stdin.close()
+        assert recv_all(server) == payload
+        server.sendall(b"late reply")
+        server.shutdown(socket.SHUT_WR)
+        assert process.stdout.read() == b"late reply"
+        process.stdout.close()
+    else:
+        in_theirs.close()
+        out_theirs.close()
+        in_ours.sendall(payload)
+        in_ours.shutdown(socket.SHUT_WR)
+        assert recv_all(server) == payload
+        server.sendall(b"late reply")
+        server.shutdown(socket.SHUT_WR)
+        assert recv_all(out_ours) == b"late reply"
+    assert process.wait(TIMEOUT) == 0
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert stderr.decode().split() == [str(len(payload)), "10", "None"]
+
+
+def test_pump_reports_a_vanished_reader_as_write_failed(pairs: list[socket.socket]) -> None:
+    source_write, source_read = socket.socketpair()
+    sink, sink_peer = socket.socketpair()
+    pairs.extend([source_write, source_read, sink, sink_peer])
+    sink_peer.close()
+    source_write.sendall(b"nobody reads this")
+    with pytest.raises(byterelay.WriteFailed) as error:
+        byterelay.pump(source_read.fileno(), sink.fileno())
+    assert byterelay.is_peer_gone(error.value)
+
+
+def test_pump_reports_a_reset_source_as_read_failed(pairs: list[socket.socket]) -> None:
+    near, far = tcp_pair()
+    sink, sink_peer = socket.socketpair()
+    pairs.extend([near, far, sink, sink_peer])
+    far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    far.close()  # linger 0: the close sends RST, not FIN
+    with pytest.raises(byterelay.ReadFailed) as error:
+        byterelay.pump(near.fileno(), sink.fileno())
+    assert byterelay.is_peer_gone(error.value)
+
+
+def test_pump_falls_back_when_splice_cannot_be_used(tmp_path: "os.PathLike[str]") -> None:
+    """An O_APPEND file refuses splice; the copy goes through read/write instead."""
+    source = os.path.join(tmp_path, "source")
+    target = os.path.join(tmp_path, "target")
+    data = os.urandom(700_000)
+    with open(source, "wb") as file:
+        file.write(data)
+    with open(target, "wb") as file:
+        file.write(b"head:")
+    source_fd = os.open(source, os.O_RDONLY)
+    target_fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert byterelay.pump(source_fd, target_fd) == len(data)
+    finally:
+        os.close(source_fd)
+        os.close(target_fd)
+    with open(target, "rb") as file:
+        assert file.read() == b"head:" + data
+
+
+def test_shut_write_closes_a_pipe_and_shuts_down_a_socket(pairs: list[socket.socket]) -> None:
+    read_end, write_end = os.pipe()
+    byterelay.shut_write(write_end)
+    assert os.read(read_end, 1) == b""
+    os.close(read_end)
+    near, far = socket.socketpair()
+    pairs.extend([near, far])
+    byterelay.shut_write(near.fileno())
+    assert far.recv(1) == b""
+    far.sendall(b"the other way still works")
+    assert near.recv(100) == b"the other way still works"
+
+
+def test_byterelay_imports_neither_trio_nor_dataclasses() -> None:
+    """Every per-call executable pays for what byterelay imports (inspect costs ~10 ms)."""
+    probe = (
+        "import sys, qconnect.byterelay; "
+        "print('trio' in sys.modules or 'dataclasses' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
+    assert result.stdout == "False\n"
