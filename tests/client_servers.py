@@ -4,10 +4,12 @@
 and prints one JSON line with the ports of:
 
 - ``echo``: echoes every byte; on the client's EOF, shuts its write side down.
-- ``bulk``: reads an 8-byte big-endian length N, then at the same time sends
-  N bytes of :func:`pattern` and hashes everything else it receives; at the
-  client's EOF (and once the N bytes are sent) sends the 64-character sha256
-  hex digest of what it received, then closes.
+- ``bulk``: reads two 8-byte big-endian lengths DOWN and UP, then at the same
+  time sends DOWN bytes of :func:`pattern` and hashes the next UP bytes it
+  receives; once both are done it sends the 64-character sha256 hex digest of
+  what it received, then closes. No half-close is needed, so the socat
+  original (which cuts a connection 0.5 s after one side's EOF) can be
+  measured with it too.
 - ``late``: half-close from the client's side: reads until EOF, waits
   ``LATE_REPLY_DELAY`` seconds, then replies with the byte count, and closes.
 - ``early``: half-close from the server's side: sends ``EARLY_GREETING`` and
@@ -84,17 +86,22 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
 async def bulk(stream: trio.SocketStream, base: bytes) -> None:
     async with stream:
         try:
-            size = int.from_bytes(await _receive_exactly(stream, 8), "big")
+            header = await _receive_exactly(stream, 16)
+            down, up = int.from_bytes(header[:8], "big"), int.from_bytes(header[8:], "big")
             digest = hashlib.sha256()
 
             async def send_pattern() -> None:
-                for block in pattern(size, base):
+                for block in pattern(down, base):
                     await stream.send_all(block)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_pattern)
-                async for data in stream:
+                while up > 0:
+                    data = await stream.receive_some(min(CHUNK, up))
+                    if not data:
+                        return
                     digest.update(data)
+                    up -= len(data)
             await stream.send_all(digest.hexdigest().encode())
         except trio.BrokenResourceError:
             pass

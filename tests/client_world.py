@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
 
@@ -37,6 +39,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Connect, send ``payload``, send EOF, return everything received until EOF."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        received = bytearray()
+        async for data in stream:
+            received += data
+        return bytes(received)
 
 
 def wait_for_path(path: Path, process: "subprocess.Popen[str]") -> None:

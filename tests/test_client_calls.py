@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.client_servers import EARLY_GREETING, pattern, pattern_base, pattern_sha256
-from tests.client_world import SOURCE, TARGET, World, free_port, make_world
+from tests.client_world import SOURCE, TARGET, World, exchange, free_port, make_world
 
 MODES = {"handoff": (), "relay": ("--relay",)}
 
@@ -21,18 +21,6 @@ MODES = {"handoff": (), "relay": ("--relay",)}
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with make_world(tmp_path_factory.mktemp("client-calls")) as built:
         yield built
-
-
-async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Connect, send ``payload``, send EOF, return everything received until EOF."""
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        received = bytearray()
-        async for data in stream:
-            received += data
-        return bytes(received)
 
 
 async def closed_without_data(port: int) -> bool:
@@ -103,8 +91,12 @@ async def test_echo_and_one_log_line_per_connection(world: World, mode: str) -> 
         assert "1 bytes out, 1 bytes in" in lines[0]
 
 
-async def bulk_transfer(port: int, size: int) -> None:
-    """Send ``size`` bytes of the pattern each way at once and check both by sha256."""
+async def bulk_transfer(port: int, size: int, *, half_close: bool = True) -> None:
+    """Send ``size`` bytes of the pattern each way at once and check both by sha256.
+
+    With ``half_close`` the client also sends EOF after its bytes, while the
+    rest of the download and the digest are still to come.
+    """
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     expected_down = pattern_sha256(size)
     base = pattern_base()
@@ -114,10 +106,11 @@ async def bulk_transfer(port: int, size: int) -> None:
     async with stream:
 
         async def upload() -> None:
-            await stream.send_all(size.to_bytes(8, "big"))
+            await stream.send_all(size.to_bytes(8, "big") * 2)
             for block in pattern(size, base):
                 await stream.send_all(block)
-            await stream.send_eof()
+            if half_close:
+                await stream.send_eof()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
@@ -271,3 +264,18 @@ async def test_max_connections_holds_the_rest_in_the_backlog(world: World) -> No
             await stream.aclose()
     _, log = world.stop_client(client)
     assert log.count("all 2 connection slots busy") == 1
+
+
+async def test_older_qrexec_client_vm_without_stdin_socket_gets_the_relay(world: World) -> None:
+    world.machine.set_old_client(True)
+    try:
+        port = free_port()
+        client = world.start_client(f"{port}:{TARGET}:{world.ports['late']}")
+        # half-close still exact: the reply comes 2 s after our EOF
+        assert await exchange(port, b"c" * 300) == b"300\n"
+        code, log = world.stop_client(client)
+    finally:
+        world.machine.set_old_client(False)
+    assert code == 0
+    assert "listening, relay mode" in log
+    assert "300 bytes out, 4 bytes in" in log

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.client_world import SOURCE, TARGET, World, free_port, make_world
+from tests.client_world import SOURCE, TARGET, World, exchange, free_port, make_world
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +28,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def no_binding_outlives_its_test(world: World) -> Iterator[None]:
     yield
     world.qconnect("stop", "--all")
-
-
-async def echo(port: int, payload: bytes = b"ping") -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        received = bytearray()
-        async for data in stream:
-            received += data
-        return bytes(received)
 
 
 def listed(world: World) -> list[dict[str, object]]:
@@ -65,7 +54,7 @@ async def test_returns_once_bound_then_serves_and_is_listed_and_stopped(world: W
         started.stdout == f"Binding TCP '{TARGET}:{world.ports['echo']}' to 'localhost:{port}'...\n"
     )
     # serving as soon as the command returned, from the background
-    assert await echo(port) == b"ping"
+    assert await exchange(port, b"ping") == b"ping"
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(b"hold")
@@ -86,7 +75,7 @@ async def test_returns_once_bound_then_serves_and_is_listed_and_stopped(world: W
     assert not pid_alive(pid)
     assert listed(world) == []
     with pytest.raises(OSError):
-        await echo(port)
+        await exchange(port, b"ping")
 
 
 async def test_stop_one_binding_keeps_the_others(world: World) -> None:
@@ -97,7 +86,7 @@ async def test_stop_one_binding_keeps_the_others(world: World) -> None:
     (answer,) = listed(world)
     remaining = [b["spec"] for b in answer["bindings"]]  # type: ignore[attr-defined]
     assert remaining == [f"127.0.0.1:{second}:@default:{world.ports['echo']}"]
-    assert await echo(second) == b"ping"
+    assert await exchange(second, b"ping") == b"ping"
     missing = world.qconnect("stop", specs[0])
     assert missing.returncode == 1
     assert f"no running binding 127.0.0.1:{specs[0]}" in missing.stderr
@@ -150,7 +139,7 @@ async def test_sigterm_lets_open_connections_finish_then_exits(world: World) -> 
         client.send_signal(signal.SIGTERM)
         await trio.sleep(0.5)
         with pytest.raises(OSError):  # no longer accepting
-            await echo(port)
+            await exchange(port, b"ping")
         await stream.send_all(b"during")  # the open connection still works
         assert await stream.receive_some(6) == b"during"
         assert client.poll() is None
@@ -198,7 +187,7 @@ async def test_out_of_file_descriptors_closes_connections_not_the_binding(world:
     # the binding survived and serves normally again
     for _ in range(5):
         with trio.fail_after(20):
-            assert await echo(port) == b"ping"
+            assert await exchange(port, b"ping") == b"ping"
     assert client.poll() is None
     _, log = world.stop_client(client)
     assert "Too many open files" in log
@@ -253,3 +242,24 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
         notify.close()
     assert activate.returncode == 0, log
     assert f"-> @default:{world.ports['echo']}" in log
+
+
+@pytest.mark.parametrize("mode", [(), ("--relay",)])
+async def test_no_descriptor_or_child_outlives_its_connection(
+    world: World, mode: tuple[str, ...]
+) -> None:
+    port = free_port()
+    client = world.start_client(*mode, f"{port}:{TARGET}:{world.ports['echo']}")
+    assert await exchange(port, b"warm-up") == b"warm-up"
+    await trio.sleep(0.5)
+    baseline = len(os.listdir(f"/proc/{client.pid}/fd"))
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(exchange, port, b"x" * 1000)
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{client.pid}/fd")) != baseline and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    assert len(os.listdir(f"/proc/{client.pid}/fd")) == baseline
+    children = Path(f"/proc/{client.pid}/task/{client.pid}/children").read_text().split()
+    assert children == []  # every call reaped: no zombie, no orphan
+    assert world.stop_client(client)[0] == 0

@@ -210,6 +210,11 @@ def client_steps() -> list[Step]:
             except ConnectionResetError:
                 outcome = "reset"
         machine.say(f"  {outcome} by the binding after {time.monotonic() - started:.2f} s")
+        # The binding logs the call once its qrexec-client-vm is reaped, a moment
+        # after the connection closed.
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while "refused" not in d.client_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         machine.say("What the binding logged, and what dom0 logged:")
         d.run("grep", "refused", str(d.client_log))
         d.run("grep", f"+{REFUSED_PORT} ", str(d.loopback / "log" / "qrexec.log"))
