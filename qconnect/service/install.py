@@ -35,19 +35,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import qconnect
 from qconnect.atomic import remove_file, write_atomic
 from qconnect.errors import ServiceError
 from qconnect.qrexec import SERVICE
+from qconnect.resources import SOURCE_ROOT, data_path
 from qconnect.service.daemon import DEFAULT_SOCKET
 
 SOCKET_UNIT = "qconnect-connecttcp.socket"
 SERVICE_UNIT = "qconnect-connecttcp.service"
 
-#: The source tree's data directories (next to the qconnect package).
-SOURCE_ROOT = Path(qconnect.__file__).resolve().parent.parent
-SERVICE_SOURCE = SOURCE_ROOT / "rpc-services" / SERVICE
-UNITS_SOURCE = SOURCE_ROOT / "systemd-units"
+#: The data files installed from (the source tree, or share/qconnect of a wheel install).
+SERVICE_SOURCE = data_path("rpc-services", SERVICE)
+UNITS_SOURCE = data_path("systemd-units")
 
 # Paths inside the qube (relative to --root).
 RPC_DIR = Path("usr/local/etc/qubes-rpc")
@@ -106,8 +105,8 @@ def _read_source(path: Path) -> str:
         return path.read_text()
     except OSError as error:
         raise ServiceError(
-            f"cannot read {path}: {error.strerror}; qconnect must be installed from its "
-            "source tree (pip install -e) so that rpc-services/ and systemd-units/ are there"
+            f"cannot read {path}: {error.strerror}; reinstall qconnect (its rpc-services/ "
+            "and systemd-units/ files are missing)"
         ) from None
 
 
