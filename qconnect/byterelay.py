@@ -17,9 +17,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import threading
+from collections.abc import Callable
+from functools import partial
 
 # One splice moves at most this much. 1 MiB is Linux's default
 # fs.pipe-max-size, the largest pipe an unprivileged process may ask for; a
@@ -93,10 +96,31 @@ def _is_socket(fd: int) -> bool:
     return stat.S_ISSOCK(os.fstat(fd).st_mode)
 
 
+def _wait_ready(fd: int, *, writing: bool) -> None:
+    """Block until ``fd`` can be read (or written).
+
+    A descriptor we were handed may be non-blocking: O_NONBLOCK belongs to
+    the open file, shared with whoever passed it (a trio program's accepted
+    socket, say), so we wait here instead of changing it under them.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writing else select.POLLIN)
+    poller.poll()
+
+
+def _retry(function: Callable[[], int], fd: int, *, writing: bool) -> int:
+    """``function()``, waiting for ``fd`` and retrying whenever it says EAGAIN."""
+    while True:
+        try:
+            return function()
+        except BlockingIOError:
+            _wait_ready(fd, writing=writing)
+
+
 def _splice_all(pipe_read: int, dst_fd: int, count: int) -> None:
     """Move exactly ``count`` bytes that sit in ``pipe_read`` to ``dst_fd``."""
     while count:
-        count -= os.splice(pipe_read, dst_fd, count)
+        count -= _retry(partial(os.splice, pipe_read, dst_fd, count), dst_fd, writing=True)
 
 
 def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
@@ -114,7 +138,9 @@ def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
             fcntl.fcntl(pipe_write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while True:
             try:
-                moved = os.splice(src_fd, pipe_write, PIPE_SIZE)
+                moved = _retry(
+                    lambda: os.splice(src_fd, pipe_write, PIPE_SIZE), src_fd, writing=False
+                )
             except OSError as error:
                 if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
                     raise _SpliceUnsupported from None
@@ -138,11 +164,11 @@ def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte of ``data`` to the blocking descriptor ``fd`` (WriteFailed on error)."""
+    """Write every byte of ``data`` to ``fd`` (WriteFailed on error)."""
     view = memoryview(data)
     try:
         while view:
-            written = os.write(fd, view)
+            written = _retry(partial(os.write, fd, view), fd, writing=True)
             view = view[written:]
     except OSError as error:
         raise _failed(error, reading=False) from None
@@ -153,7 +179,7 @@ def _copy_buffered(src_fd: int, dst_fd: int, progress: list[int]) -> None:
     view = memoryview(buffer)
     while True:
         try:
-            count = os.readv(src_fd, [buffer])
+            count = _retry(lambda: os.readv(src_fd, [buffer]), src_fd, writing=False)
         except OSError as error:
             raise _failed(error, reading=True) from None
         if count == 0:

@@ -18,17 +18,17 @@ from qconnect.errors import QconnectError
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
     "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
-    "loopback": (
-        "qconnect.loopback.cli",
-        "a whole Qubes machine (qubes, policy, qrexec) on one host",
-    ),
+    "persist": ("qconnect.units.cli", "permanent bindings as socket-activated systemd units"),
     "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
     "policy": (
         "qconnect.policy.cli",
         "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
     ),
+    "loopback": (
+        "qconnect.loopback.cli",
+        "a whole Qubes machine (qubes, policy, qrexec) on one host",
+    ),
     "demo": ("qconnect.demo", "show qconnect at work on a sample Qubes machine"),
-    "persist": ("qconnect.units.cli", "permanent bindings as socket-activated systemd units"),
 }
 
 

@@ -89,6 +89,20 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _receiving_socket(stream: trio.abc.ReceiveStream) -> trio.socket.SocketType | None:
+    """The socket ``stream`` receives from, if it is a plain socket (splice can read it)."""
+    if isinstance(stream, trio.StapledStream):
+        stream = stream.receive_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def _sending_socket(stream: trio.abc.SendStream) -> trio.socket.SocketType | None:
+    """The socket ``stream`` sends to, if it is a plain socket (splice can write it)."""
+    if isinstance(stream, trio.StapledStream):
+        stream = stream.send_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
 async def _copy(
     source: trio.abc.ReceiveStream,
     sink: trio.abc.HalfCloseableStream,
@@ -106,11 +120,10 @@ async def _copy(
     forward = direction == "a_to_b"
     try:
         spliced = False
-        both_sockets = isinstance(source, trio.SocketStream) and isinstance(sink, trio.SocketStream)
-        if _HAVE_SPLICE and both_sockets:
-            assert isinstance(source, trio.SocketStream) and isinstance(sink, trio.SocketStream)
+        source_socket, sink_socket = _receiving_socket(source), _sending_socket(sink)
+        if _HAVE_SPLICE and source_socket is not None and sink_socket is not None:
             with contextlib.suppress(_SpliceUnsupported):
-                await _splice_copy(source.socket, sink.socket, stats, forward)
+                await _splice_copy(source_socket, sink_socket, stats, forward)
                 spliced = True
         while not spliced:
             data = await source.receive_some(chunk_size)

@@ -4,11 +4,14 @@ Everything here is synchronous (threads), so it works from sync tests and
 from trio tests alike, and everything is torn down at the end of the test
 that asked for it: listeners closed, open connections shut, threads joined.
 
-- ``loopback_machine(*qubes, policy=(), stock_connect_tcp=True, ask=None) -> Machine``
+- ``loopback_machine(*qubes, policy=(), stock_connect_tcp=True, ask=None, old_client=False)``
+  ``-> Machine``
 - ``echo_server -> int`` (port on 127.0.0.1; echoes, then half-closes after the client's EOF)
 - ``ipv6_only_echo_server -> int`` (the same on [::1] only)
 - ``http_server -> HttpServer`` (.port, .body: every GET answers 200 with .body)
 - ``half_close_server -> HalfCloseServer`` (see its docstring)
+
+and plain helpers: ``tcp_pair()``, ``recv_all(sock)``, ``write_executable(path, text)``.
 """
 
 import contextlib
@@ -16,6 +19,7 @@ import hashlib
 import http.server
 import itertools
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -105,6 +109,35 @@ def echo(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+# -- plain helpers for tests (import them: ``from tests.conftest import tcp_pair``) --
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1: (the user's end, the accepted end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        user = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    return user, accepted
+
+
+def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """Everything ``sock`` receives until EOF (socket.timeout after ``timeout`` idle seconds)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while data := sock.recv(1 << 16):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def write_executable(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` and make it executable (a service or a local program)."""
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
 @pytest.fixture
 def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
     """Factory: ``loopback_machine("work", "web::server", policy=[...]) -> Machine``.
@@ -113,7 +146,8 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
     ``qconnect loopback init``: ``NAME[:TYPE][:TAG,...]``); ``policy`` lines
     go to policy.d/30-loopback.policy, ``ask`` answers ask rules ("allow",
     "allow QUBE", "deny"), ``stock_connect_tcp=False`` leaves out the stock
-    qubes.ConnectTCP -> /dev/tcp/127.0.0.1 of today's Qubes.
+    qubes.ConnectTCP -> /dev/tcp/127.0.0.1 of today's Qubes, ``old_client=True``
+    plays a qrexec-client-vm without --use-stdin-socket (for fallback tests).
     """
     numbers = itertools.count()
 
@@ -122,6 +156,7 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
         policy: Sequence[str] = (),
         stock_connect_tcp: bool = True,
         ask: str | None = None,
+        old_client: bool = False,
     ) -> Machine:
         machine = Machine.create(
             tmp_path / f"loopback-{next(numbers)}",
@@ -131,6 +166,8 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
         )
         if ask is not None:
             machine.set_ask_answer(ask)
+        if old_client:
+            machine.set_old_client(True)
         return machine
 
     return make

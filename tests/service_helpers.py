@@ -74,14 +74,6 @@ def unused_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def receive_all_sync(sock: socket.socket) -> bytes:
-    """Everything ``sock`` delivers until EOF (blocking sockets, in sync tests)."""
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
-
-
 def start_service_process(path: Path, log: Path, *options: str) -> "subprocess.Popen[bytes]":
     """Run ``qconnect service run --socket PATH`` as its own process, stderr to ``log``.
 

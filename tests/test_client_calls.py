@@ -264,3 +264,18 @@ async def test_max_connections_holds_the_rest_in_the_backlog(world: World) -> No
             await stream.aclose()
     _, log = world.stop_client(client)
     assert log.count("all 2 connection slots busy") == 1
+
+
+async def test_older_qrexec_client_vm_without_stdin_socket_gets_the_relay(world: World) -> None:
+    world.machine.set_old_client(True)
+    try:
+        port = free_port()
+        client = world.start_client(f"{port}:{TARGET}:{world.ports['late']}")
+        # half-close still exact: the reply comes 2 s after our EOF
+        assert await exchange(port, b"c" * 300) == b"300\n"
+        code, log = world.stop_client(client)
+    finally:
+        world.machine.set_old_client(False)
+    assert code == 0
+    assert "listening, relay mode" in log
+    assert "300 bytes out, 4 bytes in" in log

@@ -1,5 +1,7 @@
 """The client's pure parts: exit codes in words, refusal bursts, spec lists, limits."""
 
+from pathlib import Path
+
 import pytest
 
 from qconnect.client.bursts import BurstCounter
@@ -119,3 +121,33 @@ def test_non_loopback_bind_warns_that_other_qubes_can_connect(
         "qvm-connect-tcp: warning: listening on 0.0.0.0:8080, not a loopback address: other "
         "qubes on that network can connect to web:80 through this qube"
     ]
+
+
+def test_registry_skips_a_process_that_closes_without_answering_and_drops_dead_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import threading
+
+    from qconnect.client import registry
+
+    monkeypatch.setenv(registry.RUNTIME_DIR_ENV, str(tmp_path))
+    directory = registry.ensure_runtime_dir()
+    exiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    exiting.bind(str(directory / "100.sock"))
+    exiting.listen()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(directory / "200.sock"))
+    dead.close()  # its file stays, nobody listens: a crashed process's leftover
+
+    def close_without_answer() -> None:
+        conn, _ = exiting.accept()
+        conn.recv(100)
+        conn.close()
+
+    thread = threading.Thread(target=close_without_answer)
+    thread.start()
+    assert registry.ask_all("status") == []
+    thread.join()
+    exiting.close()
+    assert sorted(path.name for path in directory.iterdir()) == ["100.sock"]

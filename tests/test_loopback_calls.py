@@ -7,7 +7,6 @@ services, the built-in /dev/tcp service) and real TCP servers.
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
+from tests.conftest import HttpServer, write_executable
 
 MakeMachine = Callable[..., Machine]
 
@@ -43,12 +43,6 @@ def call(
     )
 
 
-def write_executable(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
 def closed_port() -> int:
     """A port on 127.0.0.1 where nothing listens (bound but not listening: connect is refused)."""
     holder = socket.socket()
@@ -56,6 +50,17 @@ def closed_port() -> int:
     port: int = holder.getsockname()[1]
     holder.close()
     return port
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A unix socket bound at ``path``, even past sun_path's 107 bytes (via /proc/self/fd)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        listener.bind(f"/proc/self/fd/{directory}/{path.name}")
+    finally:
+        os.close(directory)
+    return listener
 
 
 class UnixSocketService:
@@ -66,8 +71,7 @@ class UnixSocketService:
     """
 
     def __init__(self, path: Path, reply: Callable[[bytes], bytes] = lambda data: data) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
+        self.listener = bind_unix(path)
         self.listener.listen(16)
         self.reply = reply
         self.received: list[bytes] = []
@@ -523,3 +527,69 @@ def test_local_program_is_refused_with_use_stdin_socket(loopback_machine: MakeMa
         )
     assert result.returncode == 2
     assert b"cannot spawn a local process with --use-stdin-socket" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "2001:db8::1", "localhost"])
+def test_builtin_tcp_never_leaves_the_loopback_addresses(
+    loopback_machine: MakeMachine, host: str
+) -> None:
+    """Only numeric loopback addresses: others are refused before any connect (no DNS)."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    (machine.rpc_dir("web") / "my.Out").symlink_to(f"/dev/tcp/{host}")
+    result = call(machine, "work", "web", "my.Out+80", data=b"x")
+    assert (result.returncode, result.stdout, result.stderr) == (EXIT_QREXEC_PROBLEM, b"", b"")
+    log = machine.log_file.read_text()
+    assert "loopback addresses only" in log or "getaddrinfo" in log
+
+
+def test_socket_service_path_longer_than_sockaddr_un_is_still_reached(
+    tmp_path: Path, unix_service: Callable[..., UnixSocketService]
+) -> None:
+    """sun_path holds 107 bytes; qrexec reaches longer socket paths another way, so do we."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    machine = Machine.create(deep / "machine", ["work", "web"], policy=["* * work web allow"])
+    path = machine.rpc_dir("web") / "my.Sock"
+    assert len(str(path)) > 108
+    unix_service(path)
+    result = call(machine, "work", "web", "my.Sock", data=b"far away")
+    assert (result.returncode, result.stdout) == (0, b"my.Sock+ work\0far away")
+
+
+def test_http_server_answers_through_the_builtin_service(
+    loopback_machine: MakeMachine, http_server: HttpServer
+) -> None:
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    request = b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    result = call(machine, "work", "web", f"qubes.ConnectTCP+{http_server.port}", data=request)
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"HTTP/1.0 200 ")
+    assert result.stdout.endswith(b"\r\n\r\n" + http_server.body)
+
+
+def test_old_client_has_no_stdin_socket_option(loopback_machine: MakeMachine) -> None:
+    """What a caller that probes for --use-stdin-socket must fall back from."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"], old_client=True)
+    write_executable(machine.rpc_dir("web") / "my.Cat", "#!/bin/sh\nexec cat\n")
+    help_result = machine.run(
+        "work", ["qrexec-client-vm", "--help"], capture_output=True, timeout=TIMEOUT
+    )
+    assert help_result.returncode == 0
+    assert b"--use-stdin-socket" not in help_result.stdout + help_result.stderr
+    left, right = socket.socketpair()
+    with left, right:
+        refused = machine.run(
+            "work",
+            ["qrexec-client-vm", "--use-stdin-socket", "web", "my.Cat"],
+            stdin=left.fileno(),
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+    assert refused.returncode == 2
+    assert b"unrecognized option '--use-stdin-socket'" in refused.stderr
+    # Without the option, calls work as before; switching back restores it.
+    assert call(machine, "work", "web", "my.Cat", data=b"old").stdout == b"old"
+    machine.set_old_client(False)
+    help_result = machine.run(
+        "work", ["qrexec-client-vm", "--help"], capture_output=True, timeout=TIMEOUT
+    )
+    assert b"--use-stdin-socket" in help_result.stdout

@@ -197,3 +197,9 @@ def test_qube_spec_parse() -> None:
     assert QubeSpec.parse("web") == QubeSpec("web")
     assert QubeSpec.parse("web::a,b") == QubeSpec("web", "AppVM", ("a", "b"))
     assert QubeSpec.parse("tpl:TemplateVM") == QubeSpec("tpl", "TemplateVM")
+
+
+def test_init_old_client_flag(tmp_path: Path) -> None:
+    result = qconnect("loopback", "init", str(tmp_path / "m"), "--qube", "a", "--old-client")
+    assert result.returncode == 0
+    assert (tmp_path / "m/old-qrexec-client-vm").exists()

@@ -9,9 +9,9 @@ import contextlib
 import hashlib
 import os
 import socket
-import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,37 +19,13 @@ from typing import Any
 import pytest
 
 from qconnect.loopback.machine import Machine
-from tests.conftest import HalfCloseServer
+from tests.conftest import HalfCloseServer, recv_all, tcp_pair, write_executable
 
 MakeMachine = Callable[..., Machine]
 
 TIMEOUT = 30
 # How long a test waits to be sure something does NOT arrive.
 QUIET_SECONDS = 0.5
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair on 127.0.0.1: (the user's end, the accepted end)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        user = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    return user, accepted
-
-
-def write_executable(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def recv_all(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
-    sock.settimeout(timeout)
-    chunks = []
-    while data := sock.recv(1 << 16):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def recv_exactly(sock: socket.socket, count: int) -> bytes:
@@ -400,3 +376,114 @@ def test_caller_reading_stdout_pipe_gets_each_reply_while_the_call_goes_on(
         process.wait(TIMEOUT)
         process.stdin.close()
         process.stdout.close()
+
+
+class WritesFirstSocketService:
+    """A unix socket service that sends a greeting, then half-closes or closes its socket.
+
+    After a half-close it reads the caller's bytes to EOF and records them.
+    """
+
+    GREETING = b"greeting from the socket service\n"
+
+    def __init__(self, path: Path, *, full_close: bool) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.full_close = full_close
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.sendall(self.GREETING)
+            if self.full_close:
+                return
+            conn.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            self.received.append(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("exit_on_service_eof", [False, True])
+def test_socket_service_half_close_and_exit_on_service_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any], exit_on_service_eof: bool
+) -> None:
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    service = WritesFirstSocketService(machine.rpc_dir("web") / "my.Sock", full_close=False)
+    (machine.rpc_config_dir("web") / "my.Sock").write_text(
+        f"skip-service-descriptor=true\nexit-on-service-eof={str(exit_on_service_eof).lower()}\n"
+    )
+    try:
+        user, accepted = tcp_pair()
+        process = start_call(
+            machine, [*STDIN_SOCKET, "web", "my.Sock"], accepted, same_socket_out=False
+        )
+        assert recv_all(user) == WritesFirstSocketService.GREETING
+        if exit_on_service_eof:
+            assert process.wait(TIMEOUT) == 0  # the service's EOF ended the call
+        else:
+            assert process.poll() is None
+            user.sendall(b"after the service's EOF")
+            user.shutdown(socket.SHUT_WR)
+            assert process.wait(TIMEOUT) == 0
+            service.thread.join(TIMEOUT)
+            assert service.received == [b"after the service's EOF"]
+    finally:
+        service.close()
+
+
+def test_socket_service_closing_its_socket_ends_the_call_without_the_callers_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any]
+) -> None:
+    """A full close (not a half-close) hangs up the socket: the agent ends the call."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    service = WritesFirstSocketService(machine.rpc_dir("web") / "my.Sock", full_close=True)
+    # No descriptor: the service closes with nothing unread, a clean EOF and a
+    # hang-up (unread bytes would make it a reset instead).
+    (machine.rpc_config_dir("web") / "my.Sock").write_text("skip-service-descriptor=true\n")
+    try:
+        user, accepted = tcp_pair()
+        process = start_call(
+            machine, [*STDIN_SOCKET, "web", "my.Sock"], accepted, same_socket_out=False
+        )
+        assert recv_all(user) == WritesFirstSocketService.GREETING
+        assert process.wait(TIMEOUT) == 0
+    finally:
+        service.close()
+
+
+def test_a_non_blocking_stdin_socket_is_waited_on_not_taken_for_eof(
+    loopback_machine: MakeMachine, start_call: Callable[..., Any]
+) -> None:
+    """A trio program hands over its accepted socket, which is O_NONBLOCK (shared with us)."""
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(TIMEOUT)
+        user, accepted = tcp_pair()
+        accepted.setblocking(False)
+        process = start_call(
+            machine,
+            [*STDIN_SOCKET, "web", f"qubes.ConnectTCP+{server.getsockname()[1]}"],
+            accepted,
+            same_socket_out=False,
+        )
+        conn, _ = server.accept()  # the call is connected: the relay starts now
+    with conn:
+        time.sleep(0.3)  # the relay finds nothing to read yet (EAGAIN, not EOF)
+        user.sendall(b"late bytes")
+        assert recv_exactly(conn, 10) == b"late bytes"
+        conn.sendall(b"reply")
+        conn.shutdown(socket.SHUT_WR)
+        assert recv_all(user) == b"reply"
+    user.close()
+    assert process.wait(TIMEOUT) == 0

@@ -4,7 +4,9 @@ import hashlib
 import os
 import socket
 import struct
+from typing import Any
 
+import pytest
 import trio
 
 from qconnect.relay import RelayStats, relay
@@ -171,3 +173,32 @@ async def test_idle_relays_hold_no_pipes() -> None:
         # Four sockets per relay, plus at most the pool's 32 idle pipes (two fds each).
         assert during - before <= 4 * relays + 2 * 32
         nursery.cancel_scope.cancel()
+
+
+async def test_stapled_socket_streams_are_spliced_and_half_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's relay mode staples two socketpairs: both directions may still splice."""
+    import qconnect.relay as relay_module
+
+    spliced: list[bool] = []
+    real = relay_module._splice_copy
+
+    async def counting(*args: Any) -> None:
+        spliced.append(True)
+        await real(*args)
+
+    monkeypatch.setattr(relay_module, "_splice_copy", counting)
+    client, a = _stream_pair()
+    to_call, call_stdin = _stream_pair()
+    from_call, call_stdout = _stream_pair()
+    pipes = trio.StapledStream(to_call, from_call)
+    async with client, a, call_stdin, call_stdout, pipes, trio.open_nursery() as nursery:
+        nursery.start_soon(relay, a, pipes)
+        await client.send_all(b"to the call")
+        await client.send_eof()
+        assert await _receive_all(call_stdin) == b"to the call"
+        await call_stdout.send_all(b"from the call")
+        await call_stdout.send_eof()
+        assert await _receive_all(client) == b"from the call"
+    assert spliced == [True, True]

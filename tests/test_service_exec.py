@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qconnect.service.install import install_into_rpc_dir
-from tests.service_helpers import receive_all_sync
+from tests.conftest import recv_all
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,11 @@ def test_client_half_close_and_late_reply_over_one_socket(
     server, _ = listening.accept()
     caller.sendall(b"question")
     caller.shutdown(socket.SHUT_WR)
-    assert receive_all_sync(server) == b"question"
+    assert recv_all(server) == b"question"
     time.sleep(0.5)
     server.sendall(b"late reply")
     server.close()
-    assert receive_all_sync(caller) == b"late reply"
+    assert recv_all(caller) == b"late reply"
     assert process.wait(10) == 0
     caller.close()
 
@@ -75,11 +75,11 @@ def test_server_half_close_reaches_caller_who_can_still_send(
     server, _ = listening.accept()
     server.sendall(b"banner")
     server.shutdown(socket.SHUT_WR)
-    assert receive_all_sync(caller) == b"banner"  # EOF reached us, not a close of the whole call
+    assert recv_all(caller) == b"banner"  # EOF reached us, not a close of the whole call
     time.sleep(0.3)
     caller.sendall(b"still talking")
     caller.shutdown(socket.SHUT_WR)
-    assert receive_all_sync(server) == b"still talking"
+    assert recv_all(server) == b"still talking"
     server.close()
     assert process.wait(10) == 0
     caller.close()
@@ -98,7 +98,7 @@ def test_pipes_carry_bytes_both_ways(service_exe: Path, listening: socket.socket
     server, _ = listening.accept()
 
     def serve() -> None:
-        data = receive_all_sync(server)
+        data = recv_all(server)
         server.sendall(data[::-1])
         server.close()
 
@@ -119,7 +119,7 @@ def test_ipv6_only_server_is_reached(service_exe: Path) -> None:
         server, _ = listener.accept()
         server.sendall(b"v6")
         server.close()
-        assert receive_all_sync(caller) == b"v6"
+        assert recv_all(caller) == b"v6"
         caller.shutdown(socket.SHUT_WR)
         assert process.wait(10) == 0
         caller.close()

@@ -224,3 +224,18 @@ def test_service_run_with_an_unusable_socket_path_fails_in_one_line(
     )
     assert result.returncode == 2
     assert result.stderr == f"qconnect: error: {message.format(path=path)}\n"
+
+
+def test_missing_source_files_are_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import qconnect.service.install as install_module
+
+    monkeypatch.setattr(install_module, "SERVICE_SOURCE", tmp_path / "gone" / "qubes.ConnectTCP")
+    root = tmp_path / "root"
+    root.mkdir()
+    assert main(["service", "install", "--exec", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qconnect: error: cannot read {tmp_path}/gone/qubes.ConnectTCP: ")
+    assert err.count("\n") == 1
+    assert _tree(root) == {}  # nothing half-written

@@ -20,8 +20,8 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install, install_into_rpc_dir
-from tests.conftest import HalfCloseServer, HttpServer
-from tests.service_helpers import receive_all_sync, start_service_process
+from tests.conftest import HalfCloseServer, HttpServer, recv_all
+from tests.service_helpers import start_service_process
 
 TIMEOUT = 60
 POLICY = [
@@ -150,7 +150,7 @@ def test_client_half_close_then_a_reply_2_s_later_arrives(
         caller.sendall(b"request body")
         caller.shutdown(socket.SHUT_WR)
         started = time.monotonic()
-        reply = receive_all_sync(caller)
+        reply = recv_all(caller)
         assert time.monotonic() - started >= 1.9
     assert reply == HalfCloseServer.summary(b"request body")
     assert process.wait(TIMEOUT) == 0
@@ -161,7 +161,7 @@ def test_server_half_close_reaches_client_which_can_still_send(
 ) -> None:
     process, caller = _stdin_socket_call(target, half_close_server.writes_first_port)
     with caller:
-        assert receive_all_sync(caller) == HalfCloseServer.GREETING  # EOF arrived
+        assert recv_all(caller) == HalfCloseServer.GREETING  # EOF arrived
         time.sleep(0.5)
         caller.sendall(b"sent after the server's EOF")
         caller.shutdown(socket.SHUT_WR)
@@ -313,7 +313,7 @@ def test_500_concurrent_calls_through_the_loopback_are_served_by_one_process(
         assert len(list(Path(f"/proc/{service.pid}/task").iterdir())) == 1
         for process, sock in calls:
             sock.shutdown(socket.SHUT_WR)
-            assert receive_all_sync(sock) == b""
+            assert recv_all(sock) == b""
             sock.close()
             assert process.wait(TIMEOUT) == 0
         _wait_for(lambda: log.read_text().count(" bytes in, ") >= 500, timeout=30)

@@ -112,6 +112,9 @@ def query(path: Path, request: str) -> dict[str, Any]:
             chunks.append(chunk)
             size += len(chunk)
     data = b"".join(chunks)
+    if not data:
+        # closed without a word: the process is exiting and stopped answering
+        raise ConnectionResetError(errno.ECONNRESET, "closed without an answer")
     if size > MAX_MESSAGE or not data.endswith(b"\n"):
         raise ClientError(f"{path}: no valid answer")
     try:

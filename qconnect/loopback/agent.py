@@ -192,20 +192,30 @@ def tcp_address(link: str, argument: str) -> tuple[str, str]:
     return host, port
 
 
+def _is_loopback(numeric: str) -> bool:
+    """127.0.0.0/8, ::1 or IPv4-mapped 127.x, in getaddrinfo's numeric form."""
+    numeric = numeric.partition("%")[0].lower()
+    return (
+        numeric.startswith("127.")
+        or numeric == "::1"
+        or (numeric.startswith("::ffff:127.") and numeric.count(".") == 3)
+    )
+
+
 def connect_tcp(host: str, port: str) -> socket.socket:
     """The built-in TCP service's connect: numeric host and port only (never DNS).
 
     The loopback only ever connects to loopback addresses: anything else is a
     refused connection here (a real qube would try it).
     """
-    import ipaddress
-
     if not _valid_port(port):
         raise CallFailed(EXIT_QREXEC_PROBLEM, f"Invalid port number {port}")
     ipv6_only = ":" in host or "%" in host
     try:
+        # Bytes, not str: a str host goes through the idna codec, whose import
+        # (stringprep, unicodedata) costs milliseconds per call for nothing.
         infos = socket.getaddrinfo(
-            host,
+            host.encode("ascii", "replace"),
             port,
             socket.AF_INET6 if ipv6_only else socket.AF_UNSPEC,
             socket.SOCK_STREAM,
@@ -217,7 +227,7 @@ def connect_tcp(host: str, port: str) -> socket.socket:
             EXIT_QREXEC_PROBLEM, f"getaddrinfo({host}, {port}) failed: {error}"
         ) from None
     family, kind, proto, _, address = infos[0]
-    if not ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback:
+    if not _is_loopback(str(address[0])):
         raise CallFailed(
             EXIT_QREXEC_PROBLEM, f"loopback qrexec connects to loopback addresses only, not {host}"
         )

@@ -46,6 +46,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="leave out the stock qubes.ConnectTCP (-> /dev/tcp/127.0.0.1) every qube ships",
     )
+    init.add_argument(
+        "--old-client",
+        action="store_true",
+        help="play an older qrexec-client-vm that has no --use-stdin-socket option",
+    )
     init.set_defaults(handler=_init)
 
     run = commands.add_parser(
@@ -69,6 +74,8 @@ def _init(args: argparse.Namespace) -> int:
     )
     if args.ask is not None:
         machine.set_ask_answer(args.ask)
+    if args.old_client:
+        machine.set_old_client(True)
     names = ", ".join(spec.name for spec in specs)
     print(f"loopback machine {machine.directory} created with dom0 and {names}")
     return 0

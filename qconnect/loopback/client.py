@@ -159,9 +159,23 @@ def _socket_type(fd: int) -> int:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
 
 
-def parse_command_line(argv: list[str]) -> Options:
-    """Parse like getopt_long with "+" (options end at the first non-option word)."""
+def usage(*, stdin_socket_option: bool = True) -> str:
+    """The usage text; an older client's has no --use-stdin-socket line."""
+    if stdin_socket_option:
+        return USAGE
+    return "".join(line for line in USAGE.splitlines(True) if "--use-stdin-socket" not in line)
+
+
+def parse_command_line(argv: list[str], *, stdin_socket_option: bool = True) -> Options:
+    """Parse like getopt_long with "+" (options end at the first non-option word).
+
+    ``stdin_socket_option=False`` plays a qrexec-client-vm from before
+    ``--use-stdin-socket`` existed: the option is unknown.
+    """
     options = Options()
+    long_options = dict(_LONG_OPTIONS)
+    if not stdin_socket_option:
+        del long_options["use-stdin-socket"]
     index = 0
 
     def apply(key: str, value: str | None) -> None:
@@ -189,13 +203,13 @@ def parse_command_line(argv: list[str]) -> Options:
             break
         if word.startswith("--"):
             name, equals, value = word[2:].partition("=")
-            matches = [long for long in _LONG_OPTIONS if long.startswith(name)]
-            if name in _LONG_OPTIONS:
+            matches = [long for long in long_options if long.startswith(name)]
+            if name in long_options:
                 matches = [name]
             if len(matches) != 1:
                 problem = "ambiguous" if matches else "unrecognized"
                 raise UsageError(f"{PROG}: {problem} option '--{name}'")
-            key, takes_value = _LONG_OPTIONS[matches[0]]
+            key, takes_value = long_options[matches[0]]
             if takes_value and not equals:
                 index += 1
                 if index >= len(argv):
@@ -684,18 +698,19 @@ def main(argv: list[str] | None = None, *, machine: str | None = None) -> NoRetu
     # Like the C program, die of SIGINT (Ctrl-C) instead of a Python traceback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     words = sys.argv[1:] if argv is None else argv
+    machine_dir = os.environ.get(layout.MACHINE_ENV) or machine
+    modern = not (machine_dir and layout.old_client_flag(Path(machine_dir)).exists())
     try:
-        options = parse_command_line(words)
+        options = parse_command_line(words, stdin_socket_option=modern)
     except UsageError as error:
         if str(error):
             print(str(error) if error.show_usage else f"{PROG}: {error}", file=sys.stderr)
         if error.show_usage:
-            sys.stderr.write(USAGE)
+            sys.stderr.write(usage(stdin_socket_option=modern))
         _flush_and_exit(error.exit_code)
     if options.help:
-        sys.stdout.write(USAGE)
+        sys.stdout.write(usage(stdin_socket_option=modern))
         _flush_and_exit(0)
-    machine_dir = os.environ.get(layout.MACHINE_ENV) or machine
     source = os.environ.get(layout.QUBE_ENV, "")
     if not machine_dir or not source:
         print(

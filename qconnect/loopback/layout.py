@@ -6,6 +6,7 @@ must start fast and so imports only this, not ``machine``::
     DIR/qubes.json                 dom0's system info (internal.GetSystemInfo)
     DIR/policy.d/*.policy          dom0's qrexec policy
     DIR/ask                        the answer to ``ask`` rules (no user to ask)
+    DIR/old-qrexec-client-vm       if present: the client lacks --use-stdin-socket
     DIR/bin/qrexec-client-vm       the loopback client every qube calls
     DIR/qubes/NAME/rpc/            the qube's first qubes-rpc directory
     DIR/qubes/NAME/rpc-config/     the qube's first rpc-config directory
@@ -61,6 +62,11 @@ def rpc_config_path(machine: Path, qube: str) -> list[Path]:
 
 def calls_dir(machine: Path, qube: str) -> Path:
     return machine / "run" / "calls" / qube
+
+
+def old_client_flag(machine: Path) -> Path:
+    """Present when the machine's qrexec-client-vm plays one without --use-stdin-socket."""
+    return machine / "old-qrexec-client-vm"
 
 
 def bin_dir(machine: Path) -> Path:

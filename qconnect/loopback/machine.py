@@ -277,6 +277,19 @@ class Machine:
         else:
             atomic.write_atomic(path, answer + "\n")
 
+    def set_old_client(self, old: bool) -> None:
+        """Play an older qrexec-client-vm, without ``--use-stdin-socket`` (or the current one).
+
+        The option is then unknown (usage error, exit 2) and missing from
+        ``--help``, as in qrexec releases before it existed: what a client
+        that detects the option must fall back from.
+        """
+        flag = layout.old_client_flag(self.directory)
+        if old:
+            atomic.write_atomic(flag, "qrexec-client-vm without --use-stdin-socket\n")
+        else:
+            atomic.remove_file(flag)
+
     def calls_in_flight(self, qube: str) -> int:
         """How many calls ``qube`` has in flight now (held call slots)."""
         from qconnect.loopback import slots

@@ -160,7 +160,9 @@ def _install(args: argparse.Namespace) -> int:
         print(f"added the start-up block to {args.root / install.RC_LOCAL}")
     if args.root == Path("/") and args.form == "socket":
         install.systemctl("daemon-reload")
-        install.systemctl("restart", install.SOCKET_UNIT)
+        # A running service keeps its old socket: stop both, then start the socket afresh.
+        install.systemctl("stop", install.SERVICE_UNIT, install.SOCKET_UNIT)
+        install.systemctl("start", install.SOCKET_UNIT)
     return 0
 
 

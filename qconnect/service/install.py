@@ -35,19 +35,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import qconnect
 from qconnect.atomic import remove_file, write_atomic
 from qconnect.errors import ServiceError
 from qconnect.qrexec import SERVICE
+from qconnect.resources import SOURCE_ROOT, data_path
 from qconnect.service.daemon import DEFAULT_SOCKET
 
 SOCKET_UNIT = "qconnect-connecttcp.socket"
 SERVICE_UNIT = "qconnect-connecttcp.service"
 
-#: The source tree's data directories (next to the qconnect package).
-SOURCE_ROOT = Path(qconnect.__file__).resolve().parent.parent
-SERVICE_SOURCE = SOURCE_ROOT / "rpc-services" / SERVICE
-UNITS_SOURCE = SOURCE_ROOT / "systemd-units"
+#: The data files installed from (the source tree, or share/qconnect of a wheel install).
+SERVICE_SOURCE = data_path("rpc-services", SERVICE)
+UNITS_SOURCE = data_path("systemd-units")
 
 # Paths inside the qube (relative to --root).
 RPC_DIR = Path("usr/local/etc/qubes-rpc")
@@ -100,13 +99,24 @@ def _search_path() -> list[str]:
     return paths
 
 
+def _read_source(path: Path) -> str:
+    """A file of the source tree (rpc-services/, systemd-units/), or a clear error."""
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise ServiceError(
+            f"cannot read {path}: {error.strerror}; reinstall qconnect (its rpc-services/ "
+            "and systemd-units/ files are missing)"
+        ) from None
+
+
 def render_executable(
     python: str = sys.executable,
     search_path: list[str] | None = None,
     allow_files: list[str] | None = None,
 ) -> str:
     """The executable service with its interpreter line and paths filled in. Pure."""
-    source = SERVICE_SOURCE.read_text()
+    source = _read_source(SERVICE_SOURCE)
     first, rest = source.split("\n", 1)
     if not first.startswith("#!"):
         raise ServiceError(f"{SERVICE_SOURCE}: no interpreter line")
@@ -147,7 +157,7 @@ def render_units(
     }
     units = {}
     for name in (SOCKET_UNIT, SERVICE_UNIT):
-        template = string.Template((UNITS_SOURCE / f"{name}.in").read_text())
+        template = string.Template(_read_source(UNITS_SOURCE / f"{name}.in"))
         try:
             units[name] = template.substitute(values)
         except (KeyError, ValueError) as error:

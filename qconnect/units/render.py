@@ -21,7 +21,6 @@ addresses write ``:`` as ``_`` and ``@dispvm:NAME`` writes it as ``=``
 import re
 import shlex
 import string
-import sys
 import textwrap
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from qconnect.errors import PersistError, QconnectError
 from qconnect.qrexec import MAX_CALLS_IN_FLIGHT, service_call
+from qconnect.resources import data_path
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units.escape import escape, is_valid_unit_name, unescape
 
@@ -155,14 +155,7 @@ class GeneratedInfo:
 
 def template_directory() -> Path:
     """Where the unit templates are: the source tree, or ``share/qconnect`` when installed."""
-    candidates = [
-        Path(__file__).resolve().parents[2] / "systemd-units",
-        Path(sys.prefix) / "share" / "qconnect" / "systemd-units",
-    ]
-    for candidate in candidates:
-        if (candidate / _TEMPLATE_NAMES[0]).is_file():
-            return candidate
-    return candidates[0]
+    return data_path("systemd-units")
 
 
 def load_templates(directory: Path | None = None) -> Templates:
