@@ -27,6 +27,7 @@ from qconnect.client.registry import (
 )
 from qconnect.client.server import ClientServer, ServerOptions
 from qconnect.logs import setup_logging
+from qconnect.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.client")
 
@@ -90,7 +91,7 @@ def _control_socket() -> tuple[socket.socket, Path]:
     try:
         old_umask = os.umask(0o177)
         try:
-            sock.bind(str(path))
+            bind_unix(sock, str(path))
         finally:
             os.umask(old_umask)
         sock.listen(16)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qconnect.client.errors import ClientError
+from qconnect.unixpath import connect_unix
 
 #: Environment variable that moves the runtime directory (tests, loopback qubes).
 RUNTIME_DIR_ENV = "QCONNECT_RUNTIME_DIR"
@@ -101,7 +102,7 @@ def query(path: Path, request: str) -> dict[str, Any]:
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(QUERY_TIMEOUT)
-        sock.connect(str(path))
+        connect_unix(sock, str(path))
         sock.sendall(request.encode() + b"\n")
         chunks: list[bytes] = []
         size = 0

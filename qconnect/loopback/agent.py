@@ -16,16 +16,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from qconnect import unixpath
 from qconnect.loopback import layout
 from qconnect.loopback.rpcconfig import RpcConfig, RpcConfigError, parse_rpc_config
 from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM
 
 # Linux's limit on a file name (NAME_MAX): a longer service name cannot exist.
 _NAME_MAX = 255
-
-# sockaddr_un holds 108 bytes with the NUL; longer socket paths are reached
-# through /proc/self/fd (qrexec uses a symlink in /tmp for the same problem).
-_SUN_PATH_MAX = 107
 
 _DEV_TCP = "/dev/tcp"
 
@@ -138,14 +135,7 @@ def connect_unix(path: str) -> socket.socket:
     """Connect to a socket service; 125 when nobody listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-            sock.connect(path)
-        else:
-            directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
-            try:
-                sock.connect(f"/proc/self/fd/{directory}/{os.path.basename(path)}")
-            finally:
-                os.close(directory)
+        unixpath.connect_unix(sock, path)
     except OSError as error:
         sock.close()
         raise CallFailed(EXIT_QREXEC_PROBLEM, f"connect {path}: {error.strerror}") from None

@@ -35,6 +35,7 @@ from qconnect.service.descriptor import (
     parse_descriptor,
     split_descriptor,
 )
+from qconnect.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.service")
 
@@ -65,10 +66,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 #: Loopback addresses tried in order; numeric, so never DNS.
 ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
-
-# sockaddr_un holds 108 bytes including the NUL; longer paths (deep test or
-# loopback machine directories) are bound through /proc/self/fd.
-SUN_PATH_MAX = 107
 
 #: Signals that stop the service cleanly (socket removed, one log line).
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -335,20 +332,12 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
             raise ServiceError(f"refusing to replace {path}: it exists and is not a socket")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    directory_fd = None
     try:
-        bind_path = path
-        if len(os.fsencode(path)) > SUN_PATH_MAX:
-            # Too long for sockaddr_un: bind through /proc/self/fd/N of its directory.
-            directory_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-            bind_path = f"/proc/self/fd/{directory_fd}/{os.path.basename(path)}"
         old_umask = os.umask(0o177)
         try:
-            sock.bind(bind_path)
+            bind_unix(sock, path)
         finally:
             os.umask(old_umask)
-            if directory_fd is not None:
-                os.close(directory_fd)
         os.chmod(path, mode)
         sock.listen(socket.SOMAXCONN)
     except OSError as error:
