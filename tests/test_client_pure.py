@@ -53,6 +53,11 @@ def test_signal_exits_name_the_signal(code: int) -> None:
     assert "SIGTERM" in words
 
 
+def test_a_killed_remote_service_is_told_apart_from_a_killed_qrexec_client_vm() -> None:
+    assert "qrexec-client-vm was killed by SIGKILL" in describe(-9)[1]
+    assert "the service in web was killed by SIGKILL (exit code 137)" in describe(137)[1]
+
+
 def test_other_exit_codes_are_reported_as_is() -> None:
     assert describe(3) == (Kind.FAILED, "the service failed with exit code 3")
 

@@ -74,5 +74,11 @@ def describe_exit(returncode: int, *, source_qube: str, target: str, remote_port
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        return Outcome(Kind.SIGNALLED, f"qrexec-client-vm was killed by {name}")
+        if returncode < 0:
+            return Outcome(Kind.SIGNALLED, f"qrexec-client-vm was killed by {name}")
+        # qrexec passes on the remote service's status: 128+N is a service killed by signal N
+        return Outcome(
+            Kind.SIGNALLED,
+            f"the service in {target} was killed by {name} (exit code {returncode})",
+        )
     return Outcome(Kind.FAILED, f"the service failed with exit code {returncode}")
