@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qconnect.atomic import locked, remove_file, write_atomic
 from qconnect.errors import PolicyError
+from qconnect.fence import Fenced
 from qconnect.policy import fence, legacy
 from qconnect.policy.lint import shadowing_rule
 from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_policy
@@ -187,13 +188,13 @@ class _Plan:
             self.originals[path] = self.texts[path] = _read(path)
         return self.texts[path]
 
-    def our_rules(self, path: Path) -> tuple[fence.Fenced, list[Rule]]:
+    def our_rules(self, path: Path) -> tuple[Fenced, list[Rule]]:
         text = self.text(path) or ""
         display = self.policy_format.display(path)
         fenced = fence.split(text, display)
         return fenced, self.policy_format.parse_body(fenced.body, fenced.body_first_line, path)
 
-    def set_rules(self, path: Path, fenced: fence.Fenced, rules: Sequence[Rule]) -> None:
+    def set_rules(self, path: Path, fenced: Fenced, rules: Sequence[Rule]) -> None:
         lines = [self.policy_format.render(rule) for rule in rules]
         original = self.originals.get(path)
         if not lines and (original is None or _only_ours(original)):

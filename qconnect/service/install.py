@@ -37,6 +37,7 @@ from pathlib import Path
 
 from qconnect.atomic import remove_file, write_atomic
 from qconnect.errors import ServiceError
+from qconnect.fence import Fenced, FenceError, Markers
 from qconnect.qrexec import SERVICE
 from qconnect.resources import SOURCE_ROOT, data_path
 from qconnect.service.daemon import DEFAULT_SOCKET
@@ -58,6 +59,7 @@ MANIFEST = Path("usr/local/etc/qconnect/service-install.json")
 #: Fences of our block in the user's rc.local; a later edit finds exactly its lines.
 BLOCK_BEGIN = "# BEGIN qconnect service (generated; remove with: qconnect service uninstall)"
 BLOCK_END = "# END qconnect service"
+_MARKERS = Markers(BLOCK_BEGIN, BLOCK_END)  # a shell script: lines end at "\n"
 
 RC_LOCAL_BLOCK = f"""{BLOCK_BEGIN}
 # /usr/local is mounted after systemd read its units: reload, then start the
@@ -166,30 +168,31 @@ def render_units(
 
 
 def add_block(text: str) -> str:
-    """``text`` (an rc.local) with our block at its end, replacing an old copy. Pure."""
-    kept = remove_block(text)
-    if kept and not kept.endswith("\n"):
-        kept += "\n"
-    return kept + RC_LOCAL_BLOCK
+    """``text`` (an rc.local) with our block, replacing an old copy. Pure.
+
+    The block goes at the end, or before a final ``exit`` (after it, it
+    would never run).
+    """
+    return _split(remove_block(text)).with_block(RC_LOCAL_BLOCK)
 
 
 def remove_block(text: str) -> str:
     """``text`` without our fenced block; every other line untouched. Pure."""
-    lines = text.splitlines(keepends=True)
-    out, inside = [], False
-    for line in lines:
-        stripped = line.rstrip("\n")
-        if stripped == BLOCK_BEGIN:
-            inside = True
-            continue
-        if inside and stripped == BLOCK_END:
-            inside = False
-            continue
-        if not inside:
-            out.append(line)
-    if inside:
-        raise ServiceError(f"rc.local has '{BLOCK_BEGIN}' without its end line; edit it by hand")
-    return "".join(out)
+    return _split(text).without_block()
+
+
+def _split(text: str) -> Fenced:
+    try:
+        return _MARKERS.split(text, before_exit=True)
+    except FenceError as error:
+        if error.unclosed:
+            raise ServiceError(
+                f"rc.local has '{BLOCK_BEGIN}' without its end line; edit it by hand"
+            ) from None
+        raise ServiceError(
+            f"rc.local has a damaged qconnect block ({error.begins} '{BLOCK_BEGIN}' and "
+            f"{error.ends} '{BLOCK_END}' lines); edit it by hand"
+        ) from None
 
 
 class _Installer:
@@ -317,6 +320,10 @@ def uninstall(root: Path) -> Manifest | None:
     manifest = _read_manifest(root)
     if manifest is None:
         return None
+    if manifest.rc_local_block:
+        # A damaged block in rc.local is refused before anything is removed.
+        with contextlib.suppress(FileNotFoundError):
+            remove_block((root / RC_LOCAL).read_text())
     remove_file(root / MANIFEST)  # first, so that its directory can go with the others
     _remove(root, manifest)
     return manifest

@@ -13,9 +13,13 @@ touched, and removing the block restores the file byte for byte.
 import shlex
 
 from qconnect.errors import PersistError
+from qconnect.fence import Fenced, FenceError, Markers
 
 BEGIN = "# BEGIN qconnect persist"
 END = "# END qconnect persist"
+
+# A shell script: lines end at "\n" only; the BEGIN line carries a flag.
+_MARKERS = Markers(BEGIN, END, flagged=True)
 
 # Flags on the BEGIN line recording what adding the block did to the file
 # beyond the block itself, so that removing it can undo exactly that.
@@ -47,43 +51,25 @@ def render_block(socket_units: list[str], *, flag: str = "") -> list[str]:
     ]
 
 
-def _find_block(lines: list[str]) -> tuple[int, int, str] | None:
-    """(first, last, flag) of our block in ``lines``, None if absent; PersistError if broken."""
-    begins = [i for i, line in enumerate(lines) if line.rstrip("\n").startswith(BEGIN)]
-    ends = [i for i, line in enumerate(lines) if line.rstrip("\n") == END]
-    if not begins and not ends:
-        return None
-    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+def _split(text: str) -> Fenced:
+    """``text`` split around our block (or where a new one goes); PersistError if broken."""
+    try:
+        fenced = _MARKERS.split(text, before_exit=True)
+    except FenceError as error:
         raise PersistError(
-            f"rc.local has a broken qconnect block ({len(begins)} '{BEGIN}' and {len(ends)} "
+            f"rc.local has a broken qconnect block ({error.begins} '{BEGIN}' and {error.ends} "
             f"'{END}' lines): fix or delete those lines by hand; nothing changed"
-        )
-    flag = lines[begins[0]].rstrip("\n")[len(BEGIN) :]
-    if flag not in ("", _CREATED, _NEWLINE_ADDED):
-        raise PersistError(f"rc.local: unknown qconnect marker {lines[begins[0]].strip()!r}")
-    return begins[0], ends[0], flag
-
-
-def _exit_line_index(lines: list[str]) -> int:
-    """Where to insert a new block: before a final ``exit`` (it would never run after it)."""
-    for index in range(len(lines) - 1, -1, -1):
-        words = lines[index].split()
-        if not words or words[0].startswith("#"):
-            continue
-        return index if words[0] == "exit" else len(lines)
-    return len(lines)
+        ) from None
+    if fenced.flag not in ("", _CREATED, _NEWLINE_ADDED):
+        raise PersistError(f"rc.local: unknown qconnect marker {(BEGIN + fenced.flag).strip()!r}")
+    return fenced
 
 
 def units_in_block(text: str | None) -> list[str]:
     """The socket units our block starts, for ``persist list`` and tests."""
     if text is None:
         return []
-    lines = text.splitlines(keepends=True)
-    found = _find_block(lines)
-    if found is None:
-        return []
-    first, last, _flag = found
-    for line in lines[first:last]:
+    for line in _split(text).body:
         if line.startswith("systemctl --no-block start "):
             words = shlex.split(line)
             return words[3 : words.index("||")]
@@ -96,30 +82,20 @@ def update(text: str | None, socket_units: list[str]) -> str | None:
     ``text`` is the current file (None when absent). An empty ``socket_units``
     removes the block and whatever adding it changed; the result is then
     byte for byte the file as it was before the first block was added.
+    A new block goes before a final ``exit`` (after it, it would never run).
     """
-    lines = [] if text is None else text.splitlines(keepends=True)
-    found = _find_block(lines)
-    if found is not None:
-        first, last, flag = found
-        before, after = lines[:first], lines[last + 1 :]
+    fenced = _split(SHEBANG if text is None else text)
+    if fenced.present:
+        flag = fenced.flag
+    elif text is None:
+        flag = _CREATED
     else:
-        flag = ""
-        if text is None:
-            flag = _CREATED
-            before, after = [SHEBANG], []
-        else:
-            at = _exit_line_index(lines)
-            before, after = lines[:at], lines[at:]
-            if before and not before[-1].endswith("\n"):
-                flag = _NEWLINE_ADDED
-                before[-1] += "\n"
+        flag = _NEWLINE_ADDED if fenced.needs_newline else ""
     if socket_units:
-        return "".join(before + render_block(socket_units, flag=flag) + after)
-    if found is None:
+        return fenced.with_block("".join(render_block(socket_units, flag=flag)))
+    if not fenced.present:
         return text
-    if flag == _NEWLINE_ADDED and before and not after:
-        before[-1] = before[-1][:-1]
-    rest = "".join(before + after)
+    rest = fenced.without_block(newline_added=flag == _NEWLINE_ADDED)
     if flag == _CREATED and rest == SHEBANG:
         return None
     return rest
