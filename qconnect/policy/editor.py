@@ -15,6 +15,7 @@ that decides.
 import contextlib
 import difflib
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,25 +75,25 @@ class EditResult:
     written: bool = False
 
 
-class PolicyFormat:
+class PolicyFormat(ABC):
     """Where our rules live and how they are written, parsed and loaded: R4.1+ or R4.0."""
 
     directory: Path
 
-    def file_for(self, rule: Rule) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def file_for(self, rule: Rule) -> Path: ...
 
-    def managed_files(self, overrides: Overrides) -> list[Path]:
-        raise NotImplementedError
+    @abstractmethod
+    def managed_files(self, overrides: Overrides) -> list[Path]: ...
 
-    def render(self, rule: Rule) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def render(self, rule: Rule) -> str: ...
 
-    def parse_body(self, body: Sequence[str], first_line: int, path: Path) -> list[Rule]:
-        raise NotImplementedError
+    @abstractmethod
+    def parse_body(self, body: Sequence[str], first_line: int, path: Path) -> list[Rule]: ...
 
-    def load(self, overrides: Overrides | None = None) -> Policy:
-        raise NotImplementedError
+    @abstractmethod
+    def load(self, overrides: Overrides | None = None) -> Policy: ...
 
     def display(self, path: Path) -> str:
         try:

@@ -13,6 +13,7 @@ a qube name, ``@default``, ``@adminvm``, ``@dispvm`` or ``@dispvm:NAME``
 """
 
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,23 +41,23 @@ class EvaluationFailure(Exception):
     """
 
 
-class Token:
+class Token(ABC):
     """A qube specification in a rule."""
 
     allowed: ClassVar[frozenset[Place]]
 
     @property
+    @abstractmethod
     def text(self) -> str:
         """The token as written in a policy file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
         """Whether this token covers ``other`` (a source name or an intended target)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def expand(self, system: SystemInfo) -> Iterator[str]:
         """Every concrete target this token stands for (the choices of an ``ask``)."""
-        raise NotImplementedError
 
     def __str__(self) -> str:
         return self.text
@@ -170,8 +171,8 @@ class DefaultVM(Token):
 class _QubeProperty(Token):
     """A token naming the qubes that have some property (a type, a tag)."""
 
-    def has_property(self, qube: QubeInfo) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has_property(self, qube: QubeInfo) -> bool: ...
 
     def match(self, other: str, system: SystemInfo, source: str | None = None) -> bool:
         qube = None if other.startswith("@") else system.lookup(other)
