@@ -23,15 +23,17 @@ def _describe(error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def locked(directory: Path, name: str = ".qconnect.lock") -> Iterator[None]:
+def locked(directory: Path, name: str | None = ".qconnect.lock") -> Iterator[None]:
     """Hold an exclusive lock on ``directory/name`` for one read-modify-write.
 
     Two edits at once would each read the old file and the second rename
-    would silently drop the first edit; the lock serialises them.
+    would silently drop the first edit; the lock serialises them. With
+    ``name=None`` the directory itself is locked, leaving no file behind.
     """
-    lock_path = directory / name
+    lock_path = directory if name is None else directory / name
+    flags = os.O_RDONLY | os.O_DIRECTORY if name is None else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, flags | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise FileWriteError(f"cannot lock {lock_path}: {_describe(error)}") from None
     try:

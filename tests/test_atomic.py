@@ -76,3 +76,10 @@ def test_remove_file_reports_presence(tmp_path: Path) -> None:
     target.write_text("x")
     assert remove_file(target) is True
     assert remove_file(target) is False
+
+
+def test_locking_the_directory_itself_leaves_no_file(tmp_path: Path) -> None:
+    with locked(tmp_path, name=None):
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileWriteError, match="cannot lock"), locked(tmp_path / "absent", name=None):
+        pass

@@ -12,7 +12,6 @@ read-plan-apply sequence, so two commands never interleave their edits.
 """
 
 import contextlib
-import fcntl
 import os
 import stat
 import subprocess
@@ -21,8 +20,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from qconnect.atomic import remove_file, write_atomic
-from qconnect.errors import PersistError, QconnectError
+from qconnect.atomic import locked, remove_file, write_atomic
+from qconnect.errors import FileWriteError, PersistError, QconnectError
 from qconnect.spec import BindingSpec
 from qconnect.units import rclocal
 from qconnect.units.render import (
@@ -393,15 +392,12 @@ def scope_lock(layout: Layout) -> Iterator[None]:
     Locking a directory leaves no file behind, so a round trip leaves the
     tree exactly as it was.
     """
-    try:
-        fd = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as error:
-        raise PersistError(f"cannot open --root {layout.root}: {error.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(layout.root, name=None))
+        except FileWriteError as error:
+            raise PersistError(f"{error} (the --root directory)") from None
         yield
-    finally:
-        os.close(fd)
 
 
 # --- planning ------------------------------------------------------------------
