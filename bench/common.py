@@ -84,14 +84,27 @@ def open_fds(pid: int) -> int:
 
 
 def fd_kinds(pid: int) -> dict[str, int]:
-    """``pid``'s open descriptors by kind ("socket", "pipe", "anon_inode", "file")."""
+    """``pid``'s open descriptors by kind ("socket", "pipe", "pipe_pair", "anon_inode", "file").
+
+    A pipe whose both ends ``pid`` holds itself counts as "pipe_pair" (two
+    descriptors): that is a splice pipe of qconnect.relay's pool, kept on
+    purpose. A pipe with one end here ("pipe") leads to another process, and
+    one left open after that process is gone is a leak.
+    """
     kinds: dict[str, int] = {}
+    pipes: dict[str, int] = {}
     directory = f"/proc/{pid}/fd"
     for name in os.listdir(directory):
         with contextlib.suppress(OSError):
             target = os.readlink(f"{directory}/{name}")
             kind = target.split(":", 1)[0] if ":" in target and "[" in target else "file"
-            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind == "pipe":
+                pipes[target] = pipes.get(target, 0) + 1
+            else:
+                kinds[kind] = kinds.get(kind, 0) + 1
+    for ends in pipes.values():
+        kind = "pipe_pair" if ends >= 2 else "pipe"
+        kinds[kind] = kinds.get(kind, 0) + ends
     return kinds
 
 

@@ -186,9 +186,11 @@ class _PipePool:
         os.close(pipe[1])
 
 
-# Empty pipes kept for reuse: enough for the busy directions of a typical
-# moment, few enough (two descriptors each) not to matter when idle.
-_pipes = _PipePool(keep=32)
+#: Empty pipes kept for reuse: enough for the busy directions of a typical
+#: moment, few enough (two descriptors each) not to matter when idle.
+PIPES_KEPT = 32
+
+_pipes = _PipePool(keep=PIPES_KEPT)
 
 
 async def _splice_copy(

@@ -119,20 +119,26 @@ class SoakChain:
     def snapshot(self) -> dict[str, int]:
         """Open descriptors of the binding and of the service, and the binding's child processes.
 
-        Pipes are left out: the socket service keeps up to RELAY_PIPES_KEPT
-        empty splice pipes for reuse (qconnect.relay), a bounded pool, not a
-        leak; they are checked against that bound separately.
+        Pipes whose both ends one process holds are left out: they are the
+        empty splice pipes qconnect.relay keeps for reuse (up to PIPES_KEPT,
+        in the service and in a relay-mode client), a bounded pool, not a
+        leak; pooled_pipes() checks that bound. A pipe with one end here
+        leads to a child (qrexec-client-vm) and must be gone with it.
         """
         client, service = fd_kinds(self.client.pid), fd_kinds(self.daemon.pid)
         return {
-            "client_fds": sum(client.values()) - client.get("pipe", 0),
+            "client_fds": sum(client.values()) - client.get("pipe_pair", 0),
             "client_pipes": client.get("pipe", 0),
-            "service_fds": sum(service.values()) - service.get("pipe", 0),
+            "service_fds": sum(service.values()) - service.get("pipe_pair", 0),
             "client_children": len(descendants([self.client.pid])),
         }
 
-    def service_pipes(self) -> int:
-        return fd_kinds(self.daemon.pid).get("pipe", 0)
+    def pooled_pipes(self) -> dict[str, int]:
+        """Descriptors of the pipes each process holds both ends of (relay pools)."""
+        return {
+            "client": fd_kinds(self.client.pid).get("pipe_pair", 0),
+            "service": fd_kinds(self.daemon.pid).get("pipe_pair", 0),
+        }
 
     def client_outcomes(self) -> dict[int, list[str]]:
         """Remote port -> the outcome words of each call the client logged (bursts expanded)."""

@@ -27,11 +27,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from qconnect.relay import _pipes
+from qconnect.relay import PIPES_KEPT
 from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_chain
-
-# The socket service's pool of empty splice pipes (qconnect.relay._PipePool).
-RELAY_PIPES_KEPT = _pipes._keep
 
 SOAK_DEFAULT = 60
 SOAK_FULL = 10_000
@@ -207,7 +204,8 @@ async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
                 + chain.service_log.read_text()[-1500:]
             )
             assert sum(soak.done.values()) == count
-            assert chain.service_pipes() <= 2 * RELAY_PIPES_KEPT
+            pooled = chain.pooled_pipes()
+            assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
             # server half-close: what the client sent after the server's EOF arrived, whole
             with trio.fail_after(10):
                 while not set(soak.early_sent) <= servers.early_received:
