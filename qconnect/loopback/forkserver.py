@@ -439,11 +439,15 @@ def _fresh_standard_streams() -> None:
     """New sys.stdin/stdout/stderr on the caller's descriptors, as a fresh interpreter has.
 
     The server's own stream objects may hold buffered bytes or state of
-    their own; a call must start from empty ones.
+    their own; a call must start from empty ones. A directory on one of them
+    ends the call as it ends a Python start (exit 1, one line).
     """
     encoding = sys.stdout.encoding if sys.stdout else "utf-8"
     errors = sys.stdout.errors if sys.stdout else "strict"
-    line_buffering = os.isatty(1)
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.write(2, f"qrexec-client-vm: <{name}> is a directory, cannot continue\n".encode())
+            os._exit(1)
     sys.stdin = io.TextIOWrapper(
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding, errors
     )
@@ -451,7 +455,7 @@ def _fresh_standard_streams() -> None:
         io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
         encoding,
         errors,
-        line_buffering=line_buffering,
+        line_buffering=os.isatty(1),
     )
     sys.stderr = io.TextIOWrapper(
         io.FileIO(2, "w", closefd=False), encoding, "backslashreplace", write_through=True
