@@ -182,6 +182,19 @@ def test_a_signal_to_the_caller_ends_the_call_as_it_ends_an_in_process_call(
     wait_for(lambda: machine.calls_in_flight("work") == 0)
 
 
+def test_a_caller_started_ignoring_sigterm_keeps_its_call_through_one(
+    loopback_machine: MakeMachine, pid_calls: Callable[..., PidCall]
+) -> None:
+    machine = loopback_machine("work", "web", policy=["* * work web allow"])
+    (machine.rpc_dir("web") / "my.Pid").write_text(PID_SERVICE)
+    (machine.rpc_dir("web") / "my.Pid").chmod(0o755)
+    call = pid_calls(machine, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    call.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert alive(call.agent)
+    assert call.finish() == (0, b"bye\n")
+
+
 def test_a_killed_caller_takes_its_call_and_call_slot_with_it(
     loopback_machine: MakeMachine, pid_calls: Callable[..., PidCall]
 ) -> None:

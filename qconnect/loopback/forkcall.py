@@ -124,8 +124,14 @@ class _Forwarder:
     def __init__(self) -> None:
         self.pid = 0
         self.pending: list[int] = []
-        self.previous = {signum: _signal.getsignal(signum) for signum in FORWARDED_SIGNALS}
-        for signum in FORWARDED_SIGNALS:
+        # A signal this process was started ignoring stays ignored, as it
+        # would in-process; but client.main always restores SIGINT's default.
+        self.previous = {
+            signum: handler
+            for signum in FORWARDED_SIGNALS
+            if (handler := _signal.getsignal(signum)) != _signal.SIG_IGN or signum == _signal.SIGINT
+        }
+        for signum in self.previous:
             _signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
