@@ -3,8 +3,12 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qconnect.errors import ServiceError
+
+if TYPE_CHECKING:
+    from qconnect.service.install import Layout
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +103,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                 "(e.g. a loopback qube's)",
             )
             sub.add_argument(
+                "--layout",
+                choices=["app-qube", "template"],
+                help="where the service goes: app-qube (/usr/local and /rw/config/rc.local, "
+                "which an app qube keeps) or template (/etc, which a template passes on to its "
+                "app qubes; also for a standalone qube or plain Linux); default: asked from "
+                "qubesdb, needed with --root",
+            )
+            sub.add_argument(
                 "--rpc-config-dir",
                 type=Path,
                 metavar="DIR",
@@ -153,31 +165,73 @@ def _install(args: argparse.Namespace) -> int:
         return 0
     if args.rpc_config_dir is not None:
         raise ServiceError("--rpc-config-dir goes with --rpc-dir")
-    manifest = install.install(args.root, args.form)
+    live = args.root == Path("/")
+    layout = _layout(args.layout, live)
+    # A running socket holds the path the template layout's link takes,
+    # and a running service keeps its old socket: stop both first.
+    if live and any(manifest.form == "socket" for manifest in install.installed(args.root)):
+        install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
+    manifest = install.install(args.root, args.form, layout=layout)
     for relative in manifest.files:
         print(f"installed {args.root / relative}")
+    for relative, target in manifest.links.items():
+        print(f"linked {args.root / relative} -> {target}")
     if manifest.rc_local_block:
         print(f"added the start-up block to {args.root / install.RC_LOCAL}")
-    if args.root == Path("/") and args.form == "socket":
+    if live:
         install.systemctl("daemon-reload")
-        # A running service keeps its old socket: stop both, then start the socket afresh.
-        install.systemctl("stop", install.SERVICE_UNIT, install.SOCKET_UNIT)
-        install.systemctl("start", install.SOCKET_UNIT)
+        if args.form == "socket":
+            install.systemctl("start", install.SOCKET_UNIT)
     return 0
 
 
-def _uninstall(args: argparse.Namespace) -> int:
+def _layout(option: str | None, live: bool) -> "Layout":
+    """The layout asked for, or the one this qube's persistence calls for."""
+    from qconnect.persistence import Persistence, detect_persistence
     from qconnect.service import install
 
-    if args.root == Path("/"):
+    if option is not None:
+        return install.Layout(option)
+    if not live:
+        raise ServiceError(
+            "with --root, give --layout app-qube or --layout template: "
+            "the kind of qube a tree belongs to cannot be detected"
+        )
+    persistence = detect_persistence()
+    layout = install.layout_for(persistence)
+    if persistence is Persistence.RW_ONLY and (Path("/") / install.TEMPLATE_MANIFEST).exists():
+        raise ServiceError(
+            f"this app qube's template installed the service (/{install.TEMPLATE_MANIFEST}); "
+            "it runs here from there: change it in the template"
+        )
+    return layout
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from qconnect.persistence import Persistence, detect_persistence
+    from qconnect.service import install
+
+    live = args.root == Path("/")
+    found = install.installed(args.root)
+    if (
+        live
+        and [manifest.layout for manifest in found] == [install.Layout.TEMPLATE]
+        and detect_persistence() is Persistence.RW_ONLY
+    ):
+        raise ServiceError(
+            f"this app qube's template installed the service (/{install.TEMPLATE_MANIFEST}); "
+            "uninstall it in the template"
+        )
+    if live and any(manifest.form == "socket" for manifest in found):
         install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
-    manifest = install.uninstall(args.root)
-    if manifest is None:
+    removed = install.uninstall(args.root)
+    if not removed:
         print(f"no qconnect service installed under {args.root}", file=sys.stderr)
         return 0
-    for relative in manifest.files:
-        print(f"removed {args.root / relative}")
-    if args.root == Path("/"):
+    for manifest in removed:
+        for relative in [*manifest.files, *manifest.links]:
+            print(f"removed {args.root / relative}")
+    if live:
         install.systemctl("daemon-reload")
     return 0
 

@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 from qconnect.atomic import locked, remove_file, write_atomic
 from qconnect.errors import FileWriteError, PersistError, QconnectError
-from qconnect.persistence import Persistence
-from qconnect.persistence import detect_persistence as detect_persistence  # re-exported
+from qconnect.persistence import Persistence as Persistence  # re-exported for persist's CLI
+from qconnect.persistence import detect_persistence as detect_persistence  # likewise
 from qconnect.spec import BindingSpec
 from qconnect.units import rclocal
 from qconnect.units.render import (
