@@ -187,7 +187,7 @@ def _install(args: argparse.Namespace) -> int:
 
 def _layout(option: str | None, live: bool) -> "Layout":
     """The layout asked for, or the one this qube's persistence calls for."""
-    from qconnect.persistence import Persistence, detect_persistence
+    from qconnect.persistence import detect_persistence
     from qconnect.service import install
 
     if option is not None:
@@ -197,31 +197,17 @@ def _layout(option: str | None, live: bool) -> "Layout":
             "with --root, give --layout app-qube or --layout template: "
             "the kind of qube a tree belongs to cannot be detected"
         )
-    persistence = detect_persistence()
-    layout = install.layout_for(persistence)
-    if persistence is Persistence.RW_ONLY and (Path("/") / install.TEMPLATE_MANIFEST).exists():
-        raise ServiceError(
-            f"this app qube's template installed the service (/{install.TEMPLATE_MANIFEST}); "
-            "it runs here from there: change it in the template"
-        )
-    return layout
+    return install.layout_for(detect_persistence())
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    from qconnect.persistence import Persistence, detect_persistence
+    from qconnect.persistence import detect_persistence
     from qconnect.service import install
 
     live = args.root == Path("/")
     found = install.installed(args.root)
-    if (
-        live
-        and [manifest.layout for manifest in found] == [install.Layout.TEMPLATE]
-        and detect_persistence() is Persistence.RW_ONLY
-    ):
-        raise ServiceError(
-            f"this app qube's template installed the service (/{install.TEMPLATE_MANIFEST}); "
-            "uninstall it in the template"
-        )
+    if live and [manifest.layout for manifest in found] == [install.Layout.TEMPLATE]:
+        install.refuse_if_the_template_installed(args.root, detect_persistence(), "uninstall it")
     if live and any(manifest.form == "socket" for manifest in found):
         install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
     removed = install.uninstall(args.root)

@@ -103,16 +103,31 @@ class Layout(StrEnum):
     TEMPLATE = "template"  #: /etc: a template (for its app qubes), a standalone, plain Linux
 
 
-def layout_for(persistence: Persistence) -> Layout:
-    """The layout for what this qube keeps; ServiceError in a disposable."""
-    if persistence is Persistence.RW_ONLY:
-        return Layout.APP_QUBE
+def layout_for(persistence: Persistence, root: Path = Path("/")) -> Layout:
+    """The layout for what the qube at ``root`` keeps (``persistence``, from qubesdb).
+
+    Error handling: ServiceError in a disposable (nothing would last), and in
+    an app qube whose template installed the service (it already runs here,
+    and an app-qube copy would fight the template's over the same units).
+    """
+    if persistence is Persistence.NONE:
+        raise ServiceError(
+            "this is a disposable qube: nothing installed in it survives its shutdown; install "
+            "the service in its disposable template (or in that one's template) instead"
+        )
     if persistence is Persistence.FULL:
         return Layout.TEMPLATE
-    raise ServiceError(
-        "this is a disposable qube: nothing installed in it survives its shutdown; install "
-        "the service in its disposable template (or in that one's template) instead"
-    )
+    refuse_if_the_template_installed(root, persistence, "change it")
+    return Layout.APP_QUBE
+
+
+def refuse_if_the_template_installed(root: Path, persistence: Persistence, action: str) -> None:
+    """ServiceError if ``root`` is an app qube that has the service from its template."""
+    if persistence is Persistence.RW_ONLY and (root / TEMPLATE_MANIFEST).exists():
+        raise ServiceError(
+            f"this app qube has the service from its template (/{TEMPLATE_MANIFEST}): "
+            f"{action} in the template"
+        )
 
 
 #: Fences of our block in the user's rc.local; a later edit finds exactly its lines.
