@@ -401,3 +401,32 @@ def test_a_call_reaches_the_socket_service_with_the_tmpfiles_rpc_config(
         err = process.communicate(timeout=30)[1]
     assert result.stdout == b"HELLO", (result.stderr, err)
     assert f"call from work to 127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize(
+    ("answer", "option", "expected", "warning"),
+    [
+        ("rw-only", None, Layout.APP_QUBE, ""),
+        ("full", None, Layout.TEMPLATE, ""),
+        ("rw-only", "app-qube", Layout.APP_QUBE, ""),
+        ("rw-only", "template", Layout.TEMPLATE, "this is an app qube: its /etc comes from"),
+        ("full", "app-qube", Layout.APP_QUBE, "this is a template or standalone qube"),
+        ("none", "template", Layout.TEMPLATE, "this is a disposable qube: the installation"),
+    ],
+)
+def test_the_command_line_detects_the_layout_and_warns_when_told_otherwise(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answer: str,
+    option: str | None,
+    expected: Layout,
+    warning: str,
+) -> None:
+    """The layout choice of ``service install`` on a live qube (choosing writes nothing)."""
+    from qconnect.service.cli import _layout
+
+    monkeypatch.setenv("PATH", fake_qubesdb(tmp_path, answer)["PATH"])
+    assert _layout(option, live=True) is expected
+    err = capsys.readouterr().err
+    assert err.startswith(f"qconnect: warning: {warning}") if warning else err == ""

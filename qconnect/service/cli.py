@@ -186,18 +186,39 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _layout(option: str | None, live: bool) -> "Layout":
-    """The layout asked for, or the one this qube's persistence calls for."""
-    from qconnect.persistence import detect_persistence
+    """The layout asked for, or the one this qube's persistence calls for.
+
+    A layout given against what qubesdb says is honoured with a warning:
+    the user may know better (testing in a disposable, say), but should hear
+    what will not last.
+    """
+    from qconnect.persistence import Persistence, detect_persistence
     from qconnect.service import install
 
-    if option is not None:
-        return install.Layout(option)
     if not live:
-        raise ServiceError(
-            "with --root, give --layout app-qube or --layout template: "
-            "the kind of qube a tree belongs to cannot be detected"
-        )
-    return install.layout_for(detect_persistence())
+        if option is None:
+            raise ServiceError(
+                "with --root, give --layout app-qube or --layout template: "
+                "the kind of qube a tree belongs to cannot be detected"
+            )
+        return install.Layout(option)
+    persistence = detect_persistence()
+    if option is None:
+        return install.layout_for(persistence)
+    install.refuse_if_the_template_installed(Path("/"), persistence, "change it")
+    chosen = install.Layout(option)
+    gone_at_shutdown = "this is a disposable qube: the installation is gone when it shuts down"
+    warning = {
+        (Persistence.NONE, install.Layout.APP_QUBE): gone_at_shutdown,
+        (Persistence.NONE, install.Layout.TEMPLATE): gone_at_shutdown,
+        (Persistence.RW_ONLY, install.Layout.TEMPLATE): "this is an app qube: its /etc comes "
+        "from its template at every boot, so the installation lasts until the next reboot",
+        (Persistence.FULL, install.Layout.APP_QUBE): "this is a template or standalone qube: "
+        "a template's /usr/local and /rw/config do not reach the app qubes based on it",
+    }.get((persistence, chosen))
+    if warning is not None:
+        print(f"qconnect: warning: {warning}", file=sys.stderr)
+    return chosen
 
 
 def _uninstall(args: argparse.Namespace) -> int:
