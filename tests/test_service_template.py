@@ -430,3 +430,42 @@ def test_the_command_line_detects_the_layout_and_warns_when_told_otherwise(
     assert _layout(option, live=True) is expected
     err = capsys.readouterr().err
     assert err.startswith(f"qconnect: warning: {warning}") if warning else err == ""
+
+
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="needs systemctl")
+def test_the_wants_link_is_exactly_what_systemctl_enable_makes(tmp_path: Path) -> None:
+    """systemctl --root works offline: it sees the socket enabled, and its own enable and
+    disable reproduce and remove exactly our link."""
+    tree = template_tree(tmp_path / "tree")
+    install(tree, "socket", layout=Layout.TEMPLATE)
+
+    def systemctl(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["systemctl", f"--root={tree}", *words, "qconnect-connecttcp.socket"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    assert systemctl("is-enabled").stdout.strip() == "enabled"
+    ours = os.readlink(tree / WANTS_LINK)
+    assert systemctl("disable").returncode == 0
+    assert not os.path.lexists(tree / WANTS_LINK)
+    assert systemctl("enable").returncode == 0
+    assert os.readlink(tree / WANTS_LINK) == ours
+
+
+@needs_tmpfiles
+def test_the_socket_unit_stop_command_puts_back_only_the_executables_link(tmp_path: Path) -> None:
+    """ExecStopPost, run as written in the unit (with --root added to reach the tree)."""
+    tree = template_tree(tmp_path / "tree")
+    install(tree, "socket", layout=Layout.TEMPLATE)
+    lines = (tree / SOCKET_UNIT).read_text().splitlines()
+    (stop_post,) = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
+    program, *arguments = stop_post.removeprefix("-").split()
+    # The socket's stop: RemoveOnStop took the socket away; the rpc-config stays.
+    (tree / RUN_SERVICE).unlink()
+    (tree / RUN_RPC_CONFIG).write_text("changed by the admin since boot\n")
+    # A config file named on the command line is not looked up under --root.
+    arguments = [str(tree) + word if word == f"/{TMPFILES}" else word for word in arguments]
+    subprocess.run([program, f"--root={tree}", *arguments], timeout=30, check=True)
+    assert os.readlink(tree / RUN_SERVICE) == RUN_SERVICE_TARGET
+    assert (tree / RUN_RPC_CONFIG).read_text() == "changed by the admin since boot\n"
