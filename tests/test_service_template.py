@@ -325,39 +325,40 @@ def web() -> Iterator[Machine]:
         )
 
 
-def echo_once(server: socket.socket) -> threading.Thread:
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while chunk := conn.recv(4096):
-                data += chunk
-            conn.sendall(data.upper())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return thread
-
-
-@needs_tmpfiles
-def test_a_call_reaches_the_executable_systemd_tmpfiles_linked_into_run(
-    web: Machine, tmp_path: Path
-) -> None:
-    root = web.root_dir("web")
-    install(root, "exec", layout=Layout.TEMPLATE)
-    shutil.rmtree(root / "run")
-    tmpfiles_create(root)  # the boot: only systemd-tmpfiles puts the service in place
-    # On [::1] only: the stock /dev/tcp/127.0.0.1 cannot reach it, our executable can.
-    with socket.socket(socket.AF_INET6) as server:
-        server.bind(("::1", 0))
+def call_an_upper_echo(web: Machine, host: str) -> tuple[int, "subprocess.CompletedProcess[bytes]"]:
+    """Call qubes.ConnectTCP from work to web, to a one-shot server on ``host`` that answers
+    what it read in capitals: (its port, the call's outcome)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as server:
+        server.bind((host, 0))
         server.listen(1)
-        port = server.getsockname()[1]
-        thread = echo_once(server)
+        port: int = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                conn.sendall(data.upper())
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
         result = web.run(
             "work", web.call_argv("web", f"qubes.ConnectTCP+{port}"),
             input=b"hello", capture_output=True, timeout=60,
         )  # fmt: skip
         thread.join(20)
+    return port, result
+
+
+@needs_tmpfiles
+def test_a_call_reaches_the_executable_systemd_tmpfiles_linked_into_run(web: Machine) -> None:
+    root = web.root_dir("web")
+    install(root, "exec", layout=Layout.TEMPLATE)
+    shutil.rmtree(root / "run")
+    tmpfiles_create(root)  # the boot: only systemd-tmpfiles puts the service in place
+    # On [::1] only: the stock /dev/tcp/127.0.0.1 cannot reach it, our executable can.
+    _port, result = call_an_upper_echo(web, "::1")
     assert (result.returncode, result.stdout) == (0, b"HELLO"), result.stderr
 
 
@@ -386,16 +387,7 @@ def test_a_call_reaches_the_socket_service_with_the_tmpfiles_rpc_config(
             if (root / RUN_SERVICE).is_socket():
                 break
             subprocess.run(["sleep", "0.1"], check=True)
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen(1)
-            port = server.getsockname()[1]
-            thread = echo_once(server)
-            result = web.run(
-                "work", web.call_argv("web", f"qubes.ConnectTCP+{port}"),
-                input=b"hello", capture_output=True, timeout=60,
-            )  # fmt: skip
-            thread.join(20)
+        port, result = call_an_upper_echo(web, "127.0.0.1")
     finally:
         process.terminate()
         err = process.communicate(timeout=30)[1]
