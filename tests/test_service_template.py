@@ -37,6 +37,7 @@ from qconnect.service.install import (
     render_tmpfiles,
     tmpfiles_argument,
     uninstall,
+    unreachable_from_app_qubes,
 )
 from tests.persist_tree import fake_executable, install_analyze_support, snapshot
 
@@ -461,3 +462,33 @@ def test_the_socket_unit_stop_command_puts_back_only_the_executables_link(tmp_pa
     subprocess.run([program, f"--root={tree}", *arguments], timeout=30, check=True)
     assert os.readlink(tree / RUN_SERVICE) == RUN_SERVICE_TARGET
     assert (tree / RUN_RPC_CONFIG).read_text() == "changed by the admin since boot\n"
+
+
+def test_what_a_templates_app_qubes_would_miss_is_named() -> None:
+    assert unreachable_from_app_qubes("/usr/bin/python3", ["/usr/lib/python3/dist-packages"]) == []
+    assert unreachable_from_app_qubes("/opt/qconnect/bin/python", ["/opt/qconnect/lib"]) == []
+    assert unreachable_from_app_qubes(
+        "/usr/bin/python3", ["/usr/local/lib/python3.11/dist-packages", "/usr/lib/python3"]
+    ) == ["/usr/local/lib/python3.11/dist-packages"]
+    assert unreachable_from_app_qubes("/home/user/venv/bin/python", []) == [
+        "/home/user/venv/bin/python"
+    ]
+    assert unreachable_from_app_qubes("/rw/../usr/local/bin/python3", []) != []
+    assert unreachable_from_app_qubes("/usr/localized/python3", []) == []
+
+
+def test_a_template_install_warns_when_qconnect_lives_where_app_qubes_cannot_see_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import qconnect.service.install as install_module
+
+    site = "/usr/local/lib/python3.11/dist-packages"
+    monkeypatch.setattr(install_module, "_search_path", lambda: [site])
+    assert cli("install", "--exec", "--layout", "template", "--root", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"qconnect: warning: the service runs from {site}, which a template's app qubes do "
+        "not get (a standalone qube does): install qconnect under /usr or /opt in the template\n"
+    )
+    assert cli("install", "--exec", "--layout", "app-qube", "--root", str(tmp_path)) == 0
+    assert capsys.readouterr().err == ""  # an app qube keeps its /usr/local

@@ -167,6 +167,14 @@ def _install(args: argparse.Namespace) -> int:
         raise ServiceError("--rpc-config-dir goes with --rpc-dir")
     live = args.root == Path("/")
     layout = _layout(args.layout, live)
+    unreachable = install.unreachable_from_app_qubes() if layout == "template" else []
+    if unreachable:
+        print(
+            f"qconnect: warning: the service runs from {unreachable[0]}, which a template's "
+            "app qubes do not get (a standalone qube does): install qconnect under /usr or "
+            "/opt in the template",
+            file=sys.stderr,
+        )
     # A running socket holds the path the template layout's link takes,
     # and a running service keeps its old socket: stop both first.
     if live and any(manifest.form == "socket" for manifest in install.installed(args.root)):

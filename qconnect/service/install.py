@@ -91,6 +91,9 @@ RUN_SERVICE = Path("run/qubes-rpc") / SERVICE
 RUN_RPC_CONFIG = Path("run/qubes/rpc-config") / SERVICE
 TEMPLATE_MANIFEST = Path("etc/qconnect/service-install.json")
 
+#: Where a template keeps what never reaches its app qubes (each has its own).
+_NOT_IN_APP_QUBES = (Path("/usr/local"), Path("/rw"), Path("/home"))
+
 #: What ``/run/qubes-rpc/qubes.ConnectTCP`` points at: relative, so that it also
 #: resolves inside a ``--root`` tree (a loopback qube, a mounted image).
 RUN_SERVICE_TARGET = os.path.relpath("/" / TEMPLATE_EXEC, "/" / RUN_SERVICE.parent)
@@ -175,6 +178,23 @@ def _search_path() -> list[str]:
         if parent not in paths:
             paths.append(parent)
     return paths
+
+
+def unreachable_from_app_qubes(
+    python: str = sys.executable, search_path: list[str] | None = None
+) -> list[str]:
+    """What the installed service runs from that a template's app qubes do not get.
+
+    The units and the executable name the interpreter and qconnect's own
+    directory by absolute path; in a template those must be on the root
+    volume (/usr, /opt), not in the template's own /usr/local, /rw or /home.
+    """
+    paths = [python, *(_search_path() if search_path is None else search_path)]
+    return [
+        path
+        for path in paths
+        if any(Path(os.path.abspath(path)).is_relative_to(kept) for kept in _NOT_IN_APP_QUBES)
+    ]
 
 
 def _read_source(path: Path) -> str:
