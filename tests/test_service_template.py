@@ -492,3 +492,13 @@ def test_a_template_install_warns_when_qconnect_lives_where_app_qubes_cannot_see
     )
     assert cli("install", "--exec", "--layout", "app-qube", "--root", str(tmp_path)) == 0
     assert capsys.readouterr().err == ""  # an app qube keeps its /usr/local
+
+
+def test_layout_with_rpc_dir_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("install", "--rpc-dir", str(tmp_path), "--layout", "template") == 2
+    assert capsys.readouterr().err == (
+        "qconnect: error: --layout goes with a whole install, not with --rpc-dir\n"
+    )
+    assert snapshot(tmp_path) == {}

@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from qconnect.service import install
 
+    if args.rpc_dir is not None and args.layout is not None:
+        raise ServiceError("--layout goes with a whole install, not with --rpc-dir")
     if args.rpc_dir is not None:
         path = install.install_into_rpc_dir(args.rpc_dir, rpc_config_dir=args.rpc_config_dir)
         print(f"installed the executable qubes.ConnectTCP as {path}")
