@@ -447,21 +447,26 @@ def test_the_wants_link_is_exactly_what_systemctl_enable_makes(tmp_path: Path) -
 
 
 @needs_tmpfiles
-def test_the_socket_unit_stop_command_puts_back_only_the_executables_link(tmp_path: Path) -> None:
+def test_the_socket_unit_stop_command_puts_the_link_back_in_place_of_the_dead_socket() -> None:
     """ExecStopPost, run as written in the unit (with --root added to reach the tree)."""
-    tree = template_tree(tmp_path / "tree")
-    install(tree, "socket", layout=Layout.TEMPLATE)
-    lines = (tree / SOCKET_UNIT).read_text().splitlines()
-    (stop_post,) = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
-    program, *arguments = stop_post.removeprefix("-").split()
-    # The socket's stop: RemoveOnStop took the socket away; the rpc-config stays.
-    (tree / RUN_SERVICE).unlink()
-    (tree / RUN_RPC_CONFIG).write_text("changed by the admin since boot\n")
-    # A config file named on the command line is not looked up under --root.
-    arguments = [str(tree) + word if word == f"/{TMPFILES}" else word for word in arguments]
-    subprocess.run([program, f"--root={tree}", *arguments], timeout=30, check=True)
-    assert os.readlink(tree / RUN_SERVICE) == RUN_SERVICE_TARGET
-    assert (tree / RUN_RPC_CONFIG).read_text() == "changed by the admin since boot\n"
+    # A short tree: the socket's path in it must fit a unix socket address.
+    with tempfile.TemporaryDirectory(prefix="qc-stop-") as directory:
+        tree = template_tree(Path(directory))
+        install(tree, "socket", layout=Layout.TEMPLATE)
+        lines = (tree / SOCKET_UNIT).read_text().splitlines()
+        assert "RemoveOnStop=no" in lines
+        (stop_post,) = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
+        program, *arguments = stop_post.removeprefix("-").split()
+        # The stopped socket: its file is still there, dead; the admin changed the rpc-config.
+        (tree / RUN_SERVICE).unlink()
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(tree / RUN_SERVICE))
+        (tree / RUN_RPC_CONFIG).write_text("changed by the admin since boot\n")
+        # A config file named on the command line is not looked up under --root.
+        arguments = [str(tree) + word if word == f"/{TMPFILES}" else word for word in arguments]
+        subprocess.run([program, f"--root={tree}", *arguments], timeout=30, check=True)
+        assert os.readlink(tree / RUN_SERVICE) == RUN_SERVICE_TARGET
+        assert (tree / RUN_RPC_CONFIG).read_text() == "changed by the admin since boot\n"
 
 
 def test_what_a_templates_app_qubes_would_miss_is_named() -> None:

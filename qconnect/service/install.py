@@ -250,7 +250,7 @@ def render_units(
 ) -> dict[str, str]:
     """The socket and service units' texts, by file name. Pure apart from reading templates."""
     values = {
-        "FALLBACK": _socket_fallback(socket) if layout is Layout.TEMPLATE else "",
+        "ON_STOP": _socket_on_stop(socket, layout),
         "COMMAND": command.replace("\n", " "),
         "ROOT_OPTION": root_option.replace("\n", " "),
         "PYTHON": _systemd_quote(python),
@@ -268,15 +268,22 @@ def render_units(
     return units
 
 
-def _socket_fallback(socket: str) -> str:
-    """The template layout's socket lines that trade places with the executable's link."""
+def _socket_on_stop(socket: str, layout: Layout) -> str:
+    """The socket unit's lines that hand qrexec's search back to the executable form."""
     run_service = "/" + str(RUN_SERVICE)
-    if socket != run_service:
-        return ""  # the socket lives elsewhere: the link stays, nothing to trade
-    return f"""
+    if layout is Layout.APP_QUBE or socket != run_service:
+        return """\
+# Remove the socket file when stopped, so qrexec falls back to the next
+# service in its path (the executable form) instead of a dead socket.
+RemoveOnStop=yes"""
+    # systemd spawns ExecStopPost before it unlinks a RemoveOnStop socket
+    # (socket_enter_stop_post), so the two would race for the path.
+    return f"""\
 # The executable form is qrexec's fallback while this socket does not exist:
-# systemd-tmpfiles links it here at boot. systemd does not bind over it, so
-# take the link away first, and put it back once the socket is gone.
+# systemd-tmpfiles links it at this path at boot. systemd does not bind over
+# it, so take the link away first; once stopped, put it back in place of the
+# dead socket (with RemoveOnStop=yes, systemd's unlink races with that).
+RemoveOnStop=no
 ExecStartPre=rm -f {run_service}
 ExecStopPost=-systemd-tmpfiles --create --prefix={run_service} /{TMPFILES}"""
 
