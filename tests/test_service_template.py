@@ -6,6 +6,7 @@ for real on a --root tree; the package's own files (the stock symlink and
 rpc-config) must come out of every round trip untouched.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -506,4 +507,14 @@ def test_layout_with_rpc_dir_is_refused_in_one_line(
     assert capsys.readouterr().err == (
         "qconnect: error: --layout goes with a whole install, not with --rpc-dir\n"
     )
+    assert snapshot(tmp_path) == {}
+
+
+def test_a_manifest_from_before_layouts_is_still_uninstalled(tmp_path: Path) -> None:
+    install(tmp_path, "exec", layout=Layout.APP_QUBE)
+    manifest = tmp_path / "usr/local/etc/qconnect/service-install.json"
+    old = json.loads(manifest.read_text())
+    del old["layout"], old["links"]
+    manifest.write_text(json.dumps(old))
+    assert [item.layout for item in uninstall(tmp_path)] == ["app-qube"]
     assert snapshot(tmp_path) == {}
