@@ -33,7 +33,10 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def test_socket_install_puts_files_where_an_app_qube_keeps_them(tmp_path: Path) -> None:
-    assert main(["service", "install", "--socket", "--root", str(tmp_path)]) == 0
+    assert (
+        main(["service", "install", "--socket", "--layout", "app-qube", "--root", str(tmp_path)])
+        == 0
+    )
     local = tmp_path / "usr/local"
     exe = local / "etc/qubes-rpc/qubes.ConnectTCP"
     assert os.access(exe, os.X_OK)
@@ -80,7 +83,9 @@ def test_install_refuses_to_replace_a_file_it_did_not_write(
     own.parent.mkdir(parents=True)
     own.write_text("#!/bin/sh\nexec my-own-service\n")
     before = _tree(tmp_path)
-    assert main(["service", "install", "--exec", "--root", str(tmp_path)]) == 2
+    assert (
+        main(["service", "install", "--exec", "--layout", "app-qube", "--root", str(tmp_path)]) == 2
+    )
     err = capsys.readouterr().err
     assert err == f"qconnect: error: refusing to replace {own}: not installed by qconnect\n"
     assert _tree(tmp_path) == before
@@ -234,7 +239,7 @@ def test_missing_source_files_are_a_clear_error(
     monkeypatch.setattr(install_module, "SERVICE_SOURCE", tmp_path / "gone" / "qubes.ConnectTCP")
     root = tmp_path / "root"
     root.mkdir()
-    assert main(["service", "install", "--exec", "--root", str(root)]) == 2
+    assert main(["service", "install", "--exec", "--layout", "app-qube", "--root", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qconnect: error: cannot read {tmp_path}/gone/qubes.ConnectTCP: ")
     assert err.count("\n") == 1

@@ -3,8 +3,12 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qconnect.errors import ServiceError
+
+if TYPE_CHECKING:
+    from qconnect.service.install import Layout
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +103,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                 "(e.g. a loopback qube's)",
             )
             sub.add_argument(
+                "--layout",
+                choices=["app-qube", "template"],
+                help="where the service goes: app-qube (/usr/local and /rw/config/rc.local, "
+                "which an app qube keeps) or template (/etc, which a template passes on to its "
+                "app qubes; also for a standalone qube or plain Linux); default: asked from "
+                "qubesdb, needed with --root",
+            )
+            sub.add_argument(
                 "--rpc-config-dir",
                 type=Path,
                 metavar="DIR",
@@ -147,37 +159,96 @@ def _run(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from qconnect.service import install
 
+    if args.rpc_dir is not None and args.layout is not None:
+        raise ServiceError("--layout goes with a whole install, not with --rpc-dir")
     if args.rpc_dir is not None:
         path = install.install_into_rpc_dir(args.rpc_dir, rpc_config_dir=args.rpc_config_dir)
         print(f"installed the executable qubes.ConnectTCP as {path}")
         return 0
     if args.rpc_config_dir is not None:
         raise ServiceError("--rpc-config-dir goes with --rpc-dir")
-    manifest = install.install(args.root, args.form)
+    live = args.root == Path("/")
+    layout = _layout(args.layout, live)
+    unreachable = install.unreachable_from_app_qubes() if layout == "template" else []
+    if unreachable:
+        print(
+            f"qconnect: warning: the service runs from {unreachable[0]}, which a template's "
+            "app qubes do not get (a standalone qube does): install qconnect under /usr or "
+            "/opt in the template",
+            file=sys.stderr,
+        )
+    # A running socket holds the path the template layout's link takes,
+    # and a running service keeps its old socket: stop both first.
+    if live and any(manifest.form == "socket" for manifest in install.installed(args.root)):
+        install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
+    manifest = install.install(args.root, args.form, layout=layout)
     for relative in manifest.files:
         print(f"installed {args.root / relative}")
+    for relative, target in manifest.links.items():
+        print(f"linked {args.root / relative} -> {target}")
     if manifest.rc_local_block:
         print(f"added the start-up block to {args.root / install.RC_LOCAL}")
-    if args.root == Path("/") and args.form == "socket":
+    if live:
         install.systemctl("daemon-reload")
-        # A running service keeps its old socket: stop both, then start the socket afresh.
-        install.systemctl("stop", install.SERVICE_UNIT, install.SOCKET_UNIT)
-        install.systemctl("start", install.SOCKET_UNIT)
+        if args.form == "socket":
+            install.systemctl("start", install.SOCKET_UNIT)
     return 0
 
 
-def _uninstall(args: argparse.Namespace) -> int:
+def _layout(option: str | None, live: bool) -> "Layout":
+    """The layout asked for, or the one this qube's persistence calls for.
+
+    A layout given against what qubesdb says is honoured with a warning:
+    the user may know better (testing in a disposable, say), but should hear
+    what will not last.
+    """
+    from qconnect.persistence import Persistence, detect_persistence
     from qconnect.service import install
 
-    if args.root == Path("/"):
+    if not live:
+        if option is None:
+            raise ServiceError(
+                "with --root, give --layout app-qube or --layout template: "
+                "the kind of qube a tree belongs to cannot be detected"
+            )
+        return install.Layout(option)
+    persistence = detect_persistence()
+    if option is None:
+        return install.layout_for(persistence)
+    install.refuse_if_the_template_installed(Path("/"), persistence, "change it")
+    chosen = install.Layout(option)
+    gone_at_shutdown = "this is a disposable qube: the installation is gone when it shuts down"
+    warning = {
+        (Persistence.NONE, install.Layout.APP_QUBE): gone_at_shutdown,
+        (Persistence.NONE, install.Layout.TEMPLATE): gone_at_shutdown,
+        (Persistence.RW_ONLY, install.Layout.TEMPLATE): "this is an app qube: its /etc comes "
+        "from its template at every boot, so the installation lasts until the next reboot",
+        (Persistence.FULL, install.Layout.APP_QUBE): "this is a template or standalone qube: "
+        "a template's /usr/local and /rw/config do not reach the app qubes based on it",
+    }.get((persistence, chosen))
+    if warning is not None:
+        print(f"qconnect: warning: {warning}", file=sys.stderr)
+    return chosen
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from qconnect.persistence import detect_persistence
+    from qconnect.service import install
+
+    live = args.root == Path("/")
+    found = install.installed(args.root)
+    if live and [manifest.layout for manifest in found] == [install.Layout.TEMPLATE]:
+        install.refuse_if_the_template_installed(args.root, detect_persistence(), "uninstall it")
+    if live and any(manifest.form == "socket" for manifest in found):
         install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
-    manifest = install.uninstall(args.root)
-    if manifest is None:
+    removed = install.uninstall(args.root)
+    if not removed:
         print(f"no qconnect service installed under {args.root}", file=sys.stderr)
         return 0
-    for relative in manifest.files:
-        print(f"removed {args.root / relative}")
-    if args.root == Path("/"):
+    for manifest in removed:
+        for relative in [*manifest.files, *manifest.links]:
+            print(f"removed {args.root / relative}")
+    if live:
         install.systemctl("daemon-reload")
     return 0
 

@@ -14,14 +14,14 @@ read-plan-apply sequence, so two commands never interleave their edits.
 import contextlib
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from qconnect.atomic import locked, remove_file, write_atomic
 from qconnect.errors import FileWriteError, PersistError, QconnectError
+from qconnect.persistence import Persistence as Persistence  # re-exported for persist's CLI
+from qconnect.persistence import detect_persistence as detect_persistence  # likewise
 from qconnect.spec import BindingSpec
 from qconnect.units import rclocal
 from qconnect.units.render import (
@@ -48,37 +48,6 @@ _MAX_UNIT_FILE_SIZE = 64 * 1024
 _SYSTEM_UNIT_DIR = PurePosixPath("/usr/local/lib/systemd/system")
 _SYSTEM_WANTS_DIR = PurePosixPath("/etc/systemd/system/sockets.target.wants")
 _RC_LOCAL = PurePosixPath("/rw/config/rc.local")
-
-
-class Persistence(StrEnum):
-    """What survives a reboot of this qube (qubesdb's ``/qubes-vm-persistence``).
-
-    ``full``: a template or standalone qube, or any ordinary Linux system.
-    ``rw-only``: an app qube; only /home, /rw and /usr/local are kept.
-    ``none``: a disposable; nothing is kept.
-    """
-
-    FULL = "full"
-    RW_ONLY = "rw-only"
-    NONE = "none"
-
-
-def detect_persistence() -> Persistence:
-    """Ask qubesdb what this qube keeps; ``full`` outside Qubes."""
-    try:
-        result = subprocess.run(
-            ["qubesdb-read", "/qubes-vm-persistence"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return Persistence.FULL
-    try:
-        return Persistence(result.stdout.strip()) if result.returncode == 0 else Persistence.FULL
-    except ValueError:
-        return Persistence.FULL
 
 
 @dataclass(frozen=True)
@@ -394,7 +363,7 @@ def scope_lock(layout: Layout) -> Iterator[None]:
     """
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(locked(layout.root, name=None))
+            stack.enter_context(locked(layout.root))
         except FileWriteError as error:
             raise PersistError(f"{error} (the --root directory)") from None
         yield
