@@ -1,0 +1,294 @@
+"""A qrexec-client-vm that hangs before its call is accepted: ended after --call-timeout.
+
+The world: a loopback machine where "work" may call qubes.ConnectTCP+PORT in
+"web" (today's stock service, /dev/tcp to an echo server). First on the
+client's PATH sits a real program named qrexec-client-vm that plays a call
+dom0 never answers: it reads a control file and either hangs for ever
+without reading its input ("hang"; "stubborn" also ignores SIGTERM), waits
+and then becomes the loopback qrexec-client-vm ("slow SECONDS"), or becomes
+it at once (anything else). Real processes throughout: the client, the
+wrapper, the loopback qrexec, the echo server.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from qconnect.loopback.machine import Machine
+from tests.client_world import free_port
+
+SOURCE, TARGET = "work", "web"
+
+#: The call timeout the tests run with: short, yet long enough for the
+#: loopback qrexec-client-vm to start and accept on a loaded 2-core machine.
+CALL_TIMEOUT = 1.5
+
+#: How late the client may end a hung call past the timeout on a loaded
+#: machine (it ends it at the timeout, then SIGTERM; SIGKILL 2 s later).
+LATE = 8.0
+
+#: Sent at once by a client that reads nothing back for a while: more than
+#: every buffer between it and the echo server holds (loopback TCP buffers
+#: grow to a few MiB each), so some of it waits unread in the binding.
+FLOOD = b"0123456789abcdef" * (3 << 20)  # 48 MiB
+
+WRAPPER = """#!/bin/sh
+# Plays a qrexec-client-vm whose call is not answered (see the test module).
+case "$1" in --help) exec {real} "$@";; esac
+mode=$(cat {control} 2>/dev/null)
+case "$mode" in
+  hang) echo $$ >> {pids}; exec sleep 3600;;
+  stubborn) echo $$ >> {pids}; trap '' TERM; exec sleep 3600;;
+  slow*) sleep "${{mode#slow }}";;
+esac
+exec {real} "$@"
+"""
+
+
+@dataclass
+class Scene:
+    machine: Machine
+    control: Path
+    pids: Path
+    remote_port: int
+    env: dict[str, str]
+    processes: list["subprocess.Popen[str]"]
+
+    def play(self, mode: str) -> None:
+        self.control.write_text(mode)
+
+    def hung_pids(self) -> list[int]:
+        return [int(line) for line in self.pids.read_text().split()] if self.pids.exists() else []
+
+    def start_client(self, *args: str) -> tuple["subprocess.Popen[str]", int]:
+        """Start qvm-connect-tcp --foreground in "work"; return it and its local port."""
+        local = free_port()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qconnect.client_cli",
+                "--foreground",
+                *args,
+                f"{local}:{TARGET}:{self.remote_port}",
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("Binding TCP"), (line, process.stderr and process.stderr.read())
+        return process, local
+
+    def status(self, process: "subprocess.Popen[str]") -> dict[str, Any]:
+        """The client's status as `qconnect list --json` gets it over its control socket."""
+        listed = subprocess.run(
+            [sys.executable, "-m", "qconnect.cli", "list", "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        (ours,) = [answer for answer in json.loads(listed.stdout) if answer["pid"] == process.pid]
+        return ours  # type: ignore[no-any-return]
+
+    def stop_client(self, process: "subprocess.Popen[str]") -> str:
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=60)
+        assert process.returncode == 0, log
+        return log
+
+
+@pytest.fixture
+def scene(
+    loopback_machine: Callable[..., Machine], echo_server: int, tmp_path: Path
+) -> Iterator[Scene]:
+    machine = loopback_machine(
+        SOURCE, TARGET, policy=[f"qubes.ConnectTCP +{echo_server} {SOURCE} {TARGET} allow"]
+    )
+    wrapper_dir = tmp_path / "wrapper"
+    wrapper_dir.mkdir()
+    control, pids = tmp_path / "control", tmp_path / "pids"
+    wrapper = wrapper_dir / "qrexec-client-vm"
+    wrapper.write_text(WRAPPER.format(real=machine.qrexec_client_vm, control=control, pids=pids))
+    wrapper.chmod(0o755)
+    env = machine.env_for(SOURCE)
+    env.pop("NOTIFY_SOCKET", None)
+    env["PATH"] = f"{wrapper_dir}{os.pathsep}{env['PATH']}"
+    built = Scene(machine, control, pids, echo_server, env, [])
+    try:
+        yield built
+    finally:
+        for process in built.processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        for pid in built.hung_pids():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists, zombies included (a zombie was not reaped: a failure too)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+async def wait_closed(stream: trio.SocketStream) -> None:
+    """Wait until the binding closes the connection (EOF or reset), reading what comes."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except trio.BrokenResourceError:
+        pass
+
+
+async def echo(port: int, payload: bytes) -> bytes:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        received = b""
+        while data := await stream.receive_some(65536):
+            received += data
+        return received
+
+
+@pytest.mark.parametrize(
+    ("mode", "behaviour"), [("handoff", "hang"), ("relay", "stubborn"), ("handoff", "stubborn")]
+)
+async def test_hung_calls_are_ended_closed_logged_once_and_the_binding_serves_on(
+    scene: Scene, mode: str, behaviour: str
+) -> None:
+    options = ["--relay"] if mode == "relay" else []
+    client, port = scene.start_client(*options, "--call-timeout", str(CALL_TIMEOUT))
+    scene.play(behaviour)
+    streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+    started = time.monotonic()
+    for stream in streams:
+        await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+    with trio.fail_after(CALL_TIMEOUT + LATE):
+        for stream in streams:
+            await wait_closed(stream)
+    elapsed = time.monotonic() - started
+    assert elapsed >= CALL_TIMEOUT - 0.2, elapsed
+    for stream in streams:
+        await stream.aclose()
+    pids = scene.hung_pids()
+    assert len(pids) == 3
+    deadline = time.monotonic() + LATE
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    assert not any(alive(pid) for pid in pids), "a hung qrexec-client-vm is left (or a zombie)"
+
+    scene.play("")
+    with trio.fail_after(30):
+        assert await echo(port, b"next one") == b"next one"
+    (binding,) = scene.status(client)["bindings"]
+    assert (binding["hung"], binding["served"], binding["open"]) == (3, 1, 0)
+    log = scene.stop_client(client)
+    hung_lines = [line for line in log.splitlines() if "call not accepted after" in line]
+    assert len(hung_lines) == 1, log  # the burst: one line in full ...
+    assert f"-> {TARGET}:{scene.remote_port}" in hung_lines[0]
+    assert "'ask' prompt" in hung_lines[0] and f"qvm-start {TARGET}" in hung_lines[0]
+    assert "18 byte(s) still unread" in hung_lines[0]
+    # ... and the rest as a count
+    assert f"and 2 more calls to {TARGET}:{scene.remote_port} not accepted within" in log, log
+
+
+@pytest.mark.parametrize("mode", ["handoff", "relay"])
+async def test_a_call_accepted_late_but_in_time_is_not_ended(scene: Scene, mode: str) -> None:
+    """Accepted at half the timeout, then kept busy past it with the client's bytes waiting.
+
+    The client sends far more than every buffer of the chain holds and reads
+    nothing back until after the timeout: its bytes wait unread in the
+    binding, as they do for a hung call, but the call has read some, so it
+    is accepted and must not be ended.
+    """
+    timeout = 2 * CALL_TIMEOUT
+    options = ["--relay"] if mode == "relay" else []
+    client, port = scene.start_client(*options, "--call-timeout", str(timeout))
+    scene.play(f"slow {timeout / 2}")
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        connected = trio.current_time()
+        await stream.send_all(b"early bytes")
+        received = b""
+        with trio.fail_after(30):
+            while received != b"early bytes":
+                received += await stream.receive_some(65536)
+        sent = trio.Event()
+
+        async def send_flood() -> None:
+            await stream.send_all(FLOOD)
+            await stream.send_eof()
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_flood)
+            await trio.sleep_until(connected + timeout + 1.0)  # past the timeout
+            assert not sent.is_set(), "the chain's buffers took it all: nothing waited"
+            received = b""
+            with trio.fail_after(60):
+                while data := await stream.receive_some(1 << 20):
+                    received += data
+        assert received == FLOOD
+    log = scene.stop_client(client)
+    assert "call not accepted" not in log
+
+
+async def test_an_idle_connection_is_left_until_its_client_speaks(scene: Scene) -> None:
+    """Nothing sent: cannot be told from an idle connection, so it stays; once the client
+    sends and the call still reads nothing, it is ended at the next look."""
+    client, port = scene.start_client("--call-timeout", str(CALL_TIMEOUT))
+    scene.play("hang")
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        with trio.move_on_after(2 * CALL_TIMEOUT + 1) as idle:
+            await stream.receive_some(1)
+        assert idle.cancelled_caught, "an idle connection was closed"
+        (pid,) = scene.hung_pids()
+        assert alive(pid)
+        await stream.send_all(b"now I speak")
+        with trio.fail_after(2 * CALL_TIMEOUT + LATE):
+            await wait_closed(stream)
+    log = scene.stop_client(client)
+    assert "call not accepted" in log
+    assert not alive(pid)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_an_invalid_call_timeout_is_one_clear_line(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qconnect.client_cli", "--call-timeout", value, "8080:web:80"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"qvm-connect-tcp: error: invalid --call-timeout {float(value):g}: expected 0 "
+        "(never end a call that is not accepted) or more seconds"
+    ]
+
+
+def test_help_documents_the_call_timeout() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qconnect.client_cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "--call-timeout SECONDS" in result.stdout
+    assert "default 120" in result.stdout
