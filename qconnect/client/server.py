@@ -391,14 +391,16 @@ class ClientServer:
         to_call, to_call_theirs = _stdio_pair()
         from_call, from_call_theirs = _stdio_pair()
         errors_ours, errors_theirs = _stdio_pair()
-        # The child's end of its stdin, kept while the call is pending to see
-        # whether it reads (closed once it does, or when the call ends).
-        watched = to_call_theirs.dup() if self.options.call_timeout > 0 else None
+        watched: socket.socket | None = None
         remote_done = trio.Event()
         pipes = trio.StapledStream(to_call, _EofSignal(from_call, remote_done))
         stream = trio.SocketStream(conn)
         try:
             try:
+                if self.options.call_timeout > 0:
+                    # The child's end of its stdin, kept while the call is pending to
+                    # see whether it reads (closed once it does, or when the call ends).
+                    watched = to_call_theirs.dup()
                 process = await trio.lowlevel.open_process(
                     argv,
                     stdin=to_call_theirs.fileno(),
