@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from qconnect.loopback.machine import Machine
-from tests.client_world import free_port
+from tests.client_world import exchange, free_port
 
 SOURCE, TARGET = "work", "web"
 
@@ -156,16 +156,6 @@ async def wait_closed(stream: trio.SocketStream) -> None:
         pass
 
 
-async def echo(port: int, payload: bytes) -> bytes:
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        received = b""
-        while data := await stream.receive_some(65536):
-            received += data
-        return received
-
-
 @pytest.mark.parametrize(
     ("mode", "behaviour"), [("handoff", "hang"), ("relay", "stubborn"), ("handoff", "stubborn")]
 )
@@ -195,7 +185,7 @@ async def test_hung_calls_are_ended_closed_logged_once_and_the_binding_serves_on
 
     scene.play("")
     with trio.fail_after(30):
-        assert await echo(port, b"next one") == b"next one"
+        assert await exchange(port, b"next one") == b"next one"
     (binding,) = scene.status(client)["bindings"]
     assert (binding["hung"], binding["served"], binding["open"]) == (3, 1, 0)
     log = scene.stop_client(client)
