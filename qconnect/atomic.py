@@ -23,19 +23,18 @@ def _describe(error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def locked(directory: Path, name: str | None = ".qconnect.lock") -> Iterator[None]:
-    """Hold an exclusive lock on ``directory/name`` for one read-modify-write.
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` for one read-modify-write of a file in it.
 
     Two edits at once would each read the old file and the second rename
-    would silently drop the first edit; the lock serialises them. With
-    ``name=None`` the directory itself is locked, leaving no file behind.
+    would silently drop the first edit; the lock serialises them. The
+    directory itself is locked (flock on its descriptor), so no lock file is
+    left behind in places such as dom0's policy directory.
     """
-    lock_path = directory if name is None else directory / name
-    flags = os.O_RDONLY | os.O_DIRECTORY if name is None else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
     try:
-        fd = os.open(lock_path, flags | os.O_CLOEXEC, 0o600)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
-        raise FileWriteError(f"cannot lock {lock_path}: {_describe(error)}") from None
+        raise FileWriteError(f"cannot lock {directory}: {_describe(error)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

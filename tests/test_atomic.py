@@ -79,7 +79,7 @@ def test_remove_file_reports_presence(tmp_path: Path) -> None:
 
 
 def test_locking_the_directory_itself_leaves_no_file(tmp_path: Path) -> None:
-    with locked(tmp_path, name=None):
+    with locked(tmp_path):
         assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FileWriteError, match="cannot lock"), locked(tmp_path / "absent", name=None):
+    with pytest.raises(FileWriteError, match="cannot lock"), locked(tmp_path / "absent"):
         pass

@@ -218,9 +218,13 @@ async def test_burst_of_refusals_is_logged_once_with_a_count(world: World) -> No
         for _ in range(40):
             nursery.start_soon(closed_without_data, port)
     _, log = world.stop_client(client)
-    assert log.count("refused by dom0 policy") == 1
+    # One full line per burst window (BURST_WINDOW seconds): one when the 40
+    # calls fit in a window, a few more when a loaded machine spreads them out.
+    full = log.count("refused by dom0 policy")
+    counted = re.findall(rf"and (\d+) more calls to @default:{not_allowed} refused", log)
+    assert full + sum(map(int, counted)) == 40, log
+    assert full <= 4 and counted, log
     assert "--default-target QUBE" in log
-    assert re.search(rf"and 39 more calls to @default:{not_allowed} refused", log), log
 
 
 async def test_unreachable_port_and_missing_service_are_told_apart(world: World) -> None:

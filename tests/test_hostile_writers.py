@@ -58,10 +58,8 @@ def assert_one_line_error(result: "subprocess.CompletedProcess[str]") -> None:
 
 
 def leftovers(directory: Path, keep: set[str]) -> list[str]:
-    """Files other than ``keep`` and the writers' lock files (which stay, empty, by design)."""
-    return sorted(
-        name for name in os.listdir(directory) if name not in keep and not name.endswith(".lock")
-    )
+    """Files other than ``keep``: a temporary file or a lock file left behind is a bug."""
+    return sorted(name for name in os.listdir(directory) if name not in keep)
 
 
 @contextlib.contextmanager

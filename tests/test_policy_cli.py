@@ -43,7 +43,7 @@ class Dom0:
         return {
             str(path.relative_to(self.root)): path.read_bytes()
             for path in sorted(self.root.rglob("*"))
-            if path.is_file() and path.name != ".qconnect.lock"
+            if path.is_file()
         }
 
 

@@ -394,7 +394,7 @@ def scope_lock(layout: Layout) -> Iterator[None]:
     """
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(locked(layout.root, name=None))
+            stack.enter_context(locked(layout.root))
         except FileWriteError as error:
             raise PersistError(f"{error} (the --root directory)") from None
         yield
