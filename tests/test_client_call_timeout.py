@@ -6,8 +6,12 @@ client's PATH sits a real program named qrexec-client-vm that plays a call
 dom0 never answers: it reads a control file and either hangs for ever
 without reading its input ("hang"; "stubborn" also ignores SIGTERM), waits
 and then becomes the loopback qrexec-client-vm ("slow SECONDS"), or becomes
-it at once (anything else). Real processes throughout: the client, the
-wrapper, the loopback qrexec, the echo server.
+it at once (anything else). "web" also reaches a stalled server, which
+echoes a greeting and then never reads again. Real processes throughout:
+the client, the wrapper, the loopback qrexec, the servers.
+
+(The loopback's dom0 answers an ``ask`` rule at once from its ``ask`` file,
+so a prompt that is never answered is played by the wrapper instead.)
 """
 
 import json

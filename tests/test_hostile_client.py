@@ -1,5 +1,6 @@
 """Hostile load on ``qvm-connect-tcp``: floods of connections opened at once, and clients
-that connect and never send. Each connection is eventually served or cleanly closed,
+that connect and never send (a qrexec-client-vm that hangs: test_client_call_timeout.py).
+Each connection is eventually served or cleanly closed,
 the binding never crashes, and a well-behaved client is served afterwards.
 
 The chain is the soak's (tests.soak_world): qvm-connect-tcp in handoff mode in
