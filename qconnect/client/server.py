@@ -599,14 +599,30 @@ class ClientServer:
             message,
             f"calls to {target}:{spec.remote_port} not accepted within "
             f"{self.options.call_timeout:g} s",
+            {
+                "PEER": _peer_text(peer),
+                "BINDING": str(spec),
+                "TARGET": target,
+                "PORT": spec.remote_port,
+                "DURATION": f"{duration:.3f}",
+                "MODE": self.options.mode.value,
+                "OUTCOME": "hung",
+                "UNREAD": hang.unread,
+            },
         )
 
     # -- rate-limited logging -----------------------------------------------------
 
-    def _log_burst(self, key: tuple[object, ...], message: str, counted_as: str) -> None:
+    def _log_burst(
+        self,
+        key: tuple[object, ...],
+        message: str,
+        counted_as: str,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         """Log ``message`` unless the same key was logged within the burst window."""
         if self._bursts.record(key, time.monotonic()):
-            logger.warning(message, extra={"fields": {"EVENT": str(key[0])}})
+            logger.warning(message, extra={"fields": {"EVENT": str(key[0]), **(fields or {})}})
             self._burst_keys[key] = counted_as
             self._burst_added.set()
 
