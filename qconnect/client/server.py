@@ -392,8 +392,8 @@ class ClientServer:
         from_call, from_call_theirs = _stdio_pair()
         errors_ours, errors_theirs = _stdio_pair()
         watched: socket.socket | None = None
-        remote_done = trio.Event()
-        pipes = trio.StapledStream(to_call, _EofSignal(from_call, remote_done))
+        # Plain socket streams both ways, so the relay splices in both directions.
+        pipes = trio.StapledStream(to_call, from_call)
         stream = trio.SocketStream(conn)
         try:
             try:
@@ -423,7 +423,7 @@ class ClientServer:
                 # The call is over: pass on what it still wrote, then stop waiting
                 # for bytes from the client that nobody would receive.
                 with trio.move_on_after(DRAIN_TIMEOUT):
-                    await remote_done.wait()
+                    await stats.b_to_a_ended.wait()
                 nursery.cancel_scope.cancel()
         finally:
             if watched is not None:
@@ -735,28 +735,6 @@ class _Call:
 def _duplicate(conn: trio.socket.SocketType) -> socket.socket:
     """A second descriptor of ``conn``'s socket (close-on-exec), for reading its counters."""
     return socket.socket(fileno=os.dup(conn.fileno()))
-
-
-class _EofSignal(trio.abc.ReceiveStream):
-    """A receive stream that sets ``done`` once it has reported EOF (or broke)."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
-        self._stream = stream
-        self._done = done
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except BaseException:
-            self._done.set()
-            raise
-        if not data:
-            self._done.set()
-        return bytes(data)
-
-    async def aclose(self) -> None:
-        self._done.set()
-        await self._stream.aclose()
 
 
 def _stdio_pair() -> tuple[trio.SocketStream, socket.socket]:
