@@ -7,6 +7,11 @@ connections, the time to serve BURST connections opened at once, and the
 memory (PSS) of every process we own, idle and per open connection. Rounds
 interleave the chains so a machine whose speed drifts affects all alike.
 
+Every chain calls through the same loopback qrexec: by default the machine's
+fork-server (each call a fork of one long-running process, as real
+qrexec-client-vm hands calls to a running agent); ``--loopback in-process``
+starts a Python process per call instead, as before the fork-server existed.
+
 The table (each figure, and its ratio to the original and to direct) goes to
 stdout, progress to stderr, the raw figures and the machine's description
 to ``bench/results/chains.json`` (``--quick``: ``chains-quick.json``, small
@@ -32,6 +37,9 @@ from bench.service import build_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: How the loopback qrexec-client-vm runs calls (see the module docstring).
+LOOPBACK_MODES = ("fork-server", "in-process")
+
 #: Full run / --quick: MiB each way, sequential echo calls, burst size,
 #: connections held open for the memory figure, seconds a burst may take.
 FULL = {"size_mib": 1024, "calls": 500, "burst": 1000, "held": 50, "burst_timeout": 120.0}
@@ -55,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chains", default=",".join(CHAINS), help=f"comma-separated ({','.join(CHAINS)})"
     )
     parser.add_argument("--output", type=Path, help="where the JSON goes")
+    parser.add_argument(
+        "--loopback",
+        choices=LOOPBACK_MODES,
+        default=LOOPBACK_MODES[0],
+        help="how the loopback qrexec-client-vm runs each call: handed to the machine's "
+        "fork-server (default) or in a Python process of its own",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -148,11 +163,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="qconnect-bench-") as tmp:
             directory = Path(tmp)
             machine, daemon = build_machine(directory / "machine", directory / "service.log")
+            loopback = contextlib.ExitStack()
             try:
+                qrexec_pid = None
+                if args.loopback == "fork-server":
+                    qrexec_pid = loopback.enter_context(machine.server()).pid
                 for name in args.chains:
                     chains.append(
                         start_chain(
-                            name, machine, daemon.pid, ports["mux"], directory / "chains.log"
+                            name,
+                            machine,
+                            daemon.pid,
+                            ports["mux"],
+                            directory / "chains.log",
+                            qrexec_server_pid=qrexec_pid,
                         )
                     )
                 log("warming up (first process starts, page cache)")
@@ -178,6 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 for chain in chains:
                     chain.stop()
+                loopback.close()
                 stop_process(daemon)
     finally:
         with contextlib.suppress(OSError):
@@ -196,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key: getattr(args, key)
             for key in ("quick", "size_mib", "calls", "burst", "held", "burst_timeout")
         },
+        "loopback": args.loopback,
         "chain_descriptions": {name: CHAINS[name] for name in args.chains},
         "summary": summary,
         "ratios_vs_original": report.ratios(summary, "original"),

@@ -9,9 +9,13 @@ is that port itself, the limit no relay can beat.
 
 A chain knows which processes are ours (for the memory figure): the
 client-side processes it started and their descendants, plus the socket
-service daemon when it uses it; never the loopback ``qrexec-client-vm`` (it
-plays qrexec, the same for every chain), nor ``systemd-socket-activate``
-(it plays PID 1, which runs anyway).
+service daemon when it uses it, plus the services the loopback qrexec
+started for its calls (executables: socat, qconnect's); never the loopback
+``qrexec-client-vm`` nor its fork-server and the calls it forks (they play
+qrexec, the same for every chain), nor ``systemd-socket-activate`` (it
+plays PID 1, which runs anyway). With the fork-server an executable service
+is a descendant of the server, not of the chain's client: the server is
+walked too, which is fair because chains are measured one at a time.
 """
 
 import contextlib
@@ -61,6 +65,10 @@ TARGET_QUBE = {
 #: The caller qube of every chain.
 SOURCE_QUBE = "work"
 
+# The command line of the loopback fork-server and of the calls it forks (a
+# fork keeps its parent's command line): ``... loopback serve DIR``.
+QREXEC_SERVER_MARKER = b"loopback\0serve\0"
+
 # Seconds a chain's listener may take to come up on a busy 2-core machine.
 START_TIMEOUT = 30.0
 
@@ -83,12 +91,15 @@ class Chain:
     processes: list["subprocess.Popen[bytes]"] = field(default_factory=list)
     daemon_pid: int | None = None  #: the socket service, when this chain uses it
     qrexec_marker: bytes = b""  #: the loopback qrexec-client-vm's path (not ours)
+    qrexec_server_pid: int | None = None  #: the loopback fork-server, when calls go through it
 
     def owned_pss_kib(self) -> int:
         roots = [process.pid for process in self.processes]
         if self.daemon_pid is not None:
             roots.append(self.daemon_pid)
-        excluding = [b"systemd-socket-activate"]
+        if self.qrexec_server_pid is not None:
+            roots.append(self.qrexec_server_pid)
+        excluding = [b"systemd-socket-activate", QREXEC_SERVER_MARKER]
         if self.qrexec_marker:
             excluding.append(self.qrexec_marker)
         return tree_pss_kib(roots, excluding=excluding)
@@ -156,8 +167,20 @@ def systemd_argv(machine: Machine, port: int, target: str, remote_port: int) -> 
     return [*command, "--", "/bin/sh", "-c", 'exec "$@" 1>&2', "sh", *exec_start]
 
 
-def start_chain(name: str, machine: Machine, daemon_pid: int, mux_port: int, log: Path) -> Chain:
-    """Start chain ``name`` towards the server's ``mux_port``; return once it accepts."""
+def start_chain(
+    name: str,
+    machine: Machine,
+    daemon_pid: int,
+    mux_port: int,
+    log: Path,
+    *,
+    qrexec_server_pid: int | None = None,
+) -> Chain:
+    """Start chain ``name`` towards the server's ``mux_port``; return once it accepts.
+
+    ``qrexec_server_pid``: the machine's loopback fork-server, if it runs
+    (for the memory figure; the calls reach it whatever this says).
+    """
     if name == "direct":
         return Chain(name, mux_port)
     port = free_port()
@@ -185,6 +208,7 @@ def start_chain(name: str, machine: Machine, daemon_pid: int, mux_port: int, log
         [process],
         daemon_pid=daemon_pid if target == "svc-socket" else None,
         qrexec_marker=str(machine.qrexec_client_vm).encode(),
+        qrexec_server_pid=qrexec_server_pid,
     )
     try:
         wait_for_port(port, START_TIMEOUT, process)

@@ -106,6 +106,7 @@ def table(results: dict[str, Any]) -> str:
         f"transfers {arguments['size_mib']} MiB each way; latency over {arguments['calls']} "
         f"sequential connections; burst of {arguments['burst']} at once; memory with "
         f"{arguments['held']} connections open",
+        f"loopback qrexec: {results.get('loopback', 'in-process')} (every chain alike)",
         "",
     ]
     width = 12

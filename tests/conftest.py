@@ -5,7 +5,9 @@ from trio tests alike, and everything is torn down at the end of the test
 that asked for it: listeners closed, open connections shut, threads joined.
 
 - ``loopback_machine(*qubes, policy=(), stock_connect_tcp=True, ask=None, old_client=False)``
-  ``-> Machine``
+  ``-> Machine``; its calls run in-process, or through the machine's fork-server
+  when ``loopback_mode`` is "fork-server". A test module that sets
+  ``LOOPBACK_MODES = BOTH_LOOPBACK_MODES`` runs each of its machine tests in both.
 - ``echo_server -> int`` (port on 127.0.0.1; echoes, then half-closes after the client's EOF)
 - ``ipv6_only_echo_server -> int`` (the same on [::1] only)
 - ``http_server -> HttpServer`` (.port, .body: every GET answers 200 with .body)
@@ -36,6 +38,19 @@ _JOIN_SECONDS = 5.0
 
 # Large enough that the echo server is not what limits a 100 MiB test.
 _RECV_SIZE = 256 * 1024
+
+#: How a loopback machine's qrexec-client-vm runs a call: in its own process
+#: (no server), or handed to the machine's fork-server (``Machine.server()``).
+IN_PROCESS = "in-process"
+FORK_SERVER = "fork-server"
+BOTH_LOOPBACK_MODES = (IN_PROCESS, FORK_SERVER)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run a module's loopback machine tests in every mode its LOOPBACK_MODES names."""
+    modes = getattr(metafunc.module, "LOOPBACK_MODES", None)
+    if modes and "loopback_mode" in metafunc.fixturenames:
+        metafunc.parametrize("loopback_mode", modes)
 
 
 class ThreadedTCPServer:
@@ -139,7 +154,13 @@ def write_executable(path: Path, text: str) -> Path:
 
 
 @pytest.fixture
-def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
+def loopback_mode() -> str:
+    """The loopback mode of ``loopback_machine``: in-process unless a module asks for both."""
+    return IN_PROCESS
+
+
+@pytest.fixture
+def loopback_machine(tmp_path: Path, loopback_mode: str) -> Iterator[Callable[..., Machine]]:
     """Factory: ``loopback_machine("work", "web::server", policy=[...]) -> Machine``.
 
     Each call creates a new machine under tmp_path (qube specs as for
@@ -148,8 +169,10 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
     "allow QUBE", "deny"), ``stock_connect_tcp=False`` leaves out the stock
     qubes.ConnectTCP -> /dev/tcp/127.0.0.1 of today's Qubes, ``old_client=True``
     plays a qrexec-client-vm without --use-stdin-socket (for fallback tests).
+    In the fork-server mode each machine's server runs until the test ends.
     """
     numbers = itertools.count()
+    servers = contextlib.ExitStack()
 
     def make(
         *qubes: str,
@@ -168,9 +191,12 @@ def loopback_machine(tmp_path: Path) -> Callable[..., Machine]:
             machine.set_ask_answer(ask)
         if old_client:
             machine.set_old_client(True)
+        if loopback_mode == FORK_SERVER:
+            servers.enter_context(machine.server())
         return machine
 
-    return make
+    with servers:
+        yield make
 
 
 @pytest.fixture

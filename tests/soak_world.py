@@ -108,13 +108,19 @@ class SoakChain:
     client_log: Path
     service_log: Path
     daemon: "subprocess.Popen[bytes]"
+    qrexec: "subprocess.Popen[bytes]"  #: the machine's loopback fork-server (runs the calls)
     local: dict[str, int] = field(default_factory=dict)  #: behaviour -> local port
     remote: dict[str, int] = field(default_factory=dict)  #: behaviour -> server port
 
     def executable_services(self, remote_port: int) -> list[int]:
-        """Pids of executable qubes.ConnectTCP processes now serving ``remote_port``."""
+        """Pids of executable qubes.ConnectTCP processes now serving ``remote_port``.
+
+        The calls run in the loopback fork-server's children, so the services
+        descend from the server, not from the client.
+        """
         marker = f"qubes.ConnectTCP\0{remote_port}\0".encode()
-        return [pid for pid in descendants([self.client.pid]) if marker in cmdline(pid)]
+        roots = [self.client.pid, self.qrexec.pid]
+        return [pid for pid in descendants(roots) if marker in cmdline(pid)]
 
     def snapshot(self) -> dict[str, int]:
         """Open descriptors of the binding and of the service, and the binding's child processes.
@@ -131,6 +137,7 @@ class SoakChain:
             "client_pipes": client.get("pipe", 0),
             "service_fds": sum(service.values()) - service.get("pipe_pair", 0),
             "client_children": len(descendants([self.client.pid])),
+            "qrexec_calls": len(descendants([self.qrexec.pid])),
         }
 
     def pooled_pipes(self) -> dict[str, int]:
@@ -164,10 +171,15 @@ def _free_port() -> int:
 def soak_chain(
     directory: Path, servers: SoakServers, *, target: str, relay: bool
 ) -> Iterator[SoakChain]:
-    """Build the machine, start the client bound to every behaviour; stop all afterwards."""
+    """Build the machine, start the client bound to every behaviour; stop all afterwards.
+
+    Calls go through the machine's loopback fork-server, as in the benchmark.
+    """
     service_log = directory / "service.log"
     machine, daemon = build_machine(directory / "machine", service_log)
+    qrexec_server = contextlib.ExitStack()
     try:
+        qrexec = qrexec_server.enter_context(machine.server())
         remote = dict(servers.ports)
         remote["closed"] = _free_port()
         # dom0 refuses the "denied" binding by a rule that sorts before the allow rules.
@@ -193,7 +205,9 @@ def soak_chain(
                 text=True,
                 start_new_session=True,
             )
-        chain = SoakChain(machine, target, client, client_log, service_log, daemon, local, remote)
+        chain = SoakChain(
+            machine, target, client, client_log, service_log, daemon, qrexec, local, remote
+        )
         try:
             assert client.stdout is not None
             for _ in specs:
@@ -211,4 +225,5 @@ def soak_chain(
             if client.stdout is not None:
                 client.stdout.close()
     finally:
+        qrexec_server.close()
         stop_process(daemon)

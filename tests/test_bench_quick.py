@@ -29,6 +29,7 @@ def test_quick_bench_measures_every_chain_and_writes_complete_json(tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results["chains"]) == set(CHAINS)
+    assert results["loopback"] == "fork-server"  # every chain through the same fork-server
     for key in ("cpus", "cpu_model", "kernel", "python"):
         assert results["machine"][key], key
     for name, chain in results["chains"].items():

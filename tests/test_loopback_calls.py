@@ -17,9 +17,12 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
-from tests.conftest import HttpServer, write_executable
+from tests.conftest import BOTH_LOOPBACK_MODES, HttpServer, write_executable
 
 MakeMachine = Callable[..., Machine]
+
+# Every test runs in-process and through the fork-server: the same behaviour.
+LOOPBACK_MODES = BOTH_LOOPBACK_MODES
 
 TIMEOUT = 30
 

@@ -16,8 +16,12 @@ import pytest
 from qconnect.loopback import layout, slots
 from qconnect.loopback.machine import Machine
 from qconnect.qrexec import EXIT_REFUSED, MAX_CALLS_IN_FLIGHT
+from tests.conftest import BOTH_LOOPBACK_MODES
 
 MakeMachine = Callable[..., Machine]
+
+# Every test runs in-process and through the fork-server: the same behaviour.
+LOOPBACK_MODES = BOTH_LOOPBACK_MODES
 
 TIMEOUT = 30
 

@@ -19,9 +19,18 @@ from typing import Any
 import pytest
 
 from qconnect.loopback.machine import Machine
-from tests.conftest import HalfCloseServer, recv_all, tcp_pair, write_executable
+from tests.conftest import (
+    BOTH_LOOPBACK_MODES,
+    HalfCloseServer,
+    recv_all,
+    tcp_pair,
+    write_executable,
+)
 
 MakeMachine = Callable[..., Machine]
+
+# Every test runs in-process and through the fork-server: the same behaviour.
+LOOPBACK_MODES = BOTH_LOOPBACK_MODES
 
 TIMEOUT = 30
 # How long a test waits to be sure something does NOT arrive.

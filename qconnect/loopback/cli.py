@@ -64,6 +64,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     run.set_defaults(handler=_run)
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve the machine's calls from one long-running process (foreground)",
+        description="Run the machine's fork-server: qrexec-client-vm then hands each call to "
+        "it (a fork) instead of starting Python for it. Listens on DIR/run/qrexec.sock and "
+        "prints 'listening on PATH' when ready; SIGTERM stops it once running calls end. "
+        "Without it, calls run in-process as before.",
+    )
+    serve.add_argument("directory", metavar="DIR", help="the machine directory")
+    serve.set_defaults(handler=_serve)
+
 
 def _init(args: argparse.Namespace) -> int:
     specs = [QubeSpec.parse(text) for text in args.qubes]
@@ -97,6 +108,15 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise LoopbackError(f"cannot run {command[0]!r} in {args.qube}: {error.strerror}") from None
     return 127  # pragma: no cover - execvpe only returns by raising
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from qconnect.logs import setup_logging
+    from qconnect.loopback import forkserver
+
+    setup_logging("qconnect-loopback-serve")
+    forkserver.serve(Machine(args.directory).directory)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,12 +15,16 @@ Typical use in a test::
     result = machine.run("work", ["qrexec-client-vm", "web", "my.Service"], capture_output=True)
 """
 
+import contextlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import qconnect
 from qconnect import atomic
 from qconnect.errors import QconnectError
-from qconnect.loopback import layout
+from qconnect.loopback import forkcall, layout
 from qconnect.qrexec import SERVICE, is_valid_qube_name
 
 
@@ -51,6 +55,11 @@ STOCK_CONNECT_TCP_TARGET = "/dev/tcp/127.0.0.1"
 STOCK_CONNECT_TCP_CONFIG = "skip-service-descriptor=true\nexit-on-service-eof=true\n"
 
 _DEFAULT_POLICY_FILE = "30-loopback.policy"
+
+# Seconds the fork-server may take to listen (imports on a busy 2-core
+# machine), and to finish the calls still running once asked to stop.
+SERVER_START_SECONDS = 30.0
+SERVER_STOP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ def _launcher(machine: Path) -> str:
     """The generated bin/qrexec-client-vm: this interpreter, isolated (-I) and without site (-S).
 
     -S skips site-packages processing, the largest part of the interpreter's
-    start-up; the project directory is put on sys.path by hand instead.
+    start-up; the project directory is put on sys.path by hand instead. It
+    hands the call to the machine's fork-server when one runs, and runs it
+    in-process otherwise (``qconnect.loopback.forkcall``).
     """
     project = Path(qconnect.__file__).resolve().parent.parent
     return (
@@ -121,8 +132,8 @@ def _launcher(machine: Path) -> str:
         f"# machine {machine}. Remove the machine directory to remove it.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(project)!r})\n"
-        "from qconnect.loopback.client import main\n"
-        f"sys.exit(main(machine={str(machine)!r}))\n"
+        "from qconnect.loopback.forkcall import main\n"
+        f"main(machine={str(machine)!r})\n"
     )
 
 
@@ -226,6 +237,16 @@ class Machine:
         """Where the emulated qrexec-daemon and agents log (one line per event)."""
         return self.directory / "log" / "qrexec.log"
 
+    @property
+    def server_socket(self) -> Path:
+        """The fork-server's socket; present while ``qconnect loopback serve DIR`` runs."""
+        return self.directory.joinpath(*forkcall.SOCKET_PATH)
+
+    @property
+    def server_log(self) -> Path:
+        """Where ``Machine.server()`` sends the fork-server's own log lines."""
+        return self.directory / "log" / "server.log"
+
     def qube_dir(self, qube: str) -> Path:
         self._check_qube(qube)
         return layout.qube_dir(self.directory, qube)
@@ -297,6 +318,46 @@ class Machine:
         self._check_qube(qube)
         return slots.count_busy(layout.calls_dir(self.directory, qube))
 
+    # -- the fork-server -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def server(self) -> "Iterator[subprocess.Popen[bytes]]":
+        """Run this machine's fork-server for the ``with`` block (see ``forkserver``).
+
+        Calls made meanwhile cost a fork instead of a Python start; yields the
+        server process once it listens. On exit: SIGTERM (no new calls; those
+        running finish), then after SERVER_STOP_SECONDS SIGKILL to the server
+        and every process of its group, so nothing it started outlives it.
+        """
+        project = str(Path(qconnect.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, env.get("PYTHONPATH")]))
+        with open(self.server_log, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "qconnect.cli", "loopback", "serve", str(self.directory)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            self._wait_listening(process)
+            yield process
+        finally:
+            _stop_server(process)
+
+    def _wait_listening(self, process: "subprocess.Popen[bytes]") -> None:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], SERVER_START_SECONDS)
+        line = process.stdout.readline() if ready else b""
+        if not line.startswith(b"listening"):
+            tail = self.server_log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise LoopbackError(
+                f"the fork-server of {self.directory} did not start"
+                + (f": {tail[0]}" if tail else f" within {SERVER_START_SECONDS:.0f} s")
+            )
+
     # -- running things inside a qube ---------------------------------------
 
     def env_for(self, qube: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -331,3 +392,17 @@ class Machine:
     def call_argv(self, target: str, service: str, *options: str) -> list[str]:
         """``[qrexec-client-vm, *options, target, service]``, the client by its full path."""
         return [str(self.qrexec_client_vm), *options, target, service]
+
+
+def _stop_server(process: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM, a grace period, then SIGKILL to the whole process group; reaped either way."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + SERVER_STOP_SECONDS
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(max(0.0, deadline - time.monotonic()))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
