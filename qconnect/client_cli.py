@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 from qconnect import __version__
 from qconnect.client.errors import ClientError
 from qconnect.client.limits import (
+    DEFAULT_CALL_TIMEOUT,
     DEFAULT_GRACE,
     DEFAULT_MAX_CONNECTIONS,
+    check_call_timeout,
     check_max_connections,
     raise_nofile_limit,
 )
@@ -83,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"on stop, how long open connections may continue (default {DEFAULT_GRACE:g})",
     )
     parser.add_argument(
+        "--call-timeout",
+        type=float,
+        default=DEFAULT_CALL_TIMEOUT,
+        metavar="SECONDS",
+        help="end a call that dom0 has not let through after SECONDS while the client's bytes "
+        f"wait unread, and close its connection (default {DEFAULT_CALL_TIMEOUT:g}: room for a "
+        "target qube to start and an 'ask' prompt to be answered; 0 = never). A connection "
+        "on which the client sent nothing is never ended this way",
+    )
+    parser.add_argument(
         "--systemd",
         action="store_true",
         help="serve the sockets systemd passes (LISTEN_FDS), one binding per socket, named by "
@@ -131,6 +143,7 @@ def _warn_exposed(specs: Sequence[BindingSpec]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_max_connections(args.max_connections)
+    check_call_timeout(args.call_timeout)
     if args.grace < 0:
         raise ClientError(f"invalid --grace {args.grace:g}: expected 0 or more seconds")
     systemd = args.systemd or (not args.specs and _socket_activated())
@@ -174,6 +187,7 @@ def _options(args: argparse.Namespace, *, systemd: bool) -> "ServerOptions":
         source_qube=this_qube_name(),
         max_connections=args.max_connections,
         grace=args.grace,
+        call_timeout=args.call_timeout,
         systemd=systemd,
     )
 

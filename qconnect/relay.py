@@ -72,6 +72,11 @@ class RelayStats:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    #: Set when each direction has ended (EOF passed on, broken, or cancelled):
+    #: lets a caller wait for the last bytes of one direction without wrapping
+    #: the stream, which would hide its socket from splice.
+    a_to_b_ended: trio.Event = field(default_factory=trio.Event, repr=False, compare=False)
+    b_to_a_ended: trio.Event = field(default_factory=trio.Event, repr=False, compare=False)
 
     @property
     def duration(self) -> float:
@@ -144,6 +149,8 @@ async def _copy(
         if stats.error is None:
             stats.error = f"{side}->{'b' if side == 'a' else 'a'}: {_reason(error)}"
         cancel_scope.cancel()
+    finally:
+        (stats.a_to_b_ended if forward else stats.b_to_a_ended).set()
 
 
 class _SpliceUnsupported(Exception):

@@ -1,6 +1,7 @@
 """Hostile load on ``qvm-connect-tcp``: floods of connections opened at once, and clients
 that connect and never send. Each connection is eventually served or cleanly closed,
-the binding never crashes, and a well-behaved client is served afterwards.
+the binding never crashes, and a well-behaved client is served afterwards. (A
+qrexec-client-vm that hangs: tests/test_client_call_timeout.py.)
 
 The chain is the soak's (tests.soak_world): qvm-connect-tcp in handoff mode in
 qube "work", the socket service in "svc-socket", real servers.

@@ -202,3 +202,24 @@ async def test_stapled_socket_streams_are_spliced_and_half_closed(
         await call_stdout.send_eof()
         assert await _receive_all(client) == b"from the call"
     assert spliced == [True, True]
+
+
+async def test_each_direction_signals_its_own_end_while_the_other_still_flows() -> None:
+    client, a = _stream_pair()
+    b, server = _stream_pair()
+    stats = RelayStats()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: relay(a, b, stats=stats))
+        await server.send_all(b"last words")
+        await server.send_eof()
+        with trio.fail_after(10):
+            await stats.b_to_a_ended.wait()
+        assert await _receive_all(client) == b"last words"
+        assert not stats.a_to_b_ended.is_set()
+        await client.send_all(b"still heard")  # the other direction is still open
+        with trio.fail_after(10):
+            assert await server.receive_some(100) == b"still heard"
+        await client.send_eof()
+        with trio.fail_after(10):
+            await stats.a_to_b_ended.wait()
+    assert stats.a_eof and stats.b_eof and stats.error is None

@@ -1,6 +1,7 @@
 """How many calls one client process may have in flight, and its file limit."""
 
 import logging
+import math
 import resource
 
 from qconnect.client.errors import ClientError
@@ -23,6 +24,14 @@ PROCESS_MAX_CONNECTIONS = MAX_CALLS_IN_FLIGHT - 16
 #: Long enough for a page load or a short transfer to complete, short enough
 #: that a shutdown does not hang on an idle keep-alive connection.
 DEFAULT_GRACE = 10.0
+
+#: Default seconds a call may take to be accepted (see acceptance.py) before,
+#: if the client's bytes still wait unread, it is ended and its connection
+#: closed. dom0 itself waits up to a qube's qrexec_timeout (60 s by default)
+#: for a target qube to start; an `ask` policy then waits for a person to
+#: click. Two minutes lets both happen, and still frees the slot of a call
+#: that will never be answered long before anyone would call it a leak.
+DEFAULT_CALL_TIMEOUT = 120.0
 
 #: Listen backlog asked of the kernel (capped by net.core.somaxconn). While
 #: every slot is busy, new connections wait here rather than being refused;
@@ -57,3 +66,13 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError) as error:
             logger.debug("could not raise the open file limit from %d to %d: %s", soft, hard, error)
     return soft
+
+
+def check_call_timeout(value: float) -> float:
+    """Validate a ``--call-timeout`` value: 0 (never) or a finite number of seconds."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ClientError(
+            f"invalid --call-timeout {value:g}: expected 0 (never end a call that is not "
+            "accepted) or more seconds"
+        )
+    return value

@@ -30,7 +30,7 @@ def _age(started: float) -> str:
 
 
 def format_table(answers: list[dict[str, Any]]) -> list[str]:
-    rows = [("BINDING", "PID", "MODE", "OPEN", "SERVED", "REFUSED", "UP")]
+    rows = [("BINDING", "PID", "MODE", "OPEN", "SERVED", "REFUSED", "HUNG", "UP")]
     for answer in answers:
         mode = str(answer.get("mode", "?")) + (" (systemd)" if answer.get("systemd") else "")
         for binding in answer.get("bindings", []):
@@ -43,6 +43,7 @@ def format_table(answers: list[dict[str, Any]]) -> list[str]:
                     f"{binding.get('open')}/{binding.get('max')}{state}",
                     str(binding.get("served")),
                     str(binding.get("refused")),
+                    str(binding.get("hung", 0)),
                     _age(float(answer.get("started", time.time()))),
                 )
             )

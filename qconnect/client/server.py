@@ -11,9 +11,15 @@ service). Task tree, each nursery owned by the function that opens it::
 Stopping a binding cancels its accept loop and closes its listener; its open
 connections get ``grace`` seconds to finish, then their calls are ended
 (SIGTERM, then SIGKILL) and reaped. The process ends when no binding is left.
+
+A call that dom0 never answers (an ``ask`` prompt nobody sees, a target
+that never starts) would hold its connection and slot for ever: each call
+is watched until it shows it was accepted (see acceptance.py), and ended
+after ``call_timeout`` seconds if it provably hung.
 """
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -28,8 +34,16 @@ from typing import Any
 
 import trio
 
+from qconnect.client.acceptance import (
+    Progress,
+    Verdict,
+    judge,
+    relay_progress,
+    still_hung,
+    tcp_progress,
+)
 from qconnect.client.bursts import BurstCounter
-from qconnect.client.limits import DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
+from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.qrexec_call import Mode, call_argv
@@ -70,6 +84,12 @@ CONTROL_TIMEOUT = 2.0
 #: Minimum seconds between two systemd STATUS updates.
 STATUS_INTERVAL = 1.0
 
+#: A call is declared hung only if nothing moved between two readings this
+#: far apart (the second at the call timeout). An accepted qrexec-client-vm
+#: reads waiting bytes within microseconds; a second covers a loaded machine
+#: and a call accepted just before the timeout.
+HANG_CONFIRM_DELAY = 1.0
+
 
 @dataclass
 class Binding:
@@ -83,6 +103,7 @@ class Binding:
     open: int = 0
     served: int = 0
     refused: int = 0
+    hung: int = 0  #: calls ended because they were not accepted within the call timeout
     stopping: bool = False
     done: bool = False  #: stopped and every connection closed: no longer listed
     idle: trio.Event = field(default_factory=trio.Event)
@@ -94,6 +115,7 @@ class Binding:
             "max": self.max_connections,
             "served": self.served,
             "refused": self.refused,
+            "hung": self.hung,
             "stopping": self.stopping,
         }
 
@@ -105,6 +127,7 @@ class ServerOptions:
     source_qube: str
     max_connections: int
     grace: float = DEFAULT_GRACE
+    call_timeout: float = DEFAULT_CALL_TIMEOUT  #: 0: never end a call that is not accepted
     systemd: bool = False
     log_path: str | None = None
     log_path_is_ours: bool = False  #: the registry's file, removed after a clean stop
@@ -280,17 +303,15 @@ class ClientServer:
         """
         spec = binding.spec
         started = time.monotonic()
-        stats: RelayStats | None = None
-        returncode: int | None = None
-        stderr = bytearray()
+        call = _Call()
         try:
             argv = call_argv(self.options.executable, spec, self.options.mode)
             try:
                 if self.options.mode is Mode.HANDOFF:
-                    returncode = await self._run_handoff(argv, conn, stderr)
+                    await self._run_handoff(argv, conn, call)
                 else:
-                    stats = RelayStats()
-                    returncode = await self._run_relay(argv, conn, stderr, stats)
+                    call.stats = RelayStats()
+                    await self._run_relay(argv, conn, call, call.stats)
             except OSError as error:
                 self._log_burst(
                     ("start-failed", spec),
@@ -306,41 +327,61 @@ class ClientServer:
                 binding.idle.set()
             self._release_slots(binding)
             self._note_change()
-        self._log_call(binding, peer, returncode, time.monotonic() - started, stats, stderr)
+        if call.hung is not None:
+            self._log_hung(binding, peer, call.hung, time.monotonic() - started)
+            return
+        self._log_call(
+            binding, peer, call.returncode, time.monotonic() - started, call.stats, call.stderr
+        )
 
     async def _run_handoff(
-        self, argv: list[str], conn: trio.socket.SocketType, stderr: bytearray
-    ) -> int:
+        self, argv: list[str], conn: trio.socket.SocketType, call: "_Call"
+    ) -> None:
         """Give ``conn`` to qrexec-client-vm as its fd 0 and wait for it.
 
         Our copy of the socket is closed as soon as the child has its own, so
-        the child's shutdown() and exit are what the TCP peer sees.
+        the child's shutdown() and exit are what the TCP peer sees; only a
+        duplicate for reading the socket's counters stays while the call is
+        not yet accepted (closed when it is, or when the call ends).
         """
         # The child shares the socket's file description, O_NONBLOCK flag
         # included; qrexec-client-vm expects an ordinary blocking socket.
         os.set_blocking(conn.fileno(), True)
-        errors_ours, errors_theirs = _stdio_pair()
-        async with errors_ours:
-            try:
-                process = await trio.lowlevel.open_process(
-                    argv,
-                    stdin=conn.fileno(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=errors_theirs.fileno(),
-                    start_new_session=True,  # a Ctrl-C in our terminal must not end calls early
-                )
-            finally:
-                errors_theirs.close()
-                conn.close()
-            return await self._wait_process(process, errors_ours, stderr)
+        watched = _duplicate(conn) if self.options.call_timeout > 0 else None
+        try:
+            errors_ours, errors_theirs = _stdio_pair()
+            async with errors_ours:
+                try:
+                    process = await trio.lowlevel.open_process(
+                        argv,
+                        stdin=conn.fileno(),
+                        stdout=subprocess.DEVNULL,
+                        stderr=errors_theirs.fileno(),
+                        start_new_session=True,  # a Ctrl-C in our terminal must not end calls early
+                    )
+                finally:
+                    errors_theirs.close()
+                    conn.close()
+
+                def progress() -> Progress:
+                    assert watched is not None
+                    reading = tcp_progress(watched)
+                    if call.stderr:
+                        return dataclasses.replace(reading, returned=reading.returned + 1)
+                    return reading
+
+                await self._wait_call(process, errors_ours, call, progress, watched)
+        finally:
+            if watched is not None:
+                watched.close()
 
     async def _run_relay(
         self,
         argv: list[str],
         conn: trio.socket.SocketType,
-        stderr: bytearray,
+        call: "_Call",
         stats: RelayStats,
-    ) -> int:
+    ) -> None:
         """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
 
         Its stdin and stdout are two socketpairs, not pipes and not one
@@ -350,11 +391,16 @@ class ClientServer:
         to_call, to_call_theirs = _stdio_pair()
         from_call, from_call_theirs = _stdio_pair()
         errors_ours, errors_theirs = _stdio_pair()
-        remote_done = trio.Event()
-        pipes = trio.StapledStream(to_call, _EofSignal(from_call, remote_done))
+        watched: socket.socket | None = None
+        # Plain socket streams both ways, so the relay splices in both directions.
+        pipes = trio.StapledStream(to_call, from_call)
         stream = trio.SocketStream(conn)
         try:
             try:
+                if self.options.call_timeout > 0:
+                    # The child's end of its stdin, kept while the call is pending to
+                    # see whether it reads (closed once it does, or when the call ends).
+                    watched = to_call_theirs.dup()
                 process = await trio.lowlevel.open_process(
                     argv,
                     stdin=to_call_theirs.fileno(),
@@ -365,18 +411,89 @@ class ClientServer:
             finally:
                 for theirs in (to_call_theirs, from_call_theirs, errors_theirs):
                     theirs.close()
+
+            def progress() -> Progress:
+                assert watched is not None
+                returned = stats.b_to_a + len(call.stderr) + int(stats.b_eof)
+                return relay_progress(stats.a_to_b, watched, returned)
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_then_close, stream, pipes, stats)
-                returncode = await self._wait_process(process, errors_ours, stderr)
+                await self._wait_call(process, errors_ours, call, progress, watched)
                 # The call is over: pass on what it still wrote, then stop waiting
                 # for bytes from the client that nobody would receive.
                 with trio.move_on_after(DRAIN_TIMEOUT):
-                    await remote_done.wait()
+                    await stats.b_to_a_ended.wait()
                 nursery.cancel_scope.cancel()
-                return returncode
         finally:
+            if watched is not None:
+                watched.close()
             await trio.aclose_forcefully(pipes)
             await trio.aclose_forcefully(errors_ours)
+
+    async def _wait_call(
+        self,
+        process: trio.Process,
+        errors: trio.SocketStream,
+        call: "_Call",
+        progress: Callable[[], Progress],
+        watched: socket.socket | None,
+    ) -> None:
+        """Wait for a call to end; end it early if it is not accepted in time.
+
+        Resource handling: ``watched`` (the duplicate the readings come
+        from) is closed as soon as the call shows it was accepted, or ends.
+        """
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as call_scope:
+                if watched is not None:
+                    nursery.start_soon(self._watch_acceptance, progress, watched, call, call_scope)
+                call.returncode = await self._wait_process(process, errors, call.stderr)
+            nursery.cancel_scope.cancel()
+        if watched is not None:
+            watched.close()
+        if call_scope.cancelled_caught:
+            call.returncode = process.returncode  # ended by us: SIGTERM, or SIGKILL
+
+    async def _watch_acceptance(
+        self,
+        progress: Callable[[], Progress],
+        watched: socket.socket,
+        call: "_Call",
+        call_scope: trio.CancelScope,
+    ) -> None:
+        """Look at a pending call near its timeout; end it if it provably hung.
+
+        One timer per call and nothing once it is accepted: a first reading
+        HANG_CONFIRM_DELAY before the timeout, a second at the timeout. A call
+        whose client sent nothing is looked at again every timeout period,
+        since the client may speak later (still one timer, no busy polling).
+        """
+        timeout = self.options.call_timeout
+        confirm = min(HANG_CONFIRM_DELAY, timeout / 2)
+        started = trio.current_time()
+        await trio.sleep(timeout - confirm)
+        earlier: Progress | None = None
+        while True:
+            try:
+                reading = progress()
+            except OSError as error:
+                logger.debug("cannot watch a pending call: %s", error)
+                return
+            verdict = judge(reading)
+            if verdict is Verdict.ACCEPTED:
+                watched.close()
+                return
+            if verdict is Verdict.IDLE:
+                earlier = None
+                await trio.sleep(timeout - confirm)
+                continue
+            if earlier is not None and still_hung(earlier, reading):
+                call.hung = _Hang(waited=trio.current_time() - started, unread=reading.waiting)
+                call_scope.cancel()
+                return
+            earlier = reading
+            await trio.sleep(confirm)
 
     async def _relay_then_close(
         self, stream: trio.SocketStream, pipes: trio.StapledStream[Any, Any], stats: RelayStats
@@ -460,12 +577,52 @@ class ClientServer:
         level = logging.INFO if kind in (None, Kind.OK) else logging.WARNING
         logger.log(level, message, extra={"fields": fields})
 
+    def _log_hung(self, binding: Binding, peer: Any, hang: "_Hang", duration: float) -> None:
+        """One line for a call ended because it was not accepted; a burst of them, once."""
+        spec = binding.spec
+        binding.hung += 1
+        target = spec.target
+        starting = (
+            "the target qube dom0 picks"
+            if target == "@default"
+            else f"{target} (try: qvm-start {target} in dom0)"
+        )
+        message = (
+            f"{_peer_text(peer)} -> {target}:{spec.remote_port} ({duration:.2f} s): call not "
+            f"accepted after {hang.waited:.0f} s, the client's {hang.unread} byte(s) still "
+            "unread; ended qrexec-client-vm and closed the connection. Check dom0 for a policy "
+            f"'ask' prompt waiting for an answer, and that {starting} starts; "
+            f"--call-timeout is {self.options.call_timeout:g} s"
+        )
+        self._log_burst(
+            ("hung", spec),
+            message,
+            f"calls to {target}:{spec.remote_port} not accepted within "
+            f"{self.options.call_timeout:g} s",
+            {
+                "PEER": _peer_text(peer),
+                "BINDING": str(spec),
+                "TARGET": target,
+                "PORT": spec.remote_port,
+                "DURATION": f"{duration:.3f}",
+                "MODE": self.options.mode.value,
+                "OUTCOME": "hung",
+                "UNREAD": hang.unread,
+            },
+        )
+
     # -- rate-limited logging -----------------------------------------------------
 
-    def _log_burst(self, key: tuple[object, ...], message: str, counted_as: str) -> None:
+    def _log_burst(
+        self,
+        key: tuple[object, ...],
+        message: str,
+        counted_as: str,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         """Log ``message`` unless the same key was logged within the burst window."""
         if self._bursts.record(key, time.monotonic()):
-            logger.warning(message, extra={"fields": {"EVENT": str(key[0])}})
+            logger.warning(message, extra={"fields": {"EVENT": str(key[0]), **(fields or {})}})
             self._burst_keys[key] = counted_as
             self._burst_added.set()
 
@@ -557,26 +714,27 @@ class ClientServer:
             await trio.sleep(STATUS_INTERVAL)
 
 
-class _EofSignal(trio.abc.ReceiveStream):
-    """A receive stream that sets ``done`` once it has reported EOF (or broke)."""
+@dataclass
+class _Hang:
+    """Why a call was ended before it was accepted."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
-        self._stream = stream
-        self._done = done
+    waited: float  #: seconds the call was watched
+    unread: int  #: bytes the client sent that the call never read
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except BaseException:
-            self._done.set()
-            raise
-        if not data:
-            self._done.set()
-        return bytes(data)
 
-    async def aclose(self) -> None:
-        self._done.set()
-        await self._stream.aclose()
+@dataclass
+class _Call:
+    """What one call did, filled in while it runs; read by the connection's handler."""
+
+    returncode: int | None = None  #: None: ended at shutdown before it exited
+    stderr: bytearray = field(default_factory=bytearray)
+    stats: RelayStats | None = None  #: relay mode only
+    hung: _Hang | None = None  #: set when the call was ended for not being accepted
+
+
+def _duplicate(conn: trio.socket.SocketType) -> socket.socket:
+    """A second descriptor of ``conn``'s socket (close-on-exec), for reading its counters."""
+    return socket.socket(fileno=os.dup(conn.fileno()))
 
 
 def _stdio_pair() -> tuple[trio.SocketStream, socket.socket]:
