@@ -71,7 +71,7 @@ def test_burst_logs_first_event_and_counts_the_rest() -> None:
     assert counter.record("refused", 0.0)
     assert not any(counter.record("refused", 0.001 * i) for i in range(1, 1000))
     assert counter.flush(5.0) == []
-    assert counter.flush(10.0) == [("refused", 999)]
+    assert counter.flush(10.0) == [("refused", 999, "events")]
     assert counter.record("refused", 11.0)
 
 
@@ -81,16 +81,31 @@ def test_burst_keys_are_independent() -> None:
     assert counter.record("b", 1.0)
     assert not counter.record("a", 2.0)
     assert counter.next_deadline() == 10.0
-    assert counter.flush(0.0, everything=True) == [("a", 1)]
+    assert counter.flush(0.0, everything=True) == [("a", 1, "events")]
     assert counter.next_deadline() is None
 
 
 def test_burst_count_survives_a_new_burst_before_flush() -> None:
     counter = BurstCounter(window=10.0)
-    counter.record("a", 0.0)
-    counter.record("a", 1.0)
-    assert counter.record("a", 20.0)
-    assert counter.flush(21.0) == [("a", 1)]
+    counter.record("a", 0.0, "calls refused")
+    counter.record("a", 1.0, "calls refused")
+    assert counter.record("a", 20.0, "calls refused")
+    assert counter.flush(21.0) == [("a", 1, "calls refused")]
+
+
+def test_every_window_of_a_key_reports_its_count_with_its_words() -> None:
+    # A refused binding hammered for longer than one window: each window's
+    # count comes with the words that say what was counted (before, the
+    # second window's count came out as "events", and a reader lost it).
+    counter = BurstCounter(window=10.0)
+    reported = []
+    for tenth in range(0, 350):
+        now = tenth / 10
+        counter.record("a", now, "calls to web:80 refused")
+        reported += counter.flush(now)
+    reported += counter.flush(35.0, everything=True)
+    assert [label for _, _, label in reported] == ["calls to web:80 refused"] * 4
+    assert sum(count for _, count, _ in reported) == 350 - 4
 
 
 def test_several_specs_and_bind_default() -> None:

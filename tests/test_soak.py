@@ -213,11 +213,18 @@ async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
             chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
             await trio.to_thread.run_sync(chain.client.wait, 30)
             outcomes = chain.client_outcomes()
+            client_log = chain.client_log.read_text()
             service_log = chain.service_log.read_text()
     finally:
         servers.close()
     refused = outcomes.get(chain.remote["denied"], [])
-    assert len(refused) == soak.done["denied"]
+    assert len(refused) == soak.done["denied"], (
+        f"seed {seed}: {len(refused)} refusals logged for {soak.done['denied']} denied calls: "
+        f"{Counter(words[:60] for words in refused)}\n"
+        + "\n".join(
+            line for line in client_log.splitlines() if f":{chain.remote['denied']}" in line
+        )[-3000:]
+    )
     assert all("refused" in words for words in refused), refused
     unreachable = outcomes.get(chain.remote["closed"], [])
     assert len(unreachable) == soak.done["closed"]

@@ -28,7 +28,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,6 @@ class ClientServer:
         self._on_ready = on_ready
         self._process_slots = trio.Semaphore(PROCESS_MAX_CONNECTIONS)
         self._bursts = BurstCounter()
-        self._burst_keys: dict[Hashable, str] = {}
         self._burst_added = trio.Event()
         self._changed = trio.Event()
         self._started = time.time()
@@ -621,14 +620,12 @@ class ClientServer:
         fields: dict[str, Any] | None = None,
     ) -> None:
         """Log ``message`` unless the same key was logged within the burst window."""
-        if self._bursts.record(key, time.monotonic()):
+        if self._bursts.record(key, time.monotonic(), counted_as):
             logger.warning(message, extra={"fields": {"EVENT": str(key[0]), **(fields or {})}})
-            self._burst_keys[key] = counted_as
             self._burst_added.set()
 
     def _log_suppressed(self, *, everything: bool = False) -> None:
-        for key, count in self._bursts.flush(time.monotonic(), everything=everything):
-            what = self._burst_keys.pop(key, "events")
+        for key, count, what in self._bursts.flush(time.monotonic(), everything=everything):
             logger.warning(
                 "... and %d more %s in the last %g s",
                 count,
