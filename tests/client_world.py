@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class World:
     ports: dict[str, int]
     processes: list["subprocess.Popen[str]"] = field(default_factory=list)
     startup_lines: list[str] = field(default_factory=list)  #: of the last start_client
+    #: A started client's log (stderr) so far, by pid: read as it comes, because
+    #: a client whose stderr pipe fills (64 KiB, ~900 call lines) blocks in write().
+    logs: dict[int, list[str]] = field(default_factory=dict)
+    _drains: dict[int, threading.Thread] = field(default_factory=dict)
 
     def env(self, qube: str = SOURCE) -> dict[str, str]:
         env = self.machine.env_for(qube)
@@ -121,13 +126,30 @@ class World:
                 _, err = process.communicate(timeout=10)
                 raise RuntimeError(f"client did not start: {line!r} {err}")
             self.startup_lines.append(line.rstrip("\n"))
+        lines = self.logs[process.pid] = []
+        stderr = process.stderr
+        assert stderr is not None
+        drain = threading.Thread(target=lambda: lines.extend(stderr), daemon=True)
+        drain.start()
+        self._drains[process.pid] = drain
         return process
+
+    def log_so_far(self, process: "subprocess.Popen[str]") -> str:
+        """What a started client has logged until now."""
+        return "".join(self.logs[process.pid])
 
     def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
         """SIGTERM the client and return its exit code and its log (stderr)."""
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
-        return process.returncode, err
+        return self.wait_client(process, 60)
+
+    def wait_client(self, process: "subprocess.Popen[str]", timeout: float) -> tuple[int, str]:
+        """Wait for a started client to exit; its exit code and its whole log."""
+        process.wait(timeout=timeout)
+        self._drains[process.pid].join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+        return process.returncode, self.log_so_far(process)
 
     def close(self) -> None:
         self.qconnect("stop", "--all")
@@ -135,10 +157,13 @@ class World:
             if process.poll() is None:
                 process.terminate()
                 try:
-                    process.communicate(timeout=20)
+                    process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     process.kill()
-                    process.communicate()
+                    process.wait()
+            drain = self._drains.get(process.pid)
+            if drain is not None:
+                drain.join(timeout=10)
 
     def leftover_calls(self) -> list[int]:
         """Pids of loopback qrexec-client-vm processes of this machine still running."""
