@@ -95,6 +95,25 @@ def write_atomic(path: Path, content: str | bytes, *, mode: int | None = None) -
     _fsync_directory(directory)
 
 
+def symlink_atomic(path: Path, target: str) -> None:
+    """Make ``path`` a symbolic link to ``target``, replacing what is there in one rename.
+
+    Readers see the old entry or the new link, never no entry. Any failure
+    leaves the old entry as it was and raises FileWriteError with the reason.
+    """
+    temporary = path.with_name(f".{path.name}.qconnect-tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        os.symlink(target, temporary)
+        os.rename(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise FileWriteError(f"cannot link {path}: {_describe(error)}") from None
+    _fsync_directory(path.parent)
+
+
 def remove_file(path: Path) -> bool:
     """Delete ``path`` if present (a symlink itself, never its target); report whether it was."""
     try:

@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from qconnect.atomic import remove_file, write_atomic
-from qconnect.errors import ServiceError
+from qconnect.atomic import remove_file, symlink_atomic, write_atomic
+from qconnect.errors import FileWriteError, ServiceError
 from qconnect.fence import Fenced, FenceError, Markers
 from qconnect.persistence import Persistence
 from qconnect.qrexec import SERVICE
@@ -376,16 +376,10 @@ class _Installer:
         path = self.root / relative
         if os.path.lexists(path) and not _is_our_link(path, target):
             raise ServiceError(f"refusing to replace {path}: not installed by qconnect")
-        temporary = path.with_name(f".{path.name}.qconnect-tmp")
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            os.symlink(target, temporary)
-            os.rename(temporary, path)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise ServiceError(f"cannot link {path}: {error.strerror}") from None
+            symlink_atomic(path, target)
+        except FileWriteError as error:
+            raise ServiceError(str(error)) from None
         self.manifest.links[str(relative)] = target
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from qconnect.atomic import locked, remove_file, write_atomic
+from qconnect.atomic import locked, remove_file, symlink_atomic, write_atomic
 from qconnect.errors import FileWriteError, PersistError, QconnectError
 from qconnect.persistence import Persistence as Persistence  # re-exported for persist's CLI
 from qconnect.persistence import detect_persistence as detect_persistence  # likewise
@@ -250,7 +250,7 @@ def _snapshot(path: Path) -> _Before:
 def _restore(before: _Before) -> None:
     with contextlib.suppress(OSError, QconnectError):
         if before.link is not None:
-            _symlink_atomic(before.path, before.link)
+            symlink_atomic(before.path, before.link)
         elif before.data is not None:
             if before.path.is_symlink():
                 os.unlink(before.path)
@@ -258,19 +258,6 @@ def _restore(before: _Before) -> None:
             os.chmod(before.path, before.mode)
         else:
             remove_file(before.path)
-
-
-def _symlink_atomic(path: Path, target: str) -> None:
-    temp = path.with_name(f".{path.name}.qconnect-tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp)
-    os.symlink(target, temp)
-    try:
-        os.rename(temp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def _make_dirs(directory: Path, created: list[Path]) -> None:
@@ -341,7 +328,7 @@ def _apply_step(step: Step, applied: Applied) -> None:
             os.chmod(step.path, step.mode)
             applied.report.append(f"wrote {step.path} ({step.what})")
         elif isinstance(step, Link):
-            _symlink_atomic(step.path, step.target)
+            symlink_atomic(step.path, step.target)
             applied.report.append(f"linked {step.path} -> {step.target}")
         else:
             remove_file(step.path)
