@@ -42,7 +42,8 @@ def alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ProcessLookupError: the file was opened but the process was reaped before the read.
         return False
     return state != "Z"
 
