@@ -4,7 +4,7 @@ import io
 from pathlib import Path
 
 from qconnect.demo import Machine
-from qconnect.units.demo_steps import QUBES_RC_LOCAL, persist_steps
+from qconnect.demo.persist_steps import QUBES_RC_LOCAL, persist_steps
 from tests.persist_tree import snapshot
 
 
