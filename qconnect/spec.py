@@ -105,8 +105,9 @@ def parse_bind_address(text: str) -> str:
     ``:`` and white space; so a zone would have to be limited to a charset
     of our own (``[A-Za-z0-9_.-]``) and could still not work: systemd's
     ``ListenStream=`` does not parse a zone at all (systemd 252 refuses
-    ``[fe80::1%%lo]:80`` and the socket never listens), and in a qube the
-    network interfaces appear after systemd loads its units. A listener
+    ``[fe80::1%%lo]:80`` and the socket never listens), and a zone names
+    an interface that would have to exist whenever the unit is loaded,
+    early at boot included, before a qube's network is up. A listener
     limited to one interface is what a socket unit's ``BindToDevice=`` is
     for. The same grammar serves ``qvm-connect-tcp``, so a spec means the
     same thing in a one-off binding and in a permanent one.
