@@ -118,13 +118,23 @@ def spec_texts(draw: st.DrawFn, hostile: bool) -> str:
     return valid[:where] + draw(HOSTILE.filter(bool)) + valid[where:]
 
 
+# A directory name of hostile text (what a file name can hold): --root must
+# not reach the content of any file written under it.
+DIRECTORY_NAMES = HOSTILE.filter(
+    lambda name: name not in ("", ".", "..") and "/" not in name and "\0" not in name
+)
+
+
 @st.composite
-def add_arguments(draw: st.DrawFn) -> list[str]:
-    """``persist add`` words (without --root): valid settings, one of them maybe hostile."""
+def add_arguments(draw: st.DrawFn) -> tuple[list[str], str]:
+    """``persist add`` words (without --root) and the name of the directory above the root.
+
+    Valid settings, one of them maybe hostile.
+    """
     hostile = draw(
         st.sampled_from(
             [None, None, None, None, "spec", "spec", "spec", "mode", "max-connections", "relay",
-             "qrexec-client-vm", "socat", "qvm-connect-tcp", "persistence", "scope"]
+             "qrexec-client-vm", "socat", "qvm-connect-tcp", "persistence", "scope", "root"]
         )
     )  # fmt: skip
     words = [draw(spec_texts(hostile == "spec"))]
@@ -160,7 +170,7 @@ def add_arguments(draw: st.DrawFn) -> list[str]:
     option("persistence", st.sampled_from([None, "full", "rw-only", "none"]))
     if draw(st.booleans()):
         words.append("--replace")
-    return words
+    return words, draw(DIRECTORY_NAMES) if hostile == "root" else "plain"
 
 
 def run_qconnect(*words: str) -> tuple[int, str, str]:
@@ -369,9 +379,15 @@ def test_hostile_options_are_refused_or_give_exactly_the_units_meant(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     @given(add_arguments())
-    def one_run(words: list[str]) -> None:
-        words = [fakes.get(word, word) for word in words]
-        tree = make_qube_tree(Path(tempfile.mkdtemp(dir=tmp_path)) / "qube")
+    def one_run(arguments: tuple[list[str], str]) -> None:
+        words = [fakes.get(word, word) for word in arguments[0]]
+        above = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            (above / arguments[1]).mkdir()
+            above /= arguments[1]
+        except (OSError, UnicodeEncodeError):  # a name this file system cannot hold
+            pass
+        tree = make_qube_tree(above / "qube")
         before = snapshot(tree)
         code, out, err = run_qconnect("persist", "add", *words, "--root", str(tree))
         if code != 0:
