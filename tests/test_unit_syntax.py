@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from qconnect.errors import PersistError
 from qconnect.units.render import load_templates
 from qconnect.units.unitfile import Directive, check_line, directives, exec_line
+from tests.persist_tree import fake_executable, install_analyze_support
 
 HEAD = "[Socket]\nListenStream=127.0.0.1:1\n"
 
@@ -136,3 +137,24 @@ def test_a_rendered_template_has_its_own_directives_or_is_refused(
         for item in directives(skeleton)
     ]
     assert directives(rendered) == expected
+
+
+def test_exec_line_keeps_a_semicolon_and_specifiers_one_word_for_systemd(tmp_path: Path) -> None:
+    """Unquoted, ';' would start a second command and "%1" fail as a specifier; quoted, neither."""
+    install_analyze_support(tmp_path)
+    fake_executable(tmp_path / "bin" / "x")
+    unit = tmp_path / "etc/systemd/system/probe-exec.service"
+    unit.parent.mkdir(parents=True)
+
+    def verify(exec_start: str) -> str:
+        unit.write_text(f"[Service]\nExecStart={exec_start}\n")
+        return subprocess.run(
+            ["systemd-analyze", "verify", f"--root={tmp_path}", "--man=no",
+             "/etc/systemd/system/probe-exec.service"],
+            capture_output=True, text=True, timeout=60, check=False,
+        ).stderr  # fmt: skip
+
+    words = ["/bin/x", ";", "/nonexistent", "100%1", "a\\", '"', "$HOME"]
+    assert verify(exec_line(words)) == ""
+    assert "more than one ExecStart" in verify(" ".join(words[:3]))
+    assert "specifier" in verify(" ".join(["/bin/x", words[3]]))
