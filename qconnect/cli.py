@@ -9,10 +9,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from qconnect import __version__
 from qconnect.errors import QconnectError
+from qconnect.printable import printable
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +39,19 @@ class CommandModule(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error line escaped: it quotes a bad choice but not an extra word.
+
+    ``unrecognized arguments: ...`` shows the words as given, so a newline
+    or a terminal escape sequence in one would reach the terminal as such.
+    Subparsers are made of the same class, so every subcommand gets this.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {printable(message)}\n")
+
+
 def _load(name: str) -> CommandModule:
     module: CommandModule = importlib.import_module(COMMANDS[name][0])
     return module
@@ -45,7 +59,7 @@ def _load(name: str) -> CommandModule:
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """Build the parser, configuring only the subcommand being run (lazy imports)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qconnect",
         description="Bind TCP ports between Qubes OS qubes over qrexec (qubes.ConnectTCP).",
     )

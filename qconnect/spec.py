@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from qconnect.errors import QconnectError, SpecError
+from qconnect.printable import printable
 from qconnect.qrexec import parse_port, validate_target
 
 #: Where a binding listens unless told otherwise. The original listened on
@@ -19,6 +20,23 @@ from qconnect.qrexec import parse_port, validate_target
 DEFAULT_BIND = "127.0.0.1"
 
 _BIND_ALIASES = {"localhost": "127.0.0.1", "*": "0.0.0.0"}
+
+# Every character an IPv4 or IPv6 literal is written with: hex digits, ':'
+# and '.' (an IPv4-mapped IPv6 address has both). A bind address is checked
+# against this set before ipaddress reads it, because ipaddress also takes an
+# IPv6 zone id ('%' and nearly any text after it), which parse_bind_address
+# refuses; see there why.
+_ADDRESS_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+# How much of a refused value an error message shows: enough to recognise
+# it, short enough that a hostile megabyte stays one readable line.
+_SHOWN_MAX = 60
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message: one line, control characters escaped."""
+    cut = text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX] + "..."
+    return f"'{printable(cut)}'"
 
 
 @dataclass(frozen=True, order=True)
@@ -77,26 +95,51 @@ def parse_bind_address(text: str) -> str:
 
     Host names other than ``localhost`` are refused: a binding must not
     depend on name resolution, which another qube may be able to influence.
+
+    IPv6 zone ids (``[fe80::1%eth0]``) are refused too, whatever the
+    interface name. The bind address is written into a systemd unit
+    (``ListenStream=``, ``Description=``, the header comment), into its
+    unit name and into shell command lines, and Python's ipaddress accepts
+    any text after the ``%`` but ``/`` and ``%`` -- spaces and newlines
+    included -- while a Linux interface name may hold any byte but ``/``,
+    ``:`` and white space; so a zone would have to be limited to a charset
+    of our own (``[A-Za-z0-9_.-]``) and could still not work: systemd's
+    ``ListenStream=`` does not parse a zone at all (systemd 252 refuses
+    ``[fe80::1%%lo]:80`` and the socket never listens), and a zone names
+    an interface that would have to exist whenever the unit is loaded,
+    early at boot included, before a qube's network is up. A listener
+    limited to one interface is what a socket unit's ``BindToDevice=`` is
+    for. The same grammar serves ``qvm-connect-tcp``, so a spec means the
+    same thing in a one-off binding and in a permanent one.
     """
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1]
+    bracketed = text.startswith("[") and text.endswith("]")
+    literal = text[1:-1] if bracketed else _BIND_ALIASES.get(text, text)
+    if "%" in literal:
+        raise SpecError(
+            f"invalid bind address {_shown(text)}: IPv6 zone ids (%INTERFACE) are not "
+            "supported; expected an IP address without '%'"
+        )
+    if not literal or not set(literal) <= _ADDRESS_CHARS:
+        raise SpecError(
+            f"invalid bind address {_shown(text)}: expected an IPv4 address, an IPv6 "
+            "address in brackets, 'localhost' or '*'"
+        )
+    if bracketed:
         try:
-            address = ipaddress.IPv6Address(inner)
+            return str(ipaddress.IPv6Address(literal))
         except ValueError:
             raise SpecError(
-                f"invalid bind address {text!r}: expected an IPv6 address in brackets"
+                f"invalid bind address {_shown(text)}: expected an IPv6 address in brackets"
             ) from None
-        return str(address)
-    text = _BIND_ALIASES.get(text, text)
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.IPv4Address(literal))
     except ValueError:
         pass
     try:
-        return str(ipaddress.IPv6Address(text))
+        return str(ipaddress.IPv6Address(literal))
     except ValueError:
         raise SpecError(
-            f"invalid bind address {text!r}: expected an IPv4 address, an IPv6 address "
+            f"invalid bind address {_shown(text)}: expected an IPv4 address, an IPv6 address "
             "in brackets, 'localhost' or '*'"
         ) from None
 
@@ -106,11 +149,13 @@ def _split_fields(text: str) -> list[str]:
     if text.startswith("["):
         close = text.find("]")
         if close == -1:
-            raise SpecError(f"invalid binding {text!r}: '[' of an IPv6 address is never closed")
+            raise SpecError(
+                f"invalid binding {_shown(text)}: '[' of an IPv6 address is never closed"
+            )
         head, rest = text[: close + 1], text[close + 1 :]
         if not rest.startswith(":"):
             raise SpecError(
-                f"invalid binding {text!r}: expected ':' after the bracketed bind address"
+                f"invalid binding {_shown(text)}: expected ':' after the bracketed bind address"
             )
         return [head, *rest[1:].split(":")]
     return text.split(":")
@@ -139,16 +184,16 @@ def parse_spec(text: str, *, default_bind: str = DEFAULT_BIND) -> BindingSpec:
     elif len(fields) == 4:
         bind_text, local_text, target_text, port_text = fields
     else:
-        raise SpecError(f"invalid binding {text!r}: {usage}")
+        raise SpecError(f"invalid binding {_shown(text)}: {usage}")
     if not port_text:
-        raise SpecError(f"invalid binding {text!r}: the remote PORT is missing; {usage}")
+        raise SpecError(f"invalid binding {_shown(text)}: the remote PORT is missing; {usage}")
     remote_port = parse_port(port_text, what="remote port")
     local_port = parse_port(local_text, what="local port") if local_text else remote_port
     target = target_text.replace("$", "@") or "@default"
     try:
         validate_target(target)
     except QconnectError as error:
-        raise SpecError(f"invalid binding {text!r}: {error}") from None
+        raise SpecError(f"invalid binding {_shown(text)}: {error}") from None
     bind_address = parse_bind_address(bind_text)
     return BindingSpec(bind_address, local_port, target, remote_port)
 
@@ -158,11 +203,11 @@ def parse_fd_name(name: str) -> tuple[str, int]:
     target_text, plus, port_text = name.rpartition("+")
     if not plus or not target_text:
         raise SpecError(
-            f"invalid socket name {name!r}: expected TARGET+PORT, e.g. web+80 or @default+444"
+            f"invalid socket name {_shown(name)}: expected TARGET+PORT, e.g. web+80 or @default+444"
         )
     target = target_text.replace("=", ":")
     try:
         validate_target(target)
     except QconnectError as error:
-        raise SpecError(f"invalid socket name {name!r}: {error}") from None
+        raise SpecError(f"invalid socket name {_shown(name)}: {error}") from None
     return target, parse_port(port_text, what="remote port")

@@ -27,10 +27,12 @@ from enum import StrEnum
 from pathlib import Path
 
 from qconnect.errors import PersistError, QconnectError
+from qconnect.printable import printable
 from qconnect.qrexec import MAX_CALLS_IN_FLIGHT, service_call
 from qconnect.resources import data_path
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units.escape import escape, is_valid_unit_name, unescape
+from qconnect.units.unitfile import check_comment_block, check_line, directives, exec_line
 
 #: Every unit of a binding starts with this; the rest is the escaped spec.
 UNIT_PREFIX = "qconnect-bind-"
@@ -65,6 +67,16 @@ QVM_CONNECT_TCP_SYSTEMD_OPTION = "--systemd"
 # ``sh -c`` command): absolute, and only characters that need no quoting in
 # systemd or a shell, so no quoting rule of either can be got wrong.
 _SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]+")
+
+# Linux's NAME_MAX and PATH_MAX (less its NUL): systemd refuses an
+# executable path with a longer component ("neither a valid executable name
+# nor an absolute path") and the kernel one longer than the whole.
+_NAME_MAX = 255
+_PATH_MAX = 4095
+
+# Template placeholders that hold whole comment lines; every other
+# placeholder is a value within one line.
+_COMMENT_PLACEHOLDERS = frozenset({"header", "relay_note"})
 
 _SETTINGS_PREFIX = "# qconnect-binding:"
 
@@ -140,7 +152,25 @@ class Templates:
     texts: dict[str, str]
 
     def render(self, name: str, **values: str) -> str:
-        return string.Template(self.texts[name]).substitute(values)
+        """The template ``name`` filled with ``values``, each checked for systemd's syntax.
+
+        Every value must be one line of printable ASCII without a specifier
+        or a continuation (the header and notes: comment lines only), and
+        the result must hold exactly the directives of the template itself:
+        a value can never add, drop or split a directive. PersistError if not.
+        """
+        for key, value in values.items():
+            if key in _COMMENT_PLACEHOLDERS:
+                check_comment_block(value, key.replace("_", " "))
+            else:
+                check_line(value, key.replace("_", " "))
+        template = string.Template(self.texts[name])
+        text = template.substitute(values)
+        placeholders = {key: "#" if key in _COMMENT_PLACEHOLDERS else "x" for key in values}
+        meant = [(item.section, item.key) for item in directives(template.substitute(placeholders))]
+        if [(item.section, item.key) for item in directives(text)] != meant:
+            raise PersistError(f"{name}: a value changed the unit's directives; nothing written")
+        return text
 
 
 @dataclass(frozen=True)
@@ -205,11 +235,21 @@ def spec_from_unit_name(name: str) -> BindingSpec | None:
 
 
 def check_executable_path(path: str, what: str) -> str:
-    """Return ``path`` if it can go into ExecStart= unquoted, else raise PersistError."""
-    if not _SAFE_PATH_RE.fullmatch(path) or "/../" in f"{path}/":
+    """Return ``path`` if it can go into ExecStart= unquoted, else raise PersistError.
+
+    Absolute and normalised (no empty, ``.`` or ``..`` component, no
+    trailing ``/``, which systemd takes for a directory), of letters,
+    digits and ``_.+-`` only, and within Linux's name and path lengths.
+    """
+    components = path.split("/")[1:]
+    if (
+        not _SAFE_PATH_RE.fullmatch(path)
+        or len(path) > _PATH_MAX
+        or any(part in ("", ".", "..") or len(part) > _NAME_MAX for part in components)
+    ):
         raise PersistError(
-            f"invalid {what} path {path!r}: expected an absolute path of letters, digits "
-            "and '_./+-' only"
+            f"invalid {what} path '{printable(path[:80])}': expected an absolute, normalised "
+            "path of letters, digits and '_.+-' between its '/'s"
         )
     return path
 
@@ -268,26 +308,30 @@ def per_connection_exec_start(binding: Binding) -> str:
     socat pass each EOF on as ``shutdown(SHUT_WR)`` (its default for an fd of
     unknown kind is to do nothing while the other direction still runs).
     (``socat FD:0 EXEC:...,pipes`` is no option: socat 1.7 keeps both ends of
-    its pipes, so the close that signals EOF never reaches it.) ``$$`` is
-    systemd's escape for ``$``.
+    its pipes, so the close that signals EOF never reaches it.) The words
+    are joined by :func:`exec_line`, which quotes the ``sh -c`` command and
+    writes its ``$`` as systemd's ``$$``.
     """
     qrexec_client_vm = check_executable_path(binding.qrexec_client_vm, "qrexec-client-vm")
-    call = f"-- {binding.spec.qrexec_target} {service_call(binding.spec.remote_port)}"
+    call = ["--", binding.spec.qrexec_target, service_call(binding.spec.remote_port)]
     if binding.relay is Relay.HANDOFF:
-        return f"{qrexec_client_vm} --use-stdin-socket {call}"
+        return exec_line([qrexec_client_vm, "--use-stdin-socket", *call])
     socat = check_executable_path(binding.socat, "socat")
-    connection = "FD:$${SAVED_FD_0},shut-down"
+    connection = "FD:${SAVED_FD_0},shut-down"
     relay = f"exec {socat} -t {SOCAT_HALF_CLOSE_TIMEOUT} STDIO,shut-down {connection}"
-    return f'{qrexec_client_vm} {call} /bin/sh -c "{relay}"'
+    return exec_line([qrexec_client_vm, *call, "/bin/sh", "-c", relay])
 
 
 def daemon_exec_start(qvm_connect_tcp: str) -> str:
     path = check_executable_path(qvm_connect_tcp, "qvm-connect-tcp")
-    return f"{path} {QVM_CONNECT_TCP_SYSTEMD_OPTION}"
+    return exec_line([path, QVM_CONNECT_TCP_SYSTEMD_OPTION])
 
 
 def render_binding(binding: Binding, templates: Templates) -> dict[str, str]:
     """Unit file name -> text for one binding (the shared daemon service not included)."""
+    if binding.mode is Mode.PER_CONNECTION:  # its values, checked before any reaches the text
+        exec_start = per_connection_exec_start(binding)
+        check_max_connections(binding.max_connections)
     settings = f"{binding.spec} {binding.mode} {binding.scope}"
     top = header(
         what=f"Binding {binding.spec} ({binding.mode}, {binding.scope} scope).",
@@ -303,7 +347,6 @@ def render_binding(binding: Binding, templates: Templates) -> dict[str, str]:
         "service_unit": binding.service_unit,
     }
     if binding.mode is Mode.PER_CONNECTION:
-        check_max_connections(binding.max_connections)
         if binding.relay is Relay.HANDOFF:
             note = (
                 "The connection is qrexec-client-vm's fd 0 for both directions "
@@ -323,7 +366,7 @@ def render_binding(binding: Binding, templates: Templates) -> dict[str, str]:
             binding.service_unit: templates.render(
                 "qconnect-bind-per-connection@.service.in",
                 **common,
-                exec_start=per_connection_exec_start(binding),
+                exec_start=exec_start,
                 relay_note="\n".join(f"# {line}" for line in textwrap.wrap(note, 76)),
             ),
         }
