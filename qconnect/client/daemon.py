@@ -30,7 +30,8 @@ from qconnect.client.registry import (
     log_file_path,
 )
 from qconnect.client.server import ClientServer, ServerOptions
-from qconnect.logs import setup_logging
+from qconnect.logs import PrintableFormatter, setup_logging
+from qconnect.printable import printable
 from qconnect.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.client")
@@ -223,7 +224,7 @@ def log_to_file(path: str, verbose: bool) -> None:
     setup_logging(LOG_IDENTIFIER, verbose=verbose)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
+            PrintableFormatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
         )
 
 
@@ -252,7 +253,7 @@ def serve_in_background(
         report = pipe.read(4096)
     if report.startswith(b"ok"):
         return 0
-    message = report.decode(errors="replace").strip() or "the background process failed to start"
+    message = printable(report.strip()) or "the background process failed to start"
     raise ClientError(message)
 
 
