@@ -14,7 +14,6 @@ planted program may ever run.
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,14 +25,12 @@ import pytest
 from qconnect.client import daemon, qrexec_call
 from qconnect.client.errors import ClientError
 from qconnect.loopback.machine import Machine
+from tests.as_nobody import NOBODY, as_nobody_keeping_real_root, become_nobody, can_play_nobody
 from tests.conftest import recv_all, write_executable
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="plays an unprivileged user and sudo, so it needs root (and setpriv)",
+    not can_play_nobody(), reason="plays an unprivileged user and sudo: needs root and setpriv"
 )
-
-NOBODY = 65534
 
 #: The stand-in sudo: root again (its real uid is still 0, see below), the
 #: environment reset as sudo's env_reset does, PATH = Debian's secure_path.
@@ -58,32 +55,6 @@ env = {{"PATH": SECURE_PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root",
        "SHELL": "/bin/sh", "SUDO_USER": "nobody", "SUDO_UID": "65534", "SUDO_GID": "65534"}}
 os.execve(program, args, env)
 """
-
-
-def become_nobody() -> None:
-    """Effective uid and gid nobody, real uid still root: a user the kernel refuses port 80.
-
-    The real uid 0 is what lets the stand-in sudo become root again (a
-    process may set its effective uid to its real one); until then the
-    process has no effective capability, so binding port 80 fails as for
-    any user.
-    """
-    os.setgroups([])
-    os.setegid(NOBODY)
-    os.seteuid(NOBODY)
-
-
-#: Run after become_nobody: the only privilege kept is reading any file
-#: (CAP_DAC_READ_SEARCH, as an ambient capability, effective from the next
-#: program on: hence env), because this interpreter may live in root's 0700
-#: home. Binding port 80 still needs CAP_NET_BIND_SERVICE, which it lacks.
-AS_NOBODY = [
-    "setpriv",
-    "--inh-caps=+dac_read_search",
-    "--ambient-caps=+dac_read_search",
-    "--",
-    shutil.which("env", path="/usr/bin:/bin") or "/usr/bin/env",
-]
 
 
 def free_privileged_port() -> int:
@@ -134,7 +105,7 @@ def test_root_rerun_runs_nothing_from_the_directory_or_the_users_path(
     port = free_privileged_port()
     client = subprocess.Popen(
         [
-            *AS_NOBODY,
+            *as_nobody_keeping_real_root(),
             str(Path(sys.executable).parent / "qvm-connect-tcp"),
             "-f",
             f"{port}:web:{echo_server}",

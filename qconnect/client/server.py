@@ -47,6 +47,7 @@ from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.qrexec_call import Mode, call_argv
+from qconnect.client.registry import peer_credentials
 from qconnect.errors import SpecError
 from qconnect.printable import printable
 from qconnect.relay import RelayStats, relay
@@ -674,6 +675,12 @@ class ClientServer:
 
     async def _answer_control(self, conn: trio.socket.SocketType) -> None:
         with conn:
+            pid, uid, _ = peer_credentials(conn)  # type: ignore[arg-type]
+            if uid not in (os.geteuid(), 0):
+                # The socket is 0600 in a 0700 directory: only a process given
+                # our socket some other way gets here. It learns nothing.
+                logger.warning("control socket: ignored a request from uid %d (pid %d)", uid, pid)
+                return
             request = b""
             with trio.move_on_after(CONTROL_TIMEOUT):
                 while b"\n" not in request and len(request) <= MAX_CONTROL_REQUEST:
