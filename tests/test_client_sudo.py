@@ -165,7 +165,7 @@ def test_root_argv_names_programs_by_path_and_passes_only_the_loopback_variables
     assert (package_dir / "qconnect" / "client_cli.py").is_file()
 
 
-def test_root_rerun_skips_a_qrexec_client_vm_others_could_have_planted(
+def test_root_rerun_skips_programs_others_could_have_planted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     planted = tmp_path / "bin"
@@ -174,10 +174,14 @@ def test_root_rerun_skips_a_qrexec_client_vm_others_could_have_planted(
     monkeypatch.delenv(qrexec_call.LOOPBACK_MACHINE_ENV, raising=False)
     monkeypatch.setenv(qrexec_call.SUDO_MARK_ENV, "1")
     monkeypatch.setenv("PATH", f"{planted}{os.pathsep}relative-dir")
+    write_executable(planted / "qubesdb-read", f"#!/bin/sh\necho planted > {tmp_path}/ran\n")
+    monkeypatch.delenv(qrexec_call.LOOPBACK_QUBE_ENV, raising=False)
     with pytest.raises(ClientError) as raised:
         qrexec_call.find_qrexec_client_vm()
     assert str(planted / "qrexec-client-vm") in str(raised.value)
     assert "skipped" in str(raised.value)
+    assert qrexec_call.this_qube_name() == socket.gethostname()  # not the planted reader's
+    assert not (tmp_path / "ran").exists()
     # the same PATH is fine for any other process: whoever started it chose it
     monkeypatch.delenv(qrexec_call.SUDO_MARK_ENV)
     assert qrexec_call.find_qrexec_client_vm() == str(planted / "qrexec-client-vm")

@@ -53,7 +53,7 @@ def find_qrexec_client_vm() -> str:
     root: it does not trust PATH, which sudo keeps from the user when sudoers
     has no secure_path (see :func:`_root_qrexec_client_vm`).
     """
-    if os.geteuid() == 0 and os.environ.get(SUDO_MARK_ENV) == "1":
+    if _is_root_rerun():
         return _root_qrexec_client_vm()
     path = shutil.which(QREXEC_CLIENT_VM)
     if path is None:
@@ -65,15 +65,16 @@ def find_qrexec_client_vm() -> str:
     return os.path.abspath(path)
 
 
+def _is_root_rerun() -> bool:
+    return os.geteuid() == 0 and os.environ.get(SUDO_MARK_ENV) == "1"
+
+
 def _root_qrexec_client_vm() -> str:
     """Root's ``qrexec-client-vm``: the loopback machine's, or one only root can have put there.
 
     Inside a loopback qube (QCONNECT_LOOPBACK_MACHINE, passed on by whoever
-    ran us) it is the machine's own client. Otherwise it is the first on PATH
-    whose every path component is owned by root and writable by nobody else:
-    a directory of the user's, or a relative one, on a PATH that sudo kept
-    (no secure_path in sudoers) is skipped, so a planted program never runs
-    as root.
+    ran us) it is the machine's own client. Otherwise it is the first found
+    by :func:`root_program`.
     """
     machine = os.environ.get(LOOPBACK_MACHINE_ENV)
     if machine:
@@ -81,14 +82,9 @@ def _root_qrexec_client_vm() -> str:
         if not os.access(client, os.X_OK):
             raise ClientError(f"{printable(str(client))}: no loopback {QREXEC_CLIENT_VM} there")
         return str(client)
-    skipped: list[str] = []
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory, QREXEC_CLIENT_VM)
-        if not os.access(candidate, os.X_OK) or os.path.isdir(candidate):
-            continue
-        if os.path.isabs(candidate) and _only_root_can_change(candidate):
-            return candidate
-        skipped.append(candidate)
+    found, skipped = root_program(QREXEC_CLIENT_VM)
+    if found is not None:
+        return found
     raise ClientError(
         f"{QREXEC_CLIENT_VM} not found for root on PATH"
         + (
@@ -98,6 +94,25 @@ def _root_qrexec_client_vm() -> str:
             else ": qvm-connect-tcp runs in a Qubes app qube (package qubes-core-agent)"
         )
     )
+
+
+def root_program(name: str) -> tuple[str | None, list[str]]:
+    """The first ``name`` on PATH that only root can have put there, and the ones skipped.
+
+    Only absolute PATH entries count, and a program counts only when it and
+    every directory above it are root's and writable by root only: a
+    directory of the user's, or a relative one, on a PATH that sudo kept is
+    skipped, so a planted program never runs as root.
+    """
+    skipped: list[str] = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if not os.access(candidate, os.X_OK) or os.path.isdir(candidate):
+            continue
+        if os.path.isabs(candidate) and _only_root_can_change(candidate):
+            return candidate, skipped
+        skipped.append(candidate)
+    return None, skipped
 
 
 def _only_root_can_change(path: str) -> bool:
@@ -157,7 +172,8 @@ def this_qube_name() -> str:
     loopback_name = os.environ.get(LOOPBACK_QUBE_ENV)
     if loopback_name:
         return loopback_name
-    reader = shutil.which("qubesdb-read")
+    # the sudo re-run runs as root: only a reader root installed (see find_qrexec_client_vm)
+    reader = root_program("qubesdb-read")[0] if _is_root_rerun() else shutil.which("qubesdb-read")
     if reader is not None:
         try:
             result = subprocess.run(
