@@ -5,8 +5,9 @@ Callers log through ``logging`` and pass structured fields as
 them into journal fields (``QCONNECT_CALLER=...``) so ``journalctl`` can filter
 on them, and the stderr handler prints just the message.
 
-Every line either handler writes goes through :func:`qconnect.printable.printable`:
-messages carry text from outside (a target's stderr, a caller's name, a
+Every line either handler writes, and every journal field, goes through
+:func:`escape_controls` (qconnect.printable's escapes for each non-printable
+character): messages carry text from outside (a target's stderr, a caller's name, a
 peer's answer), and a log line must stay one line of printable text whatever
 a caller put in it, so no escape sequence reaches the terminal of whoever
 reads the log and no newline forges a second line.

@@ -101,6 +101,22 @@ def test_the_formatter_keeps_an_exception_on_the_same_line() -> None:
     assert formatted.startswith("failed\\nTraceback") and "\\x1b[2J" in formatted
 
 
+def test_journal_messages_and_fields_are_escaped_too() -> None:
+    from qconnect.logs import _JournalFieldsHandler
+
+    sent: list[tuple[str, dict[str, object]]] = []
+    handler = _JournalFieldsHandler("qvm-connect-tcp")
+    handler._send = lambda message, **fields: sent.append((message, fields))  # type: ignore[method-assign]
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "call from %s", ("a\x1b[2Jb",), None
+    )
+    record.fields = {"PEER": "evil\nQCONNECT_OUTCOME=ok"}
+    handler.emit(record)
+    ((message, fields),) = sent
+    assert message == "call from a\\x1b[2Jb"
+    assert fields["QCONNECT_PEER"] == "evil\\nQCONNECT_OUTCOME=ok"
+
+
 def test_escape_controls_leaves_already_escaped_text_alone() -> None:
     assert escape_controls("a\\x1b b") == "a\\x1b b"
     assert escape_controls("a\x1bb\n") == "a\\x1bb\\n"
