@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qconnect.client.qrexec_call import Mode
-from qconnect.client.server import Binding, ClientServer, ServerOptions, stderr_detail
-from qconnect.logs import PrintableFormatter, escape_controls
+from qconnect.client.server import Binding, ClientServer, ServerOptions
 from qconnect.loopback.machine import Machine
 from qconnect.spec import BindingSpec
 from tests.client_world import exchange, free_port
@@ -49,6 +48,8 @@ class Records(logging.Handler):
 
 @given(st.binary(max_size=3000))
 def test_a_calls_stderr_becomes_one_printable_line(stderr: bytes) -> None:
+    from qconnect.client.server import stderr_detail
+
     detail = stderr_detail(stderr)
     assert one_printable_line(detail)
     if stderr.isascii() and bytes(stderr).decode().isprintable() and b"\\" not in stderr:
@@ -82,6 +83,8 @@ def test_a_failed_calls_log_line_is_printable_whatever_its_stderr(
 
 @given(st.text(max_size=300), st.text(max_size=50))
 def test_the_formatter_makes_every_record_one_printable_line(message: str, argument: str) -> None:
+    from qconnect.logs import PrintableFormatter
+
     record = logging.LogRecord(
         "x", logging.WARNING, __file__, 1, "%s %s", (message, argument), None
     )
@@ -92,6 +95,8 @@ def test_the_formatter_makes_every_record_one_printable_line(message: str, argum
 
 
 def test_the_formatter_keeps_an_exception_on_the_same_line() -> None:
+    from qconnect.logs import PrintableFormatter
+
     try:
         raise ValueError("bad\nvalue\x1b[2J")
     except ValueError:
@@ -118,6 +123,8 @@ def test_journal_messages_and_fields_are_escaped_too() -> None:
 
 
 def test_escape_controls_leaves_already_escaped_text_alone() -> None:
+    from qconnect.logs import escape_controls
+
     assert escape_controls("a\\x1b b") == "a\\x1b b"
     assert escape_controls("a\x1bb\n") == "a\\x1bb\\n"
 
