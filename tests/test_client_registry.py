@@ -8,9 +8,11 @@ client process answers only its own user and root.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -385,3 +387,49 @@ def test_a_client_process_ignores_requests_from_another_user(
         client.terminate()
         _, log = client.communicate(timeout=60)
     assert f"control socket: ignored a request from uid {NOBODY}" in log
+
+
+@needs_root
+def test_a_user_is_pointed_to_roots_registry_it_cannot_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qconnect.client import list_command
+
+    outer = Path(tempfile.mkdtemp(prefix="qconnect-root-hint-"))
+    try:
+        outer.chmod(0o755)
+        roots = outer / "client"
+        roots.mkdir(mode=0o700)
+        monkeypatch.setattr(list_command, "ROOT_REGISTRY", str(roots))
+        hints = []
+        for content in ([], ["1.sock"]):
+            for name in content:
+                (roots / name).write_text("")
+            os.seteuid(NOBODY)
+            try:
+                hints.append(list_command.root_hint())
+            finally:
+                os.seteuid(0)
+            hints.append(list_command.root_hint())  # root itself: no hint
+        assert hints == [
+            "root may also run bindings here: see them with 'sudo qconnect list'",
+            None,
+            "root may also run bindings here: see them with 'sudo qconnect list'",
+            None,
+        ]
+        roots.chmod(0o755)  # a registry a user can read: the hint only when it has entries
+        os.seteuid(NOBODY)
+        try:
+            assert list_command.root_hint() == (
+                "root also runs bindings here: see them with 'sudo qconnect list'"
+            )
+        finally:
+            os.seteuid(0)
+        monkeypatch.setattr(list_command, "ROOT_REGISTRY", str(outer / "missing"))
+        os.seteuid(NOBODY)
+        try:
+            assert list_command.root_hint() is None
+        finally:
+            os.seteuid(0)
+    finally:
+        shutil.rmtree(outer)

@@ -70,6 +70,25 @@ def run(args: argparse.Namespace) -> int:
         logs = sorted({printable(str(answer["log"])) for answer in answers if answer.get("log")})
         for log in logs:
             print(f"log: {log}")
-    if os.geteuid() != 0 and os.path.isdir(ROOT_REGISTRY) and os.listdir(ROOT_REGISTRY):
-        print("root also runs bindings here: see them with 'sudo qconnect list'")
+    hint = root_hint()
+    if hint:
+        print(hint)
     return 0
+
+
+def root_hint() -> str | None:
+    """A line pointing a user to root's bindings (ports below 1024), when there may be some.
+
+    Root's registry is 0700, so a user usually cannot see into it: then its
+    existence is the hint (root has run a binding here since boot).
+    """
+    if os.geteuid() == 0:
+        return None
+    try:
+        if not os.listdir(ROOT_REGISTRY):
+            return None
+    except PermissionError:
+        return "root may also run bindings here: see them with 'sudo qconnect list'"
+    except OSError:
+        return None
+    return "root also runs bindings here: see them with 'sudo qconnect list'"
