@@ -59,7 +59,8 @@ def bind_or_sudo(bind: Callable[[], list[Listener]]) -> list[Listener]:
     An app qube's default user has passwordless sudo (as the original relied
     on); ``sudo -n`` never prompts, so without it the error says what to do.
     The command sudo runs is :func:`root_argv`'s: nothing in it comes from the
-    working directory or the user's PATH.
+    working directory or the user's PATH. sudo itself is found on PATH, as the
+    user's shell finds it when they type ``sudo``.
     """
     try:
         return bind()
