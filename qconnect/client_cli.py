@@ -28,6 +28,7 @@ from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_li
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
 from qconnect.errors import QconnectError
 from qconnect.logs import setup_logging
+from qconnect.printable import printable
 from qconnect.spec import BindingSpec, parse_bind_address, parse_spec
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except QconnectError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130

@@ -13,20 +13,25 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import trio
 
+import qconnect
+from qconnect.client import qrexec_call
 from qconnect.client.errors import ClientError
 from qconnect.client.listeners import Listener, PrivilegedPortError
 from qconnect.client.registry import (
+    LOOPBACK_MACHINE_ENV,
+    LOOPBACK_QUBE_ENV,
     control_socket_path,
     ensure_runtime_dir,
     log_file_path,
 )
 from qconnect.client.server import ClientServer, ServerOptions
-from qconnect.logs import setup_logging
+from qconnect.logs import PrintableFormatter, setup_logging
+from qconnect.printable import printable
 from qconnect.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.client")
@@ -34,8 +39,9 @@ logger = logging.getLogger("qconnect.client")
 LOG_IDENTIFIER = "qvm-connect-tcp"
 
 #: Set in the environment of the copy of us that sudo runs, so that a sudo
-#: which does not really give root cannot make us loop.
-SUDO_MARK_ENV = "QCONNECT_VIA_SUDO"
+#: which does not really give root cannot make us loop, and so that the copy
+#: finds qrexec-client-vm without trusting PATH (qrexec_call).
+SUDO_MARK_ENV = qrexec_call.SUDO_MARK_ENV
 
 #: Seconds the shell waits for the background process to say it is serving.
 #: It only has to set up logging and start its event loop: well under a
@@ -52,6 +58,9 @@ def bind_or_sudo(bind: Callable[[], list[Listener]]) -> list[Listener]:
 
     An app qube's default user has passwordless sudo (as the original relied
     on); ``sudo -n`` never prompts, so without it the error says what to do.
+    The command sudo runs is :func:`root_argv`'s: nothing in it comes from the
+    working directory or the user's PATH. sudo itself is found on PATH, as the
+    user's shell finds it when they type ``sudo``.
     """
     try:
         return bind()
@@ -64,21 +73,59 @@ def bind_or_sudo(bind: Callable[[], list[Listener]]) -> list[Listener]:
         check = subprocess.run([sudo, "-n", "true"], capture_output=True, timeout=30, check=False)
         if check.returncode != 0:
             raise ClientError(f"{error} (sudo needs a password here)") from None
-        argv = [
-            sudo,
-            "-n",
-            "--",
-            "env",
-            f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}",
-            f"{SUDO_MARK_ENV}=1",
-            sys.executable,
-            "-m",
-            "qconnect.client_cli",
-            *sys.argv[1:],
-        ]
+        argv = root_argv(sudo, sys.argv[1:], os.environ)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sudo, argv)
+
+
+#: Where ``env`` is: /usr/bin on every distribution with a merged /usr (all
+#: of Qubes' templates), /bin on the others. sudo would look a bare ``env`` up
+#: on the user's PATH when its sudoers has no secure_path.
+ENV_PROGRAMS = ("/usr/bin/env", "/bin/env")
+
+#: What the root copy runs, with ``python -I`` (no working directory, no
+#: PYTHON* variables, no user site-packages on sys.path): the directory this
+#: very process imported qconnect from goes first on sys.path, so root runs
+#: the code the user ran, found from where it is installed, never from the
+#: directory sudo was started in.
+ROOT_ENTRY = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from qconnect.client_cli import main; sys.exit(main())"
+)
+
+#: Variables the root copy keeps from the user's environment (sudo drops the
+#: rest, PATH included: root gets sudo's secure_path). A process "inside" a
+#: loopback qube stays inside it: the machine gives its own qrexec-client-vm
+#: and registry (qrexec_call.find_qrexec_client_vm, registry.runtime_dir).
+KEPT_FOR_ROOT = (LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV)
+
+
+def root_argv(sudo: str, args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The command line that re-runs ``qvm-connect-tcp ARGS`` as root through ``sudo -n``.
+
+    Every program in it is named by its absolute path, the interpreter runs
+    isolated, and PATH is not passed: root finds qrexec-client-vm by itself.
+    """
+    env_program = next((path for path in ENV_PROGRAMS if os.access(path, os.X_OK)), None)
+    if env_program is None:
+        raise ClientError(f"cannot re-run as root: no env program at {' or '.join(ENV_PROGRAMS)}")
+    package_dir = Path(qconnect.__file__).resolve().parent.parent
+    kept = [f"{name}={environ[name]}" for name in KEPT_FOR_ROOT if environ.get(name)]
+    return [
+        sudo,
+        "-n",
+        "--",
+        env_program,
+        f"{SUDO_MARK_ENV}=1",
+        *kept,
+        os.path.abspath(sys.executable),
+        "-I",
+        "-c",
+        ROOT_ENTRY,
+        str(package_dir),
+        *args,
+    ]
 
 
 def _control_socket() -> tuple[socket.socket, Path]:
@@ -178,7 +225,7 @@ def log_to_file(path: str, verbose: bool) -> None:
     setup_logging(LOG_IDENTIFIER, verbose=verbose)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
+            PrintableFormatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
         )
 
 
@@ -207,7 +254,7 @@ def serve_in_background(
         report = pipe.read(4096)
     if report.startswith(b"ok"):
         return 0
-    message = report.decode(errors="replace").strip() or "the background process failed to start"
+    message = printable(report.strip()) or "the background process failed to start"
     raise ClientError(message)
 
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from qconnect.client.registry import ask_all, runtime_dir
+from qconnect.printable import printable
 
 ROOT_REGISTRY = "/run/qconnect/client"
 
@@ -30,23 +31,25 @@ def _age(started: float) -> str:
 
 
 def format_table(answers: list[dict[str, Any]]) -> list[str]:
-    rows = [("BINDING", "PID", "MODE", "OPEN", "SERVED", "REFUSED", "HUNG", "UP")]
+    """The table ``qconnect list`` prints; every cell from a process goes through printable()."""
+    rows: list[tuple[str, ...]] = [
+        ("BINDING", "PID", "MODE", "OPEN", "SERVED", "REFUSED", "HUNG", "UP")
+    ]
     for answer in answers:
         mode = str(answer.get("mode", "?")) + (" (systemd)" if answer.get("systemd") else "")
         for binding in answer.get("bindings", []):
             state = " stopping" if binding.get("stopping") else ""
-            rows.append(
-                (
-                    str(binding.get("spec")),
-                    str(answer.get("pid")),
-                    mode,
-                    f"{binding.get('open')}/{binding.get('max')}{state}",
-                    str(binding.get("served")),
-                    str(binding.get("refused")),
-                    str(binding.get("hung", 0)),
-                    _age(float(answer.get("started", time.time()))),
-                )
+            cells = (
+                binding.get("spec"),
+                answer.get("pid"),
+                mode,
+                f"{binding.get('open')}/{binding.get('max')}{state}",
+                binding.get("served"),
+                binding.get("refused"),
+                binding.get("hung", 0),
+                _age(float(answer.get("started", time.time()))),
             )
+            rows.append(tuple(printable(str(cell)) for cell in cells))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -60,13 +63,32 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(answers, indent=2))
         return 0
     if not any(answer.get("bindings") for answer in answers):
-        print(f"no running bindings (registry: {runtime_dir()})")
+        print(f"no running bindings (registry: {printable(str(runtime_dir()))})")
     else:
         for line in format_table(answers):
             print(line)
-        logs = sorted({str(answer["log"]) for answer in answers if answer.get("log")})
+        logs = sorted({printable(str(answer["log"])) for answer in answers if answer.get("log")})
         for log in logs:
             print(f"log: {log}")
-    if os.geteuid() != 0 and os.path.isdir(ROOT_REGISTRY) and os.listdir(ROOT_REGISTRY):
-        print("root also runs bindings here: see them with 'sudo qconnect list'")
+    hint = root_hint()
+    if hint:
+        print(hint)
     return 0
+
+
+def root_hint() -> str | None:
+    """A line pointing a user to root's bindings (ports below 1024), when there may be some.
+
+    Root's registry is 0700, so a user usually cannot see into it: then its
+    existence is the hint (root has run a binding here since boot).
+    """
+    if os.geteuid() == 0:
+        return None
+    try:
+        if not os.listdir(ROOT_REGISTRY):
+            return None
+    except PermissionError:
+        return "root may also run bindings here: see them with 'sudo qconnect list'"
+    except OSError:
+        return None
+    return "root also runs bindings here: see them with 'sudo qconnect list'"

@@ -7,9 +7,12 @@ import enum
 import os
 import shutil
 import socket
+import stat
 import subprocess
+from pathlib import Path
 
 from qconnect.client.errors import ClientError
+from qconnect.printable import printable
 from qconnect.qrexec import service_call
 from qconnect.spec import BindingSpec
 
@@ -23,6 +26,11 @@ STDIN_SOCKET_OPTION = "--use-stdin-socket"
 #: Set by the loopback machine in the processes "inside" one of its qubes
 #: (qconnect.loopback.layout.QUBE_ENV): that qube's name.
 LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+LOOPBACK_MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
+
+#: Set by daemon.bind_or_sudo in the environment of the copy of us that sudo
+#: runs as root (defined here, the lowest module that reads it).
+SUDO_MARK_ENV = "QCONNECT_VIA_SUDO"
 
 #: How long ``qrexec-client-vm --help`` may take before we give up and use
 #: the relay, which works with every version.
@@ -37,7 +45,16 @@ class Mode(enum.Enum):
 
 
 def find_qrexec_client_vm() -> str:
-    """The absolute path of ``qrexec-client-vm`` on PATH, or a ClientError saying it is missing."""
+    """The absolute path of the ``qrexec-client-vm`` to run, or a ClientError saying why none.
+
+    A process takes the first on PATH, as a shell would: whoever started it
+    chose that PATH. The one exception is our own re-run as root through sudo
+    (a binding below port 1024, daemon.bind_or_sudo), started by a user for
+    root: it does not trust PATH, which sudo keeps from the user when sudoers
+    has no secure_path (see :func:`_root_qrexec_client_vm`).
+    """
+    if _is_root_rerun():
+        return _root_qrexec_client_vm()
     path = shutil.which(QREXEC_CLIENT_VM)
     if path is None:
         raise ClientError(
@@ -46,6 +63,73 @@ def find_qrexec_client_vm() -> str:
             "(qconnect loopback run DIR QUBE -- qvm-connect-tcp ...)"
         )
     return os.path.abspath(path)
+
+
+def _is_root_rerun() -> bool:
+    return os.geteuid() == 0 and os.environ.get(SUDO_MARK_ENV) == "1"
+
+
+def _root_qrexec_client_vm() -> str:
+    """Root's ``qrexec-client-vm``: the loopback machine's, or one only root can have put there.
+
+    Inside a loopback qube (QCONNECT_LOOPBACK_MACHINE, passed on by whoever
+    ran us) it is the machine's own client. Otherwise it is the first found
+    by :func:`root_program`.
+    """
+    machine = os.environ.get(LOOPBACK_MACHINE_ENV)
+    if machine:
+        client = Path(machine).absolute() / "bin" / QREXEC_CLIENT_VM
+        if not os.access(client, os.X_OK):
+            raise ClientError(f"{printable(str(client))}: no loopback {QREXEC_CLIENT_VM} there")
+        return str(client)
+    found, skipped = root_program(QREXEC_CLIENT_VM)
+    if found is not None:
+        return found
+    raise ClientError(
+        f"{QREXEC_CLIENT_VM} not found for root on PATH"
+        + (
+            f" (skipped, as others than root could have put it there: "
+            f"{', '.join(printable(path) for path in skipped)})"
+            if skipped
+            else ": qvm-connect-tcp runs in a Qubes app qube (package qubes-core-agent)"
+        )
+    )
+
+
+def root_program(name: str) -> tuple[str | None, list[str]]:
+    """The first ``name`` on PATH that only root can have put there, and the ones skipped.
+
+    Only absolute PATH entries count, and a program counts only when it and
+    every directory above it are root's and writable by root only: a
+    directory of the user's, or a relative one, on a PATH that sudo kept is
+    skipped, so a planted program never runs as root.
+    """
+    skipped: list[str] = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if not os.access(candidate, os.X_OK) or os.path.isdir(candidate):
+            continue
+        if os.path.isabs(candidate) and _only_root_can_change(candidate):
+            return candidate, skipped
+        skipped.append(candidate)
+    return None, skipped
+
+
+def _only_root_can_change(path: str) -> bool:
+    """Whether ``path`` and every directory above it are root's and writable by root only.
+
+    Symlinks are followed (``/bin`` -> ``usr/bin``): the file that would run
+    and each directory on its real path are checked.
+    """
+    current = Path(os.path.realpath(path))
+    for part in (current, *current.parents):
+        try:
+            info = os.stat(part)
+        except OSError:
+            return False
+        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+    return True
 
 
 def supports_stdin_socket(executable: str) -> bool:
@@ -88,7 +172,8 @@ def this_qube_name() -> str:
     loopback_name = os.environ.get(LOOPBACK_QUBE_ENV)
     if loopback_name:
         return loopback_name
-    reader = shutil.which("qubesdb-read")
+    # the sudo re-run runs as root: only a reader root installed (see find_qrexec_client_vm)
+    reader = root_program("qubesdb-read")[0] if _is_root_rerun() else shutil.which("qubesdb-read")
     if reader is not None:
         try:
             result = subprocess.run(

@@ -47,7 +47,9 @@ from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.qrexec_call import Mode, call_argv
+from qconnect.client.registry import peer_credentials
 from qconnect.errors import SpecError
+from qconnect.printable import printable
 from qconnect.relay import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
@@ -59,6 +61,10 @@ TERMINATE_TIMEOUT = 2.0
 #: stderr kept from one qrexec-client-vm (e.g. "Request refused") for the log
 #: line; the rest is read and dropped so the child never blocks on the pipe.
 MAX_STDERR_KEPT = 2048
+
+#: Characters of a failed call's stderr shown in its log line: a message such
+#: as "Request refused" fits many times over; a chatty service is cut short.
+STDERR_DETAIL_CHARS = 200
 
 #: After a call's process exits, how long its stderr may take to reach EOF.
 #: Only a grandchild still holding it delays it; its words are not worth more.
@@ -563,9 +569,10 @@ class ClientServer:
             fields["BYTES_OUT"], fields["BYTES_IN"] = stats.a_to_b, stats.b_to_a
             timing += f", {stats.a_to_b} bytes out, {stats.b_to_a} bytes in"
         message = f"{fields['PEER']} -> {spec.target}:{spec.remote_port} ({timing}): {outcome_text}"
-        detail = bytes(stderr).decode(errors="replace").strip()
-        if detail and kind not in (None, Kind.OK):
-            message += f" [qrexec-client-vm: {' '.join(detail.split())[:200]}]"
+        if stderr and kind not in (None, Kind.OK):
+            detail = stderr_detail(bytes(stderr))
+            if detail:
+                message += f" [qrexec-client-vm: {detail}]"
         if kind is Kind.REFUSED:
             binding.refused += 1
             self._log_burst(
@@ -668,6 +675,12 @@ class ClientServer:
 
     async def _answer_control(self, conn: trio.socket.SocketType) -> None:
         with conn:
+            pid, uid, _ = peer_credentials(conn)  # type: ignore[arg-type]
+            if uid not in (os.geteuid(), 0):
+                # The socket is 0600 in a 0700 directory: only a process given
+                # our socket some other way gets here. It learns nothing.
+                logger.warning("control socket: ignored a request from uid %d (pid %d)", uid, pid)
+                return
             request = b""
             with trio.move_on_after(CONTROL_TIMEOUT):
                 while b"\n" not in request and len(request) <= MAX_CONTROL_REQUEST:
@@ -759,6 +772,17 @@ async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray, done: trio.E
         return
     finally:
         done.set()
+
+
+def stderr_detail(stderr: bytes) -> str:
+    """What a call's stderr adds to its log line: one line, printable, the first 200 characters.
+
+    The bytes come from the target qube (a service's stderr is forwarded to
+    the caller) and may hold anything: runs of whitespace become one space,
+    every other non-printable character is escaped (qconnect.printable).
+    """
+    text = " ".join(stderr.decode("utf-8", errors="surrogateescape").split())
+    return printable(text[:STDERR_DETAIL_CHARS])
 
 
 def _peer_text(peer: Any) -> str:

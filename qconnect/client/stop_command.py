@@ -5,6 +5,8 @@ import time
 
 from qconnect.client.errors import ClientError
 from qconnect.client.registry import ask_all
+from qconnect.errors import SpecError
+from qconnect.printable import printable
 from qconnect.spec import BindingSpec, parse_spec
 
 #: How often ``stop`` looks whether the bindings it stopped are gone. The
@@ -29,10 +31,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _running() -> set[BindingSpec]:
+    """The bindings the processes of this user report (the registry checks who answers)."""
     specs: set[BindingSpec] = set()
     for answer in ask_all("status"):
         for binding in answer.get("bindings", []):
-            specs.add(parse_spec(str(binding["spec"])))
+            try:
+                specs.add(parse_spec(binding["spec"]))
+            except SpecError:
+                raise ClientError(
+                    f"process {answer.get('pid')} reports an invalid binding "
+                    f"'{printable(binding['spec'])}'"
+                ) from None
     return specs
 
 
