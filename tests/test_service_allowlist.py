@@ -10,6 +10,7 @@ from qconnect.service.allowlist import (
     AllowlistCache,
     AllowRule,
     find_allowlist,
+    load_allowlist,
     parse_allowlist,
     read_allowlist,
 )
@@ -77,8 +78,20 @@ def test_a_bad_line_is_an_error_naming_file_and_line(line: str, message: str) ->
 
 
 def test_missing_file_means_every_port(tmp_path: Path) -> None:
-    assert read_allowlist(tmp_path / "absent") is None
+    assert load_allowlist([tmp_path / "absent"]) is None
     assert find_allowlist([tmp_path / "a", tmp_path / "b"]) is None
+
+
+def test_a_dangling_link_on_the_path_is_found_and_cannot_be_read(tmp_path: Path) -> None:
+    """Only a path with nothing at all is "no allowlist"; a link to nothing is an error."""
+    (tmp_path / "b").write_text("1-65535\n")
+    (tmp_path / "dir").symlink_to(tmp_path / "gone")
+    for first in (tmp_path / "a", tmp_path / "dir" / "a"):
+        if first.parent == tmp_path:
+            first.symlink_to(tmp_path / "gone")
+        assert find_allowlist([first, tmp_path / "b"]) == first
+        with pytest.raises(ServiceError, match="symbolic link to nothing"):
+            load_allowlist([first, tmp_path / "b"])
 
 
 def test_first_existing_file_wins(tmp_path: Path) -> None:
@@ -93,7 +106,7 @@ def test_unreadable_or_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ServiceError, match="is not UTF-8 text"):
         read_allowlist(tmp_path / "bin")
     (tmp_path / "dir").mkdir()
-    with pytest.raises(ServiceError, match="cannot read allowlist"):
+    with pytest.raises(ServiceError, match="cannot read allowlist .*: it is a directory"):
         read_allowlist(tmp_path / "dir")
 
 

@@ -153,21 +153,19 @@ def test_unreachable_port_names_port_and_both_addresses(service_exe: Path) -> No
     )
 
 
-def test_allowlist_refusal_exits_126_naming_port_caller_and_file(
+def test_allowlist_refusal_exits_126_with_one_generic_line(
     service_exe: Path, tmp_path: Path, listening: socket.socket
 ) -> None:
+    """The caller learns its port was refused, never the file, its lines or other qubes."""
     port = listening.getsockname()[1]
     allow = tmp_path / "connecttcp.allow"
+    generic = f"qubes.ConnectTCP: port {port} is not served by this qube's allowlist\n"
     allow.write_text(f"{port} dev\n")
     result = _run(service_exe, str(port), caller="work", QCONNECT_ALLOW_FILE=str(allow))
-    assert result.returncode == 126
-    assert result.stderr.decode() == (
-        f"qubes.ConnectTCP: port {port} is not served to work: not in {allow}\n"
-    )
+    assert (result.returncode, result.stderr.decode()) == (126, generic)
     allow.write_text("80 @bad\n")
     result = _run(service_exe, str(port), caller="dev", QCONNECT_ALLOW_FILE=str(allow))
-    assert result.returncode == 126
-    assert f"refused: {allow}:1: invalid caller '@bad'" in result.stderr.decode()
+    assert (result.returncode, result.stderr.decode()) == (126, generic)
 
 
 def test_executable_does_not_import_trio(service_exe: Path) -> None:
