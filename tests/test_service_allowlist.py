@@ -106,7 +106,7 @@ def test_unreadable_or_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ServiceError, match="is not UTF-8 text"):
         read_allowlist(tmp_path / "bin")
     (tmp_path / "dir").mkdir()
-    with pytest.raises(ServiceError, match="cannot read allowlist .*: it is a directory"):
+    with pytest.raises(ServiceError, match=r"cannot read allowlist .*: it is a directory"):
         read_allowlist(tmp_path / "dir")
 
 

@@ -149,9 +149,7 @@ class World:
         deadline = time.monotonic() + TIMEOUT
         while True:
             lines = [
-                line
-                for line in self.log.read_text().splitlines()
-                if f"call from {caller} " in line
+                line for line in self.log.read_text().splitlines() if f"call from {caller} " in line
             ]
             if lines:
                 assert len(lines) == 1, lines
@@ -216,9 +214,7 @@ def test_a_missing_allowlist_falls_through_to_the_next_and_a_call_is_served(
 
 
 @pytest.mark.parametrize("state", STATES)
-def test_an_unusable_allowlist_refuses_the_call_in_both_services(
-    world: World, state: str
-) -> None:
+def test_an_unusable_allowlist_refuses_the_call_in_both_services(world: World, state: str) -> None:
     world.reset()
     STATES[state](world.first)
     caller = f"from-{state}"

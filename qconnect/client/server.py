@@ -48,7 +48,7 @@ from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.errors import SpecError
-from qconnect.relay import RelayStats, relay
+from qconnect.relay.trio_streams import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
 logger = logging.getLogger("qconnect.client")

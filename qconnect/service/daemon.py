@@ -36,7 +36,7 @@ import trio
 from qconnect.errors import QconnectError, ServiceError
 from qconnect.printable import printable
 from qconnect.qrexec import SERVICE, parse_port
-from qconnect.relay import RelayStats, relay
+from qconnect.relay.trio_streams import RelayStats, relay
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
