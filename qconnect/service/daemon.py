@@ -234,7 +234,8 @@ class ConnectTCPService:
             fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         #: Calls the open-file limit leaves room for; the listener takes one
         #: slot per accepted call and handle() gives it back (see SlotListener).
-        self.fd_slots = trio.Semaphore(calls_within_fd_limit(fd_limit))
+        self.fd_calls = calls_within_fd_limit(fd_limit)
+        self.fd_slots = trio.Semaphore(self.fd_calls)
 
     def _check_port(self, call: CallDescriptor) -> int:
         try:
