@@ -113,7 +113,7 @@ class World:
         with open(self.log, "wb") as log:
             self.service = subprocess.Popen(argv, stderr=log, env=_env())
         deadline = time.monotonic() + TIMEOUT
-        while not self.socket_path.exists():
+        while " socket service listening on " not in self.log.read_text():  # listen() done
             assert self.service.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, "socket service did not start"
             time.sleep(0.02)
