@@ -1,5 +1,6 @@
 """qconnect.relay.blocking: the standard-library relay the per-call processes copy with."""
 
+import errno
 import os
 import socket
 import struct
@@ -165,6 +166,36 @@ def test_pump_falls_back_when_splice_cannot_be_used(tmp_path: "os.PathLike[str]"
         os.close(target_fd)
     with open(target, "rb") as file:
         assert file.read() == b"head:" + data
+
+
+NO_PIPE_ERRNOS = [errno.EMFILE, errno.ENFILE, errno.ENOMEM]
+
+
+@pytest.mark.parametrize("code", NO_PIPE_ERRNOS, ids=errno.errorcode.get)
+def test_pump_copies_without_splice_when_no_pipe_can_be_had(
+    pairs: list[socket.socket], monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """No descriptor left for a pipe is no reason to fail the call: read/write needs none."""
+
+    def no_pipe(*_args: int) -> tuple[int, int]:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    user, first = tcp_pair()
+    second, server = tcp_pair()
+    pairs.extend([user, first, second, server])
+    data = os.urandom(1 << 20)
+    sender = threading.Thread(target=lambda: (user.sendall(data), user.shutdown(socket.SHUT_WR)))
+    sender.start()
+    received: list[bytes] = []
+    receiver = threading.Thread(target=lambda: received.append(recv_all(server)))
+    receiver.start()
+    assert blocking.pump(first.fileno(), second.fileno()) == len(data)
+    second.shutdown(socket.SHUT_WR)
+    sender.join(TIMEOUT)
+    receiver.join(TIMEOUT)
+    assert received == [data]
 
 
 def test_shut_write_closes_a_pipe_and_shuts_down_a_socket(pairs: list[socket.socket]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qconnect.service.install import install_into_rpc_dir
-from tests.conftest import recv_all
+from tests.conftest import recv_all, write_executable
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +182,78 @@ def test_executable_does_not_import_trio(service_exe: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env("0")
     )
     assert result.stdout.strip() == "False"
+
+
+# Runs a program as on a qube booted with ipv6.disable=1: socket(AF_INET6) fails.
+WITHOUT_IPV6 = """
+import errno, os, runpy, socket, sys
+_real_init = socket.socket.__init__
+def _without_ipv6(self, family=-1, type=-1, proto=-1, fileno=None):
+    if fileno is None and family == socket.AF_INET6:
+        raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+    _real_init(self, family, type, proto, fileno)
+socket.socket.__init__ = _without_ipv6
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_kernel_without_ipv6_is_an_unreachable_address_not_a_traceback(service_exe: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: 127.0.0.1 refuses
+        result = subprocess.run(
+            [sys.executable, "-c", WITHOUT_IPV6, str(service_exe), str(port)],
+            input=b"",
+            capture_output=True,
+            env=_env(str(port)),
+            timeout=30,
+            check=False,
+        )
+    assert (result.returncode, result.stderr.decode()) == (
+        125,
+        f"qubes.ConnectTCP: cannot connect to port {port}: 127.0.0.1: connection refused; "
+        "::1: address family not supported by protocol\n",
+    )
+
+
+def test_an_unforeseen_error_is_one_line_and_125_with_the_details_in_the_journal(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    listening: socket.socket,
+) -> None:
+    """No traceback reaches the caller: it would show the target's installation."""
+    from qconnect.service import execservice
+
+    def no_thread(*_args: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(execservice, "relay_fds", no_thread)
+    journal: list[tuple[str, dict[str, object]]] = []
+    port = str(listening.getsockname()[1])
+    code = execservice.serve(
+        port, "work", allow_files=(), log=lambda m, f: journal.append((m, dict(f)))
+    )
+    out, err = capfd.readouterr()
+    assert (code, out, err) == (125, "", f"qubes.ConnectTCP: {execservice.INTERNAL_ERROR}\n")
+    [(message, fields)] = journal
+    assert message == f"work -> '{port}': internal error: RuntimeError: can't start new thread"
+    assert "Traceback" in str(fields["traceback"]) and "no_thread" in str(fields["traceback"])
+
+
+def test_a_removed_installation_is_one_line_and_125(service_exe: Path, tmp_path: Path) -> None:
+    text = service_exe.read_text()
+    broken = tmp_path / "qubes.ConnectTCP"
+    first, rest = text.split("\n", 1)
+    # As if qconnect were uninstalled under the script: nothing to import.
+    rest = "\n".join(
+        "SEARCH_PATH: list[str] = ['/nonexistent']" if line.startswith("SEARCH_PATH") else line
+        for line in rest.splitlines()
+    )
+    write_executable(broken, f"{first}\n{rest}\n")
+    result = _run(broken, "80")
+    assert (result.returncode, result.stdout, result.stderr.decode()) == (
+        125,
+        b"",
+        "qubes.ConnectTCP: internal error; the target qube's journal has the details\n",
+    )
