@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qconnect.errors import ServiceError
 from qconnect.service.allowlist import (
@@ -128,3 +130,12 @@ def test_cache_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
         cache.current()
     path.unlink()
     assert cache.current() is None
+
+
+@given(st.text(max_size=60))
+def test_a_bad_caller_in_the_allowlist_is_named_on_one_printable_line(caller: str) -> None:
+    """A hand-edited file's text reaches the journal escaped: one line, no terminal escapes."""
+    try:
+        parse_allowlist(f"80 {caller}\n", "allow")
+    except ServiceError as error:
+        assert str(error).isprintable(), str(error)

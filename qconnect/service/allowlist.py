@@ -32,6 +32,7 @@ import stat
 from collections.abc import Callable, Iterable
 
 from qconnect.errors import QconnectError, ServiceError
+from qconnect.printable import printable
 from qconnect.qrexec import is_valid_qube_name, parse_port
 
 #: Where the allowlist is looked for, first existing wins. /usr/local survives
@@ -114,9 +115,9 @@ def parse_allowlist(text: str, source: str = "<allowlist>") -> Allowlist:
         low, high = _parse_ports(words[0], where)
         for caller in words[1:]:
             if caller != ANY_CALLER and not (is_valid_qube_name(caller) or caller == "dom0"):
-                shown = caller if len(caller) <= 40 else caller[:40] + "..."
+                shown = printable(caller if len(caller) <= 40 else caller[:40] + "...")
                 raise ServiceError(
-                    f"{where}: invalid caller {shown!r}: expected a qube name or '*'"
+                    f"{where}: invalid caller '{shown}': expected a qube name or '*'"
                 )
         rules.append(AllowRule(low, high, frozenset(words[1:])))
     return Allowlist(tuple(rules), source)
