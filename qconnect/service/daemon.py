@@ -262,6 +262,9 @@ class ConnectTCPService:
         """
         try:
             await self._handle(stream)
+        except Exception:  # a bug in the bookkeeping itself: it still ends this call only
+            self.limits.failed += 1
+            logger.exception("a call failed in the service's own bookkeeping")
         finally:
             self.fd_slots.release()
 
@@ -274,7 +277,7 @@ class ConnectTCPService:
                 await self._serve_call(stream, fields, stats)
         except CallRefused as refused:
             self.limits.refused += 1
-            self._log_refused(fields, refused.outcome, refused.reason, started)
+            self._log_unserved(fields, refused.outcome, refused.reason, started)
             return
         except trio.Cancelled:
             stats.error = "service stopping"
@@ -282,13 +285,13 @@ class ConnectTCPService:
             raise
         except Exception as error:  # one call's failure must never end the others
             self.limits.failed += 1
-            self._log_refused(fields, "failed", _failure_reason(error), started, error)
+            self._log_unserved(fields, "failed", _failure_reason(error), started, error)
             return
         self.limits.served += 1
         self._log_relayed(fields, stats, started)
 
     @staticmethod
-    def _log_refused(
+    def _log_unserved(
         fields: dict[str, object],
         outcome: str,
         reason: str,
@@ -297,8 +300,8 @@ class ConnectTCPService:
     ) -> None:
         fields.update(outcome=outcome, reason=reason)
         fields["duration"] = f"{time.monotonic() - started:.3f}"
-        # A traceback only for what no OSError explains: that is a bug to report.
-        bug = error is not None and not isinstance(_leaf(error), OSError | trio.BrokenResourceError)
+        # A traceback only for what no stream error explains: that is a bug to report.
+        bug = error is not None and not isinstance(_leaf(error), (OSError, *_STREAM_ERRORS))
         logger.warning(
             "call from %s to port %s %s: %s",
             fields["caller"],
@@ -337,7 +340,7 @@ class ConnectTCPService:
                         await server.send_all(early)
                         stats.a_to_b = len(early)
                 except trio.BrokenResourceError as error:
-                    stats.error = f"a->b: {error}"  # the server reset at once
+                    stats.error = f"a->b: {_failure_reason(error)}"  # the server reset at once
                     return
                 await relay(stream, server, stats=stats)
         finally:
@@ -371,6 +374,10 @@ class ConnectTCPService:
             f"{limits.total} calls open, {limits.served} served, {limits.refused} refused, "
             f"{limits.failed} failed"
         )
+
+
+# What trio raises for an OSError on a stream (EBADF becomes ClosedResourceError).
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 def _leaf(error: BaseException) -> BaseException:
