@@ -1,5 +1,6 @@
 """The executable qubes.ConnectTCP: a real process per call, stdin/stdout as qrexec gives them."""
 
+import errno
 import os
 import socket
 import subprocess
@@ -257,3 +258,39 @@ def test_a_removed_installation_is_one_line_and_125(service_exe: Path, tmp_path:
         b"",
         "qubes.ConnectTCP: internal error; the target qube's journal has the details\n",
     )
+
+
+@pytest.mark.parametrize(
+    "code",
+    [errno.EAFNOSUPPORT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS],
+    ids=errno.errorcode.get,
+)
+def test_no_socket_to_be_had_is_one_line_and_125(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    listening: socket.socket,
+    code: int,
+) -> None:
+    from qconnect.service import execservice
+
+    real_socket = socket.socket
+
+    def no_socket(family: int = -1, *args: object, **kwargs: object) -> socket.socket:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(code, os.strerror(code))
+        return real_socket(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(execservice.socket, "socket", no_socket)
+    journal: list[str] = []
+    port = listening.getsockname()[1]
+    result = execservice.serve(
+        str(port), "work", allow_files=(), log=lambda message, _fields: journal.append(message)
+    )
+    _out, err = capfd.readouterr()
+    reason = os.strerror(code).lower()
+    if code == errno.EAFNOSUPPORT:  # neither family: both addresses unreachable
+        line = f"cannot connect to port {port}: 127.0.0.1: {reason}; ::1: {reason}"
+    else:
+        line = f"cannot open a socket for port {port}: {reason}"
+    assert (result, err) == (125, f"qubes.ConnectTCP: {line}\n")
+    assert journal == [f"work -> '{port}': {line}"]
