@@ -198,6 +198,30 @@ def test_pump_copies_without_splice_when_no_pipe_can_be_had(
     assert received == [data]
 
 
+def test_a_crash_in_the_relays_thread_is_raised_to_the_caller_not_printed(
+    pairs: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A per-call service's stderr is its caller's: a thread's traceback would reach it."""
+    service_side, caller_side = socket.socketpair()  # stdin and stdout, as one socket
+    server, peer = tcp_pair()
+    pairs.extend([service_side, caller_side, server, peer])
+    real_pump = blocking.pump
+
+    def pump(src_fd: int, dst_fd: int, progress: list[int] | None = None) -> int:
+        if src_fd == service_side.fileno():
+            raise RuntimeError("a bug in the upload")
+        return real_pump(src_fd, dst_fd, progress)
+
+    monkeypatch.setattr(blocking, "pump", pump)
+    server.sendall(b"reply")
+    server.shutdown(socket.SHUT_WR)
+    with pytest.raises(RuntimeError, match="a bug in the upload"):
+        blocking.relay_fds(service_side.fileno(), service_side.fileno(), peer.fileno())
+    assert capfd.readouterr().err == ""
+
+
 def test_shut_write_closes_a_pipe_and_shuts_down_a_socket(pairs: list[socket.socket]) -> None:
     read_end, write_end = os.pipe()
     blocking.shut_write(write_end)

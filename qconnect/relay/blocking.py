@@ -235,9 +235,12 @@ def shut_write(fd: int) -> None:
 
 
 def shut_read(fd: int) -> None:
-    """Stop reading ``fd``: wakes a thread blocked reading this socket (it sees EOF)."""
-    if _is_socket(fd):
-        with contextlib.suppress(OSError):
+    """Stop reading ``fd``: wakes a thread blocked reading this socket (it sees EOF).
+
+    Best effort, never raises: it runs after the direction has already failed.
+    """
+    with contextlib.suppress(OSError):
+        if _is_socket(fd):
             _shutdown(fd, socket.SHUT_RD)
 
 
@@ -272,14 +275,28 @@ def relay_fds(in_fd: int, out_fd: int, peer_fd: int) -> RelayCounts:
     socket) when the peer's EOF arrives; ``in_fd`` and ``peer_fd`` are left
     open for the caller to close. Runs one extra thread; returns when both
     directions have ended.
+
+    Error handling: an I/O error ends its direction and is reported in the
+    counts; anything else raised in the extra thread is raised here, once
+    both directions have ended, never printed by the thread (a per-call
+    service's stderr is its caller's, who must not see a traceback).
     """
     outbound = [0]
     inbound = [0]
     errors: list[OSError] = []
-    thread = threading.Thread(
-        target=_direction, args=(in_fd, peer_fd, outbound, errors), daemon=True
-    )
+    crashed: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            _direction(in_fd, peer_fd, outbound, errors)
+        except BaseException as error:  # handed to the calling thread, not to excepthook
+            crashed.append(error)
+            shut_read(peer_fd)  # let the other direction end too
+
+    thread = threading.Thread(target=upload, daemon=True)
     thread.start()
     _direction(peer_fd, out_fd, inbound, errors)
     thread.join()
+    if crashed:
+        raise crashed[0]
     return RelayCounts(outbound[0], inbound[0], errors[0] if errors else None)
