@@ -10,11 +10,11 @@ four paths:
   to the stock ``/dev/tcp/127.0.0.1`` service: one loopback process copies
   between the caller's socket and the server's;
 - ``socket``:  the same call to a socket service that is a minimal
-  standard-library relay (``byterelay.relay_sockets``, one process for all
+  standard-library relay (``qconnect.relay.blocking``, one process for all
   calls): the loopback copies caller <-> unix socket, the service copies
   unix socket <-> TCP;
 - ``exec``:    the same call to an executable service that relays with
-  ``byterelay.relay_fds`` over qrexec's stdin/stdout socketpairs (one process
+  ``blocking.relay_fds`` over qrexec's stdin/stdout socketpairs (one process
   per call, as the executable qubes.ConnectTCP does).
 
 Figures, medians over rounds (rounds interleave the paths):
@@ -53,7 +53,7 @@ TIMEOUT = 120
 SOCKET_RELAY = r"""
 import socket, sys, threading
 sys.path.insert(0, sys.argv[2])
-from qconnect import byterelay
+from qconnect.relay import blocking as byterelay
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[1])
 listener.listen(1024)
@@ -67,7 +67,7 @@ def handle(conn):
             descriptor += chunk
         port = int(descriptor.split(b" ")[0].split(b"+")[1])
         with socket.create_connection(("127.0.0.1", port)) as peer:
-            byterelay.relay_sockets(conn, peer)
+            byterelay.relay_fds(conn.fileno(), conn.fileno(), peer.fileno())
 print("ready", flush=True)
 while True:
     conn, _ = listener.accept()
@@ -77,7 +77,7 @@ while True:
 EXEC_RELAY = """#!{python} -IS
 import socket, sys
 sys.path.insert(0, {project!r})
-from qconnect import byterelay
+from qconnect.relay import blocking as byterelay
 with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as peer:
     byterelay.relay_fds(0, 1, peer.fileno())
 """

@@ -78,14 +78,15 @@ def start_service_process(path: Path, log: Path, *options: str) -> "subprocess.P
     """Run ``qconnect service run --socket PATH`` as its own process, stderr to ``log``.
 
     No allowlist applies (a file that does not exist is given). Returns once
-    the socket exists; the caller stops it (SIGTERM) and waits for it.
+    the socket listens; the caller stops it (SIGTERM) and waits for it.
     """
     argv = [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(path)]
     argv += ["--allow-file", str(log.parent / "no-such.allow"), *options]
     with open(log, "wb") as log_file:
         process = subprocess.Popen(argv, stderr=log_file)
     deadline = time.monotonic() + 20
-    while not path.exists():
+    # The socket file exists from bind(), before listen(): wait for the log line after it.
+    while " socket service listening on " not in log.read_text():
         if time.monotonic() > deadline or process.poll() is not None:
             process.kill()
             process.wait()

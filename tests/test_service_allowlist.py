@@ -4,12 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qconnect.errors import ServiceError
 from qconnect.service.allowlist import (
     AllowlistCache,
     AllowRule,
     find_allowlist,
+    load_allowlist,
     parse_allowlist,
     read_allowlist,
 )
@@ -77,8 +80,20 @@ def test_a_bad_line_is_an_error_naming_file_and_line(line: str, message: str) ->
 
 
 def test_missing_file_means_every_port(tmp_path: Path) -> None:
-    assert read_allowlist(tmp_path / "absent") is None
+    assert load_allowlist([tmp_path / "absent"]) is None
     assert find_allowlist([tmp_path / "a", tmp_path / "b"]) is None
+
+
+def test_a_dangling_link_on_the_path_is_found_and_cannot_be_read(tmp_path: Path) -> None:
+    """Only a path with nothing at all is "no allowlist"; a link to nothing is an error."""
+    (tmp_path / "b").write_text("1-65535\n")
+    (tmp_path / "dir").symlink_to(tmp_path / "gone")
+    for first in (tmp_path / "a", tmp_path / "dir" / "a"):
+        if first.parent == tmp_path:
+            first.symlink_to(tmp_path / "gone")
+        assert find_allowlist([first, tmp_path / "b"]) == first
+        with pytest.raises(ServiceError, match="symbolic link to nothing"):
+            load_allowlist([first, tmp_path / "b"])
 
 
 def test_first_existing_file_wins(tmp_path: Path) -> None:
@@ -93,7 +108,7 @@ def test_unreadable_or_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ServiceError, match="is not UTF-8 text"):
         read_allowlist(tmp_path / "bin")
     (tmp_path / "dir").mkdir()
-    with pytest.raises(ServiceError, match="cannot read allowlist"):
+    with pytest.raises(ServiceError, match=r"cannot read allowlist .*: it is a directory"):
         read_allowlist(tmp_path / "dir")
 
 
@@ -115,3 +130,12 @@ def test_cache_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
         cache.current()
     path.unlink()
     assert cache.current() is None
+
+
+@given(st.text(max_size=60))
+def test_a_bad_caller_in_the_allowlist_is_named_on_one_printable_line(caller: str) -> None:
+    """A hand-edited file's text reaches the journal escaped: one line, no terminal escapes."""
+    try:
+        parse_allowlist(f"80 {caller}\n", "allow")
+    except ServiceError as error:
+        assert str(error).isprintable(), str(error)

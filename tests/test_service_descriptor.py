@@ -79,3 +79,13 @@ def test_parse_either_succeeds_or_raises_a_service_error(raw: bytes) -> None:
     assert f"{call.service}+{call.argument} {call.source}".encode() == raw or (
         f"{call.service} {call.source}".encode() == raw
     )
+
+
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=120))
+def test_a_refused_descriptor_is_named_on_one_printable_line(text: str) -> None:
+    """Whatever a peer sends ends up in the log escaped: no control character, no second line."""
+    for raw in (text, f"qubes.ConnectTCP+80 {text}", f"{text} work"):
+        try:
+            parse_descriptor(raw.encode())
+        except ServiceError as error:
+            assert str(error).isprintable(), str(error)

@@ -50,7 +50,7 @@ from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.client.registry import peer_credentials
 from qconnect.errors import SpecError
 from qconnect.printable import printable
-from qconnect.relay import RelayStats, relay
+from qconnect.relay.trio_streams import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
 logger = logging.getLogger("qconnect.client")

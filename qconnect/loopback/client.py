@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qconnect.byterelay import ReadFailed, WriteFailed, pump, write_all
 from qconnect.loopback import layout, slots
 from qconnect.loopback.agent import (
     CallFailed,
@@ -52,6 +51,7 @@ from qconnect.qrexec import (
     sanitize_service,
     sanitize_target,
 )
+from qconnect.relay.blocking import ReadFailed, WriteFailed, pump, write_all
 
 PROG = "qrexec-client-vm"
 

@@ -50,9 +50,6 @@ from pathlib import Path
 # Everything a call needs is imported here once, so a child starts with it:
 # select, subprocess and threading above, byterelay and the policy engine
 # (``client`` imports the latter lazily) below.
-import qconnect.byterelay
-import qconnect.policy.evaluate
-import qconnect.policy.system_info  # noqa: F401
 from qconnect import unixpath
 from qconnect.loopback import client, forkcall
 from qconnect.loopback.forkcall import REQUEST_FDS, BadRequest

@@ -13,7 +13,14 @@ Grammar (one rule per line; ``#`` starts a comment anywhere; blank lines ignored
 served when some rule's range holds its port and names its caller (or any).
 A file that exists but holds no rule serves nothing. A bad line is an error
 naming ``file:line``, and then the service refuses every call (fail closed):
-a typo must never open more than the owner meant.
+a typo must never open more than the owner meant. The same holds for a file
+that is there but cannot be used: a dangling or looping symbolic link (on the
+file or on a directory of its path), a directory, a device, an unreadable or
+non-UTF-8 file. Only a path at which nothing at all exists means "no
+allowlist". Both forms of the service decide through :func:`check_call`, so
+they refuse exactly the same calls, and tell the caller exactly the same
+generic line (the file's path, its lines and the other qubes it names are the
+target's business: they go to the target's log only).
 
 Pure parsing plus one small file reader; standard library only (the per-call
 executable uses it), and deliberately without dataclasses and pathlib, whose
@@ -21,9 +28,11 @@ imports would add ~25 ms to every call of the executable.
 """
 
 import os
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterable
 
 from qconnect.errors import QconnectError, ServiceError
+from qconnect.printable import printable
 from qconnect.qrexec import is_valid_qube_name, parse_port
 
 #: Where the allowlist is looked for, first existing wins. /usr/local survives
@@ -106,23 +115,46 @@ def parse_allowlist(text: str, source: str = "<allowlist>") -> Allowlist:
         low, high = _parse_ports(words[0], where)
         for caller in words[1:]:
             if caller != ANY_CALLER and not (is_valid_qube_name(caller) or caller == "dom0"):
-                shown = caller if len(caller) <= 40 else caller[:40] + "..."
+                shown = printable(caller if len(caller) <= 40 else caller[:40] + "...")
                 raise ServiceError(
-                    f"{where}: invalid caller {shown!r}: expected a qube name or '*'"
+                    f"{where}: invalid caller '{shown}': expected a qube name or '*'"
                 )
         rules.append(AllowRule(low, high, frozenset(words[1:])))
     return Allowlist(tuple(rules), source)
 
 
-def read_allowlist(path: AnyPath) -> Allowlist | None:
-    """Read and parse ``path``; None when it does not exist (every port is served)."""
+def read_allowlist(path: AnyPath) -> Allowlist:
+    """Read and parse the allowlist file ``path``; ServiceError when it cannot be used.
+
+    The file is opened without blocking (a FIFO planted at the path must not
+    stall the service) and must be a regular file; symbolic links are followed
+    (Qubes keeps /usr/local on /rw), but one that leads nowhere is an error,
+    not "no allowlist": the caller decides absence with :func:`find_allowlist`.
+    """
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_ALLOW_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        return None
+        raise ServiceError(
+            f"cannot read allowlist {path}: it or a directory on its path is a "
+            "symbolic link to nothing"
+        ) from None
     except OSError as error:
         raise ServiceError(f"cannot read allowlist {path}: {error.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ServiceError(f"cannot read allowlist {path}: it is {kind}")
+        chunks = []
+        size = 0
+        while size <= MAX_ALLOW_FILE and (chunk := os.read(fd, MAX_ALLOW_FILE + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as error:
+        raise ServiceError(f"cannot read allowlist {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > MAX_ALLOW_FILE:
         raise ServiceError(f"allowlist {path} is larger than {MAX_ALLOW_FILE} bytes")
     try:
@@ -132,12 +164,80 @@ def read_allowlist(path: AnyPath) -> Allowlist | None:
     return parse_allowlist(text, str(path))
 
 
+def _nothing_at(path: AnyPath) -> bool:
+    """Whether nothing at all is at ``path``: no file, no link, no dangling link on the way.
+
+    Walks the path one component at a time: a component that is missing
+    means absent; a component that is a symbolic link to nothing (or a loop),
+    or that cannot be looked at (EACCES, ENOTDIR), means something was meant
+    to be there, which must not be mistaken for "no allowlist".
+    """
+    prefix = ""
+    for part in os.path.abspath(path).split("/")[1:]:
+        prefix += "/" + part
+        try:
+            info = os.lstat(prefix)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if stat.S_ISLNK(info.st_mode):
+            try:
+                os.stat(prefix)
+            except OSError:
+                return False
+    return False
+
+
 def find_allowlist(candidates: Iterable[AnyPath]) -> AnyPath | None:
-    """The first of ``candidates`` that exists (a broken symlink counts: it is an error)."""
+    """The first of ``candidates`` at which something exists; None when there is none.
+
+    "Something" includes what cannot be read (a dangling symbolic link, on the
+    file or on a directory of its path): reading it then fails, and the call
+    is refused, instead of silently falling through to a later candidate or
+    to "every port is served".
+    """
     for path in candidates:
-        if os.path.lexists(path):
+        if not _nothing_at(path):
             return path
     return None
+
+
+def load_allowlist(candidates: Iterable[AnyPath]) -> Allowlist | None:
+    """The allowlist in force: the first candidate found, read; None when there is none."""
+    path = find_allowlist(candidates)
+    return read_allowlist(path) if path is not None else None
+
+
+class AllowlistRefusal(ServiceError):
+    """The allowlist does not let this call through.
+
+    ``str()`` is the detail for the target's own log (file, line, names);
+    ``public`` is the one line the caller may be told, the same whatever the
+    reason, so that a caller learns nothing about the target's configuration.
+    """
+
+    def __init__(self, port: int, detail: str) -> None:
+        super().__init__(detail)
+        self.port = port
+        self.public = f"port {port} is not served by this qube's allowlist"
+
+
+def check_call(port: int, caller: str, load: Callable[[], Allowlist | None]) -> None:
+    """Raise AllowlistRefusal unless the allowlist ``load()`` returns serves ``port`` to ``caller``.
+
+    ``load`` is :func:`load_allowlist` bound to the search list (the executable
+    service) or :meth:`AllowlistCache.current` (the socket service); either
+    raising ServiceError (an unusable file) refuses the call: fail closed.
+    """
+    try:
+        allowlist = load()
+    except ServiceError as error:
+        raise AllowlistRefusal(port, f"allowlist broken, refusing every call: {error}") from None
+    if allowlist is not None and not allowlist.allows(port, caller):
+        raise AllowlistRefusal(
+            port, f"port {port} is not served to {caller}: not in {allowlist.source}"
+        )
 
 
 class AllowlistCache:
@@ -150,7 +250,7 @@ class AllowlistCache:
 
     def __init__(self, candidates: Iterable[AnyPath]) -> None:
         self._candidates = tuple(candidates)
-        self._key: tuple[str, int, int, int] | None = None
+        self._key: tuple[str, int, int, int, int, int] | None = None
         self._cached: Allowlist | None = None
 
     def current(self) -> Allowlist | None:
@@ -160,9 +260,18 @@ class AllowlistCache:
             return None
         try:
             info = os.stat(path)
-        except OSError as error:
-            raise ServiceError(f"cannot read allowlist {path}: {error.strerror}") from None
-        key = (str(path), info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            self._key, self._cached = None, None
+            return read_allowlist(path)  # raises what the executable service would say
+        # ctime too: a chmod or a rename over the file changes it, not mtime.
+        key = (
+            str(path),
+            info.st_dev,
+            info.st_ino,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+            info.st_size,
+        )
         if key != self._key:
             self._cached = read_allowlist(path)
             self._key = key

@@ -9,6 +9,14 @@ correct half-close. No process is started per call.
 A socket service cannot set the caller's exit code (qrexec reports 0), so a
 call that cannot be served is closed at once, without a byte, and the reason
 goes to the log with the caller's name.
+
+One process serves every caller, so nothing that goes wrong inside one call
+may reach the others: every exception of a call (an address family the kernel
+lacks, no descriptor left, a peer resetting at any step) ends that call only,
+with one log line and a count, and the service goes on. Descriptors are
+budgeted: the service accepts a call only while the open-file limit leaves
+room for everything that call may need, so an accepted call never fails for
+want of one; the others wait in the socket's backlog.
 """
 
 import contextlib
@@ -26,9 +34,16 @@ from dataclasses import dataclass, field
 import trio
 
 from qconnect.errors import QconnectError, ServiceError
+from qconnect.printable import printable
 from qconnect.qrexec import SERVICE, parse_port
-from qconnect.relay import RelayStats, relay
-from qconnect.service.allowlist import DEFAULT_ALLOW_FILES, AllowlistCache, AnyPath
+from qconnect.relay.trio_streams import RelayStats, relay
+from qconnect.service.allowlist import (
+    DEFAULT_ALLOW_FILES,
+    AllowlistCache,
+    AllowlistRefusal,
+    AnyPath,
+    check_call,
+)
 from qconnect.service.descriptor import (
     MAX_DESCRIPTOR,
     CallDescriptor,
@@ -67,6 +82,21 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Loopback addresses tried in order; numeric, so never DNS.
 ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 
+# socket() errors that mean "this kernel has no such address family" (booted
+# with ipv6.disable=1, say): that address is unreachable, the next is tried.
+NO_SUCH_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
+
+# Descriptors the process needs besides its calls: stdin, stdout, stderr, the
+# listening socket, trio's epoll and wake-up socketpair, the journal's socket,
+# and a few more for what a library opens for a moment (reading the allowlist).
+RESERVED_FDS = 16
+
+# Descriptors one call may hold at once: the agent's unix stream, the TCP
+# connection to the local server, and one splice pipe (two descriptors) per
+# direction while bytes are in it. The relay's pool of idle pipes never holds
+# more pipes than calls held at once, so it fits in the same budget.
+FDS_PER_CALL = 6
+
 #: Signals that stop the service cleanly (socket removed, one log line).
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -96,6 +126,7 @@ class CallLimits:
     per_caller: dict[str, int] = field(default_factory=dict)
     served: int = 0
     refused: int = 0
+    failed: int = 0
 
     def acquire(self, caller: str) -> str | None:
         """Take a slot for ``caller``; return None, or why the call is refused."""
@@ -149,11 +180,35 @@ async def read_descriptor(stream: trio.SocketStream) -> tuple[CallDescriptor, by
                 raise CallRefused(str(error)) from None
 
 
+def calls_within_fd_limit(fd_limit: int) -> int:
+    """How many calls may be open at once under an open-file limit of ``fd_limit``."""
+    return max(1, (fd_limit - RESERVED_FDS) // FDS_PER_CALL)
+
+
+def _strerror(error: OSError) -> str:
+    return (os.strerror(error.errno) if error.errno else str(error)).lower()
+
+
 async def connect_local(port: int, timeout: float) -> tuple[trio.SocketStream, str]:
-    """Connect to 127.0.0.1:PORT, then [::1]:PORT; return the stream and address used."""
+    """Connect to 127.0.0.1:PORT, then [::1]:PORT; return the stream and address used.
+
+    Error handling: an address whose family the kernel lacks (EAFNOSUPPORT)
+    or that refuses or times out is skipped with its reason; when none is left
+    the call is refused as "unreachable". A socket that cannot be made at all
+    (no descriptor or memory left) fails the call at once ("failed"): trying
+    the next address would only fail the same way.
+    """
     reasons = []
     for address, family in ADDRESSES:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:
+            if error.errno not in NO_SUCH_FAMILY:
+                raise CallRefused(
+                    f"cannot open a socket for port {port}: {_strerror(error)}", "failed"
+                ) from None
+            reasons.append(f"{address}: {_strerror(error)}")
+            continue
         try:
             with trio.fail_after(timeout):
                 await sock.connect((address, port))
@@ -162,8 +217,7 @@ async def connect_local(port: int, timeout: float) -> tuple[trio.SocketStream, s
             if isinstance(error, trio.TooSlowError):
                 reasons.append(f"{address}: timed out")
             else:
-                reason = os.strerror(error.errno) if error.errno else str(error)
-                reasons.append(f"{address}: {reason.lower()}")
+                reasons.append(f"{address}: {_strerror(error)}")
             continue
         return trio.SocketStream(sock), address
     raise CallRefused(f"cannot connect to port {port}: {'; '.join(reasons)}", "unreachable")
@@ -172,10 +226,16 @@ async def connect_local(port: int, timeout: float) -> tuple[trio.SocketStream, s
 class ConnectTCPService:
     """The state of one socket service process: config, allowlist, limits."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, fd_limit: int | None = None) -> None:
         self.config = config
         self.allowlist = AllowlistCache(config.allow_files)
         self.limits = CallLimits(config.max_calls, config.max_calls_per_caller)
+        if fd_limit is None:
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        #: Calls the open-file limit leaves room for; the listener takes one
+        #: slot per accepted call and handle() gives it back (see SlotListener).
+        self.fd_calls = calls_within_fd_limit(fd_limit)
+        self.fd_slots = trio.Semaphore(self.fd_calls)
 
     def _check_port(self, call: CallDescriptor) -> int:
         try:
@@ -183,24 +243,32 @@ class ConnectTCPService:
         except QconnectError as error:
             raise CallRefused(str(error)) from None
         try:
-            allowlist = self.allowlist.current()
-        except QconnectError as error:
-            raise CallRefused(f"allowlist broken, refusing every call: {error}") from None
-        if allowlist is not None and not allowlist.allows(port, call.source):
-            raise CallRefused(
-                f"port {port} is not served to {call.source}: not in {allowlist.source}"
-            )
+            check_call(port, call.source, self.allowlist.current)
+        except AllowlistRefusal as refusal:
+            raise CallRefused(str(refusal)) from None
         return port
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one call on ``stream`` (the agent's connection) and log one line.
 
         Resource handling: owns ``stream`` and the TCP connection it opens,
-        closing both when the call ends. Error handling: every failure is
-        logged with its reason and closes the call; nothing escapes to the
-        listener (one bad call never stops the service). A call cancelled by
-        the service stopping is logged too, then the cancellation goes on.
+        closing both when the call ends, and gives back the descriptor slot
+        SlotListener took for it. Error handling: every failure is logged with
+        its reason, counted, and closes the call; nothing escapes to the
+        listener (one bad call never stops the service): a refusal is
+        "refused" or "unreachable", any other exception (an OSError at any
+        step, or a bug) "failed". A call cancelled by the service stopping is
+        logged too, then the cancellation goes on.
         """
+        try:
+            await self._handle(stream)
+        except Exception:  # a bug in the bookkeeping itself: it still ends this call only
+            self.limits.failed += 1
+            logger.exception("a call failed in the service's own bookkeeping")
+        finally:
+            self.fd_slots.release()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
         started = time.monotonic()
         fields: dict[str, object] = {"caller": "-", "port": "-"}
         stats = RelayStats()
@@ -209,23 +277,40 @@ class ConnectTCPService:
                 await self._serve_call(stream, fields, stats)
         except CallRefused as refused:
             self.limits.refused += 1
-            fields.update(outcome=refused.outcome, reason=refused.reason)
-            fields["duration"] = f"{time.monotonic() - started:.3f}"
-            logger.warning(
-                "call from %s to port %s %s: %s",
-                fields["caller"],
-                fields["port"],
-                refused.outcome,
-                refused.reason,
-                extra={"fields": fields},
-            )
+            self._log_unserved(fields, refused.outcome, refused.reason, started)
             return
         except trio.Cancelled:
             stats.error = "service stopping"
             self._log_relayed(fields, stats, started)
             raise
+        except Exception as error:  # one call's failure must never end the others
+            self.limits.failed += 1
+            self._log_unserved(fields, "failed", _failure_reason(error), started, error)
+            return
         self.limits.served += 1
         self._log_relayed(fields, stats, started)
+
+    @staticmethod
+    def _log_unserved(
+        fields: dict[str, object],
+        outcome: str,
+        reason: str,
+        started: float,
+        error: BaseException | None = None,
+    ) -> None:
+        fields.update(outcome=outcome, reason=reason)
+        fields["duration"] = f"{time.monotonic() - started:.3f}"
+        # A traceback only for what no stream error explains: that is a bug to report.
+        bug = error is not None and not isinstance(_leaf(error), (OSError, *_STREAM_ERRORS))
+        logger.warning(
+            "call from %s to port %s %s: %s",
+            fields["caller"],
+            fields["port"],
+            outcome,
+            reason,
+            extra={"fields": fields},
+            exc_info=error if bug else None,
+        )
 
     async def _serve_call(
         self, stream: trio.SocketStream, fields: dict[str, object], stats: RelayStats
@@ -239,7 +324,8 @@ class ConnectTCPService:
                 f"no service descriptor within {self.config.descriptor_timeout:g} s"
             ) from None
         fields["caller"] = call.source
-        fields["port"] = repr(call.argument[:64])  # shown quoted until it is a valid port
+        # Shown quoted and escaped until it is a valid port: it is the peer's text.
+        fields["port"] = "'" + printable(call.argument[:64]) + "'"
         port = self._check_port(call)
         fields["port"] = port
         refusal = self.limits.acquire(call.source)
@@ -254,7 +340,7 @@ class ConnectTCPService:
                         await server.send_all(early)
                         stats.a_to_b = len(early)
                 except trio.BrokenResourceError as error:
-                    stats.error = f"a->b: {error}"  # the server reset at once
+                    stats.error = f"a->b: {_failure_reason(error)}"  # the server reset at once
                     return
                 await relay(stream, server, stats=stats)
         finally:
@@ -284,7 +370,59 @@ class ConnectTCPService:
 
     def status_line(self) -> str:
         limits = self.limits
-        return f"{limits.total} calls open, {limits.served} served, {limits.refused} refused"
+        return (
+            f"{limits.total} calls open, {limits.served} served, {limits.refused} refused, "
+            f"{limits.failed} failed"
+        )
+
+
+# What trio raises for an OSError on a stream (EBADF becomes ClosedResourceError).
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: the one that ended the call."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+def _failure_reason(error: BaseException) -> str:
+    """A one-line, log-ready reason for an exception that ended a call."""
+    leaf = _leaf(error)
+    cause = leaf.__cause__ if isinstance(leaf, trio.BrokenResourceError) else None
+    if isinstance(cause, OSError):
+        leaf = cause
+    if isinstance(leaf, OSError):
+        name = errno.errorcode.get(leaf.errno or 0, "")
+        return f"{_strerror(leaf)}{f' ({name})' if name else ''}"
+    return printable(f"{type(leaf).__name__}: {leaf}")
+
+
+class SlotListener(trio.abc.Listener[trio.SocketStream]):
+    """A listener that accepts a call only while one of ``slots`` is free.
+
+    Calls beyond what the open-file limit allows wait in the socket's backlog
+    instead of being accepted and then failing for want of a descriptor.
+
+    Resource handling: owns ``inner`` (closed by aclose). Each accepted stream
+    holds one slot, which the handler gives back (ConnectTCPService.handle).
+    """
+
+    def __init__(self, inner: trio.SocketListener, slots: trio.Semaphore) -> None:
+        self.inner = inner
+        self.slots = slots
+
+    async def accept(self) -> trio.SocketStream:
+        await self.slots.acquire()
+        try:
+            return await self.inner.accept()
+        except BaseException:
+            self.slots.release()
+            raise
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def raise_fd_limit() -> int:
@@ -370,7 +508,9 @@ async def serve(
     return; calls still open are cancelled (their sockets closed) at return.
     """
     service = ConnectTCPService(config)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(listen_sock))
+    listener = SlotListener(
+        trio.SocketListener(trio.socket.from_stdlib_socket(listen_sock)), service.fd_slots
+    )
     async with listener, trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, service.handle, [listener])
         nursery.start_soon(_report_status, service)
@@ -408,7 +548,14 @@ def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True
     receiver takes them (see _stop_on_signal); the previous signal mask is
     restored on return, whatever happened.
     """
-    raise_fd_limit()
+    fd_limit = raise_fd_limit()
+    fd_calls = calls_within_fd_limit(fd_limit)
+    if fd_calls < config.max_calls:
+        logger.info(
+            "open-file limit %d: at most %d calls at once, more wait to be accepted",
+            fd_limit,
+            fd_calls,
+        )
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         sock = inherited_socket() if allow_inherited else None

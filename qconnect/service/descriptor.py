@@ -10,6 +10,7 @@ NUL in the same read, so splitting returns them too.
 from dataclasses import dataclass
 
 from qconnect.errors import ServiceError
+from qconnect.printable import printable
 from qconnect.qrexec import SERVICE, is_valid_qube_name
 
 # Longest descriptor we wait for before calling the peer hostile. A valid one
@@ -29,7 +30,8 @@ class CallDescriptor:
 
 
 def _shown(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "...")
+    """The peer's ``text``, quoted, escaped and cut short, for a log line."""
+    return "'" + printable(text if len(text) <= 40 else text[:40] + "...") + "'"
 
 
 def split_descriptor(buffer: bytes) -> tuple[bytes, bytes] | None:

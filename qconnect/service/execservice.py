@@ -7,26 +7,28 @@ pure qconnect modules only, never trio (see BRIEF: trio costs ~180 ms).
 Contract (DESIGN.md §2): argv[1] and ``QREXEC_SERVICE_ARGUMENT`` carry the
 argument (the port), ``QREXEC_REMOTE_DOMAIN`` the calling qube (from dom0,
 trustworthy); stdin/stdout are the caller's stream (one socket, or two pipes);
-stderr reaches the caller. A failure prints one line there and exits non-zero.
-The bytes are relayed by ``qconnect.byterelay`` (splice, one thread per
+stderr reaches the caller. A failure prints one line there and exits non-zero,
+whatever happened: never a traceback, which would show the caller the
+target's installation paths; the details go to the target's journal.
+The bytes are relayed by ``qconnect.relay.blocking`` (splice, one thread per
 direction, half-close with shutdown when stdin and stdout share a socket).
 """
 
+import contextlib
+import errno
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
-from qconnect.byterelay import relay_fds
 from qconnect.errors import QconnectError
+from qconnect.printable import printable
 from qconnect.qrexec import EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE, parse_port
-from qconnect.service.allowlist import (
-    DEFAULT_ALLOW_FILES,
-    AnyPath,
-    find_allowlist,
-    read_allowlist,
-)
+from qconnect.relay.blocking import relay_fds
+from qconnect.service import allowlist
+from qconnect.service.allowlist import DEFAULT_ALLOW_FILES, AnyPath
 
 # Exit codes the caller's qrexec-client-vm returns. A bad argument or an
 # unreachable port gives 125, as qrexec's built-in /dev/tcp service does for
@@ -46,19 +48,53 @@ ADDRESSES = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
 CONNECT_TIMEOUT = 10.0
 
 
-class CallFailed(QconnectError):
-    """This call cannot be served; the message is the one line the caller sees."""
+# socket() errors that mean "this kernel has no such address family" (booted
+# with ipv6.disable=1, say): that address is unreachable, the next is tried.
+NO_SUCH_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 
-    def __init__(self, message: str, exit_code: int) -> None:
+#: What the caller is told when something unforeseen ends the call: no path,
+#: no traceback (they would show the target's installation to another qube).
+INTERNAL_ERROR = "internal error; the target qube's journal has the details"
+
+
+class CallFailed(QconnectError):
+    """This call cannot be served.
+
+    The message is the one line the caller sees; ``detail`` (the same by
+    default) is what the target's journal records, and may name what the
+    caller must not learn (the allowlist's path and lines, other qubes).
+    """
+
+    def __init__(self, message: str, exit_code: int, detail: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.detail = message if detail is None else detail
+
+
+def _strerror(error: OSError) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return (os.strerror(error.errno) if error.errno else str(error)).lower()
 
 
 def connect_local(port: int, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.socket, str]:
-    """Connect to ``port`` on 127.0.0.1, then ::1; return the socket and the address used."""
+    """Connect to ``port`` on 127.0.0.1, then ::1; return the socket and the address used.
+
+    Error handling: as the socket service's: an address family the kernel
+    lacks is an unreachable address; a socket that cannot be made at all (no
+    descriptor or memory left) fails the call at once.
+    """
     reasons = []
     for address, family in ADDRESSES:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:
+            if error.errno not in NO_SUCH_FAMILY:
+                raise CallFailed(
+                    f"cannot open a socket for port {port}: {_strerror(error)}", EXIT_UNREACHABLE
+                ) from None
+            reasons.append(f"{address}: {_strerror(error)}")
+            continue
         try:
             sock.settimeout(timeout)
             sock.connect((address, port))
@@ -66,45 +102,53 @@ def connect_local(port: int, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.s
             return sock, address
         except OSError as error:
             sock.close()
-            reason = "timed out" if isinstance(error, TimeoutError) else error.strerror
-            reasons.append(f"{address}: {(reason or str(error)).lower()}")
+            reasons.append(f"{address}: {_strerror(error)}")
     raise CallFailed(f"cannot connect to port {port}: {'; '.join(reasons)}", EXIT_UNREACHABLE)
 
 
 def check_call(
     argument: str, caller: str, allow_files: Sequence[AnyPath] = DEFAULT_ALLOW_FILES
 ) -> int:
-    """Return the port this call may reach, or raise CallFailed with the caller's message."""
+    """Return the port this call may reach, or raise CallFailed with the caller's message.
+
+    The allowlist decides through the same function as the socket service's
+    (allowlist.check_call): an unusable file refuses every call, and the
+    caller hears one generic line whatever the reason.
+    """
     try:
         port = parse_port(argument, what="port argument")
     except QconnectError as error:
         raise CallFailed(str(error), EXIT_BAD_ARGUMENT) from None
     try:
-        path = find_allowlist(allow_files)
-        allowlist = read_allowlist(path) if path is not None else None
-    except QconnectError as error:
-        raise CallFailed(f"refused: {error}", EXIT_NOT_ALLOWED) from None
-    if allowlist is not None and not allowlist.allows(port, caller):
-        raise CallFailed(
-            f"port {port} is not served to {caller}: not in {allowlist.source}",
-            EXIT_NOT_ALLOWED,
-        )
+        allowlist.check_call(port, caller, partial(allowlist.load_allowlist, allow_files))
+    except allowlist.AllowlistRefusal as refusal:
+        raise CallFailed(refusal.public, EXIT_NOT_ALLOWED, str(refusal)) from None
     return port
 
 
 def _log_call(message: str, fields: Mapping[str, object]) -> None:
-    """One line per call to the journal when there is one (stderr is the caller's)."""
+    """One line per call to the journal when there is one (stderr is the caller's).
+
+    Never fails: a journal that cannot take the line must not fail the call.
+    """
     if not os.path.exists("/run/systemd/journal/socket"):
         return
     try:
         from systemd import journal
     except ImportError:
         return
-    journal.send(
-        message,
-        SYSLOG_IDENTIFIER=SERVICE,
-        **{f"QCONNECT_{key.upper()}": str(value) for key, value in fields.items()},
-    )
+    with contextlib.suppress(OSError):
+        journal.send(
+            message,
+            SYSLOG_IDENTIFIER=SERVICE,
+            **{f"QCONNECT_{key.upper()}": str(value) for key, value in fields.items()},
+        )
+
+
+def _tell_caller(line: str) -> None:
+    """One line on stderr, which qrexec forwards to the caller; a caller gone is no error."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{SERVICE}: {line}", file=sys.stderr, flush=True)
 
 
 def serve(
@@ -114,24 +158,50 @@ def serve(
     allow_files: Sequence[AnyPath] = DEFAULT_ALLOW_FILES,
     log: Callable[[str, Mapping[str, object]], None] = _log_call,
 ) -> int:
-    """Serve one call on stdin/stdout; return the exit code."""
+    """Serve one call on stdin/stdout; return the exit code.
+
+    Error handling: whatever ends the call, the caller gets one line and an
+    exit code, never a traceback: a refusal or an unreachable port its own
+    line (125 or 126), anything unforeseen INTERNAL_ERROR and 125 with the
+    traceback in the journal only.
+    """
     started = time.monotonic()
-    fields: dict[str, object] = {"caller": caller, "argument": argument[:64]}
+    shown = printable(argument[:64])
+    fields: dict[str, object] = {"caller": caller, "argument": shown}
     try:
-        port = check_call(argument, caller, allow_files)
-        fields["port"] = port
-        sock, address = connect_local(port)
+        return _serve(argument, caller, allow_files, log, fields, started)
     except CallFailed as error:
-        print(f"{SERVICE}: {error}", file=sys.stderr, flush=True)
-        fields.update(outcome="failed", reason=str(error))
-        log(f"{caller} -> {argument[:64]!r}: {error}", fields)
+        _tell_caller(str(error))
+        fields.update(outcome="failed", reason=error.detail)
+        log(f"{caller} -> '{shown}': {error.detail}", fields)
         return error.exit_code
+    except Exception as error:  # a traceback would show the caller our installation
+        import traceback  # only on this path: it costs every call a few ms
+
+        _tell_caller(INTERNAL_ERROR)
+        reason = printable(f"{type(error).__name__}: {error}")
+        fields.update(outcome="failed", reason=reason, traceback=traceback.format_exc())
+        log(f"{caller} -> '{shown}': internal error: {reason}", fields)
+        return EXIT_QREXEC_PROBLEM
+
+
+def _serve(
+    argument: str,
+    caller: str,
+    allow_files: Sequence[AnyPath],
+    log: Callable[[str, Mapping[str, object]], None],
+    fields: dict[str, object],
+    started: float,
+) -> int:
+    port = check_call(argument, caller, allow_files)
+    fields["port"] = port
+    sock, address = connect_local(port)
     with sock:
         counts = relay_fds(0, 1, sock.fileno())
     up, down = counts.outbound, counts.inbound
     error_text = None
     if counts.error is not None:
-        error_text = (counts.error.strerror or str(counts.error)).lower()
+        error_text = _strerror(counts.error)
     fields.update(
         address=address,
         bytes_in=up,
@@ -145,7 +215,7 @@ def serve(
     )
     log(summary, fields)
     if error_text:
-        print(f"{SERVICE}: port {port}: {error_text}", file=sys.stderr, flush=True)
+        _tell_caller(f"port {port}: {error_text}")
         return EXIT_BROKEN
     return 0
 

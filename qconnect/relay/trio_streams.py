@@ -1,4 +1,4 @@
-"""The trio byte relay: copy two streams into each other with correct half-close.
+"""The trio front of the relay: copy two trio streams into each other with correct half-close.
 
 Used wherever a trio process carries a connection's bytes itself: the socket
 service (caller's unix stream <-> the local TCP server) and the client's relay
@@ -15,31 +15,25 @@ flow control); the relay never holds more than one chunk per direction.
 """
 
 import contextlib
-import errno
-import fcntl
 import os
 import time
 from dataclasses import dataclass, field
 
 import trio
 
-# Bytes asked for per receive. 64 KiB matches the loopback interface's default
-# socket buffers well enough that one call usually drains what is waiting; a
-# larger chunk buys little throughput (the syscalls are already few) and costs
-# memory per busy call, a smaller one multiplies trio's per-call scheduling
-# overhead. The buffer exists only while bytes are in flight: an idle call
-# holds no chunk at all.
-CHUNK_SIZE = 65536
+from qconnect.relay.splice import (
+    CHUNK_SIZE,
+    HAVE_SPLICE,
+    PIPE_SIZE,
+    SpliceUnsupported,
+    open_pipe,
+    splice_unsupported,
+)
 
-# Between two sockets the bytes move with splice(2) through a kernel pipe and
-# never enter Python: three to four times the throughput of receive/send on
-# loopback. The pipe is sized to this many bytes. Measured on a 1 GiB transfer
-# through the socket service (paired runs): 1 MiB was ~20% faster than
-# 256 KiB uploading but ~15% slower than 64 KiB downloading (more cache
-# misses); 256 KiB sits between and keeps each busy direction's kernel memory
-# small. A pipe holds bytes only between a splice in and the splices out
-# that follow at once.
-PIPE_SIZE = 256 * 1024
+# Between two sockets the bytes move with splice(2) through a kernel pipe
+# (qconnect.relay.splice): three to four times the throughput of
+# receive/send on loopback. Streams that are not plain sockets use
+# receive_some(CHUNK_SIZE)/send_all.
 
 # A busy direction yields to the event loop after moving this many bytes
 # without having had to wait: about a millisecond of copying on loopback, so
@@ -47,10 +41,6 @@ PIPE_SIZE = 256 * 1024
 CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
-_HAVE_SPLICE = hasattr(os, "splice")
-
-# errno values meaning "the other side is gone": the stream is broken.
-_BROKEN = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
 
 @dataclass
@@ -126,8 +116,10 @@ async def _copy(
     try:
         spliced = False
         source_socket, sink_socket = _receiving_socket(source), _sending_socket(sink)
-        if _HAVE_SPLICE and source_socket is not None and sink_socket is not None:
-            with contextlib.suppress(_SpliceUnsupported):
+        if HAVE_SPLICE and source_socket is not None and sink_socket is not None:
+            # Unsupported at once, or no pipe to be had later: the rest goes
+            # the generic way (the counters go on from where splice left them).
+            with contextlib.suppress(SpliceUnsupported):
                 await _splice_copy(source_socket, sink_socket, stats, forward)
                 spliced = True
         while not spliced:
@@ -153,10 +145,6 @@ async def _copy(
         (stats.a_to_b_ended if forward else stats.b_to_a_ended).set()
 
 
-class _SpliceUnsupported(Exception):
-    """splice(2) refused these descriptors before moving a byte: use the generic copy."""
-
-
 class _PipePool:
     """Empty kernel pipes for splicing, shared by every call of the process.
 
@@ -172,12 +160,15 @@ class _PipePool:
         self._idle: list[tuple[int, int]] = []
 
     def acquire(self) -> tuple[int, int]:
+        """An empty pipe; SpliceUnsupported when none can be made (no descriptor left)."""
         if self._idle:
             return self._idle.pop()
-        pipe_read, pipe_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe_write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        return pipe_read, pipe_write
+        return open_pipe(nonblocking=True)
+
+    def close_idle(self) -> None:
+        """Close every idle pipe (they are made again when needed)."""
+        while self._idle:
+            self.discard(self._idle.pop())
 
     def release(self, pipe: tuple[int, int]) -> None:
         """Take back an EMPTY pipe (or close it when enough are kept)."""
@@ -212,7 +203,8 @@ async def _splice_copy(
     bytes or fails with EAGAIN, and we wait for readiness through trio. The
     pipe is drained completely before the next read (backpressure, as the
     generic copy) and handed back to the pool whenever the source has
-    nothing to read. Raises trio.BrokenResourceError when a peer is gone.
+    nothing to read. Raises trio.BrokenResourceError when a peer is gone,
+    SpliceUnsupported (with the pipe empty) when the generic copy must go on.
     """
     source_fd, sink_fd = source.fileno(), sink.fileno()
     pipe: tuple[int, int] | None = None
@@ -236,8 +228,8 @@ async def _splice_copy(
                 await trio.lowlevel.wait_readable(source)
                 continue
             except OSError as error:
-                if not moved_any and error.errno in (errno.EINVAL, errno.ENOSYS):
-                    raise _SpliceUnsupported from None
+                if splice_unsupported(error, moved_any=moved_any):
+                    raise SpliceUnsupported(os.strerror(error.errno or 0)) from None
                 raise trio.BrokenResourceError(os.strerror(error.errno or 0)) from error
             if size == 0:
                 return

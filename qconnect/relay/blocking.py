@@ -1,4 +1,4 @@
-"""A standard-library byte relay with correct half-close, for per-call processes.
+"""The blocking relay: standard library, a thread per direction, for per-call processes.
 
 The executable ``qubes.ConnectTCP`` service and the loopback
 ``qrexec-client-vm`` start once per connection, so they cannot afford trio's
@@ -8,14 +8,14 @@ thread per direction. Each direction ends on its own EOF and hands that EOF on
 direction keeps flowing: a client that has finished sending still gets its
 reply, and a server that has finished replying can still be sent to.
 
-The copying is done by ``os.splice`` through a kernel pipe when both ends
-allow it, so the bytes never enter Python; ``read``/``write`` on one large
-buffer is the fallback (terminals, O_APPEND files, old kernels).
+The copying follows the rules of :mod:`qconnect.relay.splice`: ``os.splice``
+through a kernel pipe when both ends allow it, so the bytes never enter
+Python; ``read``/``write`` is the fallback (terminals, O_APPEND files, old
+kernels, no pipe to be had).
 """
 
 import contextlib
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -24,26 +24,26 @@ import threading
 from collections.abc import Callable
 from functools import partial
 
-# One splice moves at most this much. 1 MiB is Linux's default
-# fs.pipe-max-size, the largest pipe an unprivileged process may ask for; a
-# bigger pipe means fewer system calls per megabyte (a 64 KiB pipe costs about
-# a third of the throughput on loopback TCP).
-PIPE_SIZE = 1 << 20
+from qconnect.relay.splice import (
+    CHUNK_SIZE,
+    PIPE_SIZE,
+    SpliceUnsupported,
+    is_peer_gone,
+    open_pipe,
+    splice_unsupported,
+)
 
-# The read/write fallback's buffer: large enough that the per-call Python
-# overhead is small next to the copying, small enough to stay in cache.
-BUFFER_SIZE = 256 * 1024
-
-# errno values that mean "the other side is gone": the direction ends, the
-# relay does not fail.
-_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
-
-# errno values with which splice says "not with these descriptors": fall back.
-_SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
-
-
-class _SpliceUnsupported(Exception):
-    """splice refused these descriptors before moving any byte."""
+__all__ = [
+    "ReadFailed",
+    "RelayCounts",
+    "WriteFailed",
+    "is_peer_gone",
+    "pump",
+    "relay_fds",
+    "shut_read",
+    "shut_write",
+    "write_all",
+]
 
 
 class ReadFailed(OSError):
@@ -130,27 +130,27 @@ def _copy_splice(src_fd: int, dst_fd: int, progress: list[int]) -> None:
     splice from a socket into a pipe keeps the pipe's lock while it waits for
     the socket, so the process reading that pipe blocks even on the bytes
     already in it (seen on Linux 6.x: a reader stuck until the next chunk).
-    The private pipe is only locked against ourselves.
+    The private pipe is only locked against ourselves. Raises
+    SpliceUnsupported when no pipe can be had or splice refuses these
+    descriptors before the first byte: nothing has moved, copy another way.
     """
-    pipe_read, pipe_write = os.pipe()
+    pipe_read, pipe_write = open_pipe(nonblocking=False)
     try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe_write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while True:
             try:
                 moved = _retry(
                     lambda: os.splice(src_fd, pipe_write, PIPE_SIZE), src_fd, writing=False
                 )
             except OSError as error:
-                if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
-                    raise _SpliceUnsupported from None
+                if splice_unsupported(error, moved_any=progress[0] > 0):
+                    raise SpliceUnsupported(error.strerror) from None
                 raise _failed(error, reading=True) from None
             if moved == 0:
                 return
             try:
                 _splice_all(pipe_read, dst_fd, moved)
             except OSError as error:
-                if progress[0] == 0 and error.errno in _SPLICE_UNSUPPORTED:
+                if splice_unsupported(error, moved_any=progress[0] > 0):
                     # Nothing reached dst yet: send these bytes the slow way, go on slowly.
                     write_all(dst_fd, os.read(pipe_read, moved))
                     progress[0] += moved
@@ -175,7 +175,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def _copy_buffered(src_fd: int, dst_fd: int, progress: list[int]) -> None:
-    buffer = bytearray(BUFFER_SIZE)
+    buffer = bytearray(CHUNK_SIZE)
     view = memoryview(buffer)
     while True:
         try:
@@ -206,14 +206,9 @@ def pump(src_fd: int, dst_fd: int, progress: list[int] | None = None) -> int:
     start = progress[0]
     try:
         _copy_splice(src_fd, dst_fd, progress)
-    except _SpliceUnsupported:
+    except SpliceUnsupported:
         _copy_buffered(src_fd, dst_fd, progress)
     return progress[0] - start
-
-
-def is_peer_gone(error: OSError) -> bool:
-    """Whether ``error`` only says the other end closed or reset the stream."""
-    return error.errno in _PEER_GONE
 
 
 def _shutdown(fd: int, how: int) -> None:
@@ -240,9 +235,12 @@ def shut_write(fd: int) -> None:
 
 
 def shut_read(fd: int) -> None:
-    """Stop reading ``fd``: wakes a thread blocked reading this socket (it sees EOF)."""
-    if _is_socket(fd):
-        with contextlib.suppress(OSError):
+    """Stop reading ``fd``: wakes a thread blocked reading this socket (it sees EOF).
+
+    Best effort, never raises: it runs after the direction has already failed.
+    """
+    with contextlib.suppress(OSError):
+        if _is_socket(fd):
             _shutdown(fd, socket.SHUT_RD)
 
 
@@ -268,7 +266,8 @@ def relay_fds(in_fd: int, out_fd: int, peer_fd: int) -> RelayCounts:
 
     The executable service's shape: ``in_fd``/``out_fd`` are its stdin and
     stdout (qrexec gives them as two socketpairs; they may also be one
-    socket), ``peer_fd`` the connected TCP socket. Each direction's EOF is
+    socket), ``peer_fd`` the connected TCP socket. Two connected sockets
+    relay with ``relay_fds(a, a, b)`` (``a -> b`` counted as outbound). Each direction's EOF is
     handed on with ``shut_write`` as it happens; the other direction keeps
     going until its own EOF.
 
@@ -276,36 +275,28 @@ def relay_fds(in_fd: int, out_fd: int, peer_fd: int) -> RelayCounts:
     socket) when the peer's EOF arrives; ``in_fd`` and ``peer_fd`` are left
     open for the caller to close. Runs one extra thread; returns when both
     directions have ended.
+
+    Error handling: an I/O error ends its direction and is reported in the
+    counts; anything else raised in the extra thread is raised here, once
+    both directions have ended, never printed by the thread (a per-call
+    service's stderr is its caller's, who must not see a traceback).
     """
     outbound = [0]
     inbound = [0]
     errors: list[OSError] = []
-    thread = threading.Thread(
-        target=_direction, args=(in_fd, peer_fd, outbound, errors), daemon=True
-    )
+    crashed: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            _direction(in_fd, peer_fd, outbound, errors)
+        except BaseException as error:  # handed to the calling thread, not to excepthook
+            crashed.append(error)
+            shut_read(peer_fd)  # let the other direction end too
+
+    thread = threading.Thread(target=upload, daemon=True)
     thread.start()
     _direction(peer_fd, out_fd, inbound, errors)
     thread.join()
-    return RelayCounts(outbound[0], inbound[0], errors[0] if errors else None)
-
-
-def relay_sockets(first: socket.socket, second: socket.socket) -> RelayCounts:
-    """Relay two connected stream sockets both ways with half-close.
-
-    ``first -> second`` is counted as outbound.
-
-    Resource handling: both sockets stay open (shut down for writing as each
-    direction ends); the caller closes them.
-    """
-    outbound = [0]
-    inbound = [0]
-    errors: list[OSError] = []
-    thread = threading.Thread(
-        target=_direction,
-        args=(first.fileno(), second.fileno(), outbound, errors),
-        daemon=True,
-    )
-    thread.start()
-    _direction(second.fileno(), first.fileno(), inbound, errors)
-    thread.join()
+    if crashed:
+        raise crashed[0]
     return RelayCounts(outbound[0], inbound[0], errors[0] if errors else None)
