@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qconnect.errors import PersistError
-from qconnect.units import rclocal
+from qconnect.install import rclocal
 
 SOCKET_A = "qconnect-bind-127.0.0.1-444-\\x40default-444.socket"
 SOCKET_B = "qconnect-bind-__1-22-work-22.socket"

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from qconnect.client.qrexec_call import supports_stdin_socket
 from qconnect.errors import PersistError
+from qconnect.install.systemctl import SystemctlError, Systemd
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units import install
 from qconnect.units.install import AddRequest, Installed, Layout, Persistence, Plan
@@ -32,7 +33,6 @@ from qconnect.units.render import (
     check_max_connections,
     load_templates,
 )
-from qconnect.units.systemctl import Systemd
 
 # Ports below this need root to bind, so only the system manager can listen there.
 PRIVILEGED_PORT_LIMIT = 1024
@@ -281,15 +281,15 @@ def install_and_start(
         plan = install.plan_add(layout, request, templates)
         scopes = {request.binding.scope, *(scope for scope, _unit in plan.stop_units)}
         live = {scope: find_manager(layout, scope) for scope in scopes}
-        applied = install.apply(plan)
+        applied = install.apply(layout, plan)
         try:
             _stop(plan, live)
             _reload_and_start(plan, live)
-        except PersistError as error:
+        except SystemctlError as error:
             applied.undo()
             for manager in live.values():
                 if manager is not None:
-                    with contextlib.suppress(PersistError):
+                    with contextlib.suppress(SystemctlError):
                         manager.call("daemon-reload")
             raise PersistError(f"{error}; the files were put back as they were") from None
     return plan, applied.report, live[request.binding.scope] is not None
@@ -392,9 +392,9 @@ def run_show(args: argparse.Namespace) -> int:
             paths.append(layout.unit_dir(item.scope) / DAEMON_SERVICE)
         for path in paths:
             print(f"# {path}")
-            print(path.read_text(), end="\n")
+            print(layout.tree.read_text(path) or "", end="\n")
         if item.enabled_link is not None:
-            print(f"# {item.enabled_link} -> {os.readlink(item.enabled_link)}\n")
+            print(f"# {item.enabled_link} -> {layout.tree.readlink(item.enabled_link)}\n")
         if item.at_boot_by_rc_local:
             print(f"# {layout.rc_local} starts {item.socket_unit} at boot")
     return 0
@@ -433,7 +433,13 @@ def remove_and_stop(
             return [], [], False
         plan = install.plan_remove(layout, chosen)
         live = {item.scope: find_manager(layout, item.scope) for item in chosen}
-        _stop(plan, live)
-        applied = install.apply(plan)
-        _reload_and_start(plan, live)
+        try:
+            _stop(plan, live)
+        except SystemctlError as error:
+            raise PersistError(str(error)) from None
+        applied = install.apply(layout, plan)
+        try:
+            _reload_and_start(plan, live)
+        except SystemctlError as error:
+            raise PersistError(str(error)) from None
     return chosen, applied.report, any(live.values())
