@@ -551,7 +551,9 @@ def install(
             planned.plan.drop(path)
             planned.plan.steps.append(engine.Link(path, target))
             manifest.links[str(relative)] = target
-        touched = [*files, *links]
+        # The order main's installer made them in, so that the manifest's
+        # directories come out in the same order.
+        touched = [*files[:3], *list(links)[:1], *files[3:], *list(links)[1:]]
         if form == "socket" and layout is Layout.APP_QUBE:
             manifest.rc_local_created = rc_local is None
             manifest.rc_local_block = True
