@@ -213,8 +213,6 @@ class Tree:
         try:
             with self._directory(path, self.parts(path), None):
                 return True
-        except (FileNotFoundError, TreeError):
-            return False
         except OSError:
             return False
 
@@ -261,11 +259,15 @@ class Tree:
             raise TreeError(f"cannot read {path}: it is not UTF-8 text") from None
 
     def readlink(self, path: Path | PurePosixPath) -> str | None:
-        """Where the link ``path`` points (never followed); None if absent or not a link."""
+        """Where the link ``path`` points (never followed); None if absent or not a link.
+
+        A path that leads out of the tree is a TreeError, not "no link": the
+        caller must not mistake a hostile tree for a clean one.
+        """
         try:
             with self._parent(path) as (fd, name):
                 return os.readlink(name, dir_fd=fd)
-        except (FileNotFoundError, TreeError):
+        except FileNotFoundError:
             return None
         except OSError:
             return None
