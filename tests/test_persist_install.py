@@ -367,3 +367,23 @@ def test_concurrent_adds_each_keep_their_line_in_rc_local(
     assert rclocal.units_in_block(text) == sorted(
         f"qconnect-bind-127.0.0.1-{port}-\\x40default-{port}.socket" for port in ports
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["remove", "--all"],
+        ["add", "444::444", "--persistence", "rw-only", "--relay", "handoff"],
+    ],
+)
+def test_a_hand_edited_rc_local_block_is_one_line_naming_the_file_and_line(
+    tree: Path, command: list[str]
+) -> None:
+    rc_local = tree / "rw/config/rc.local"
+    block = "".join(rclocal.render_block(["qconnect-bind-a.socket"]))
+    rc_local.write_text("#!/bin/sh\n" + block.replace(" qconnect-bind-a.socket", " 'x \x1b[2J"))
+    before = snapshot(tree)
+    result = run_persist(*command, "--root", str(tree))
+    assert_one_line_error(result, f"{rc_local}:8: cannot read qconnect's line", "\\x1b[2J")
+    assert snapshot(tree) == before

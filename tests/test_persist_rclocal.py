@@ -92,3 +92,49 @@ def test_adding_then_removing_the_block_restores_any_file(
     assert updated is not None
     assert sorted(set(rclocal.units_in_block(updated))) == sorted(set(units))
     assert rclocal.update(updated, []) == text
+
+
+# --- a block the user edited by hand (issue 9, defect 8) ---------------------------------
+
+_BLOCK_LINE = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+    st.builds(
+        lambda words: "systemctl --no-block start " + words,
+        st.text(alphabet="'\"\\|&;# ab.socket\x1b\t", max_size=30),
+    ),
+).map(lambda line: line.replace("\n", " ").replace("\r", " "))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BLOCK_LINE, max_size=6), st.text(alphabet=" (abc)\x1b", max_size=12))
+def test_any_hand_edited_block_is_read_or_refused_in_one_line(body: list[str], flag: str) -> None:
+    """Whatever sits between the markers: an answer, or one PersistError line; no traceback."""
+    text = "#!/bin/sh\n" + "\n".join([rclocal.BEGIN + flag, *body, rclocal.END]) + "\n"
+    for edit in (
+        lambda: rclocal.units_in_block(text, "/rw/config/rc.local"),
+        lambda: rclocal.update(text, [SOCKET_A], "/rw/config/rc.local"),
+        lambda: rclocal.update(text, [], "/rw/config/rc.local"),
+    ):
+        try:
+            edit()
+        except PersistError as error:
+            message = str(error)
+            assert "\n" not in message and "\x1b" not in message, message
+            assert message.startswith("/rw/config/rc.local"), message
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("systemctl --no-block start 'unclosed.socket || echo x", "no closing quotation"),
+        ("systemctl --no-block start a.socket", "expected 'systemctl --no-block start UNIT"),
+        ("systemctl --no-block start \x1b[2J.socket ||", "expected"),
+    ],
+)
+def test_a_start_line_it_cannot_read_names_the_file_and_line(line: str, reason: str) -> None:
+    text = f"#!/bin/sh\necho mine\n{rclocal.BEGIN}\n# a comment\n{line}\n{rclocal.END}\n"
+    with pytest.raises(PersistError) as raised:
+        rclocal.units_in_block(text, "/q/rw/config/rc.local")
+    message = str(raised.value)
+    assert message.startswith("/q/rw/config/rc.local:5: cannot read qconnect's line ")
+    assert reason in message and "\x1b" not in message

@@ -20,6 +20,7 @@ The user may edit the file, our blocks included: whatever is found there is
 either understood or refused with one line naming the file and the line.
 """
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ _CREATED = " (file created by qconnect)"
 _NEWLINE_ADDED = " (newline added by qconnect)"
 
 _START = "systemctl --no-block start "
+# A socket unit name as systemd spells one (systemd.unit(5): ASCII letters,
+# digits, ":", "-", "_", ".", "\\" and "@"); anything else is not ours.
+_SOCKET_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]+\.socket")
 _START_FAILED = "|| echo 'qconnect: starting the binding sockets failed' >&2"
 
 
@@ -130,8 +134,9 @@ def units_in_block(text: str | None, where: str = "rc.local") -> list[str]:
             words, reason = [], str(error).lower()
         else:
             reason = "expected 'systemctl --no-block start UNIT... || echo ...'"
-        if "||" in words and all(word.endswith(".socket") for word in words[3 : words.index("||")]):
-            return words[3 : words.index("||")]
+        units = words[3 : words.index("||")] if "||" in words else None
+        if units is not None and all(_SOCKET_UNIT_RE.fullmatch(unit) for unit in units):
+            return units
         raise PersistError(
             f"{where}:{number}: cannot read qconnect's line {printable(line)!r} ({reason}): "
             "fix or delete the qconnect block by hand; nothing changed"
