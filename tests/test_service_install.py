@@ -17,7 +17,6 @@ from qconnect.service.install import (
     RC_LOCAL,
     add_block,
     install,
-    remove_block,
     render_units,
     uninstall,
 )
@@ -77,34 +76,11 @@ def test_switching_forms_leaves_one_set_of_files(tmp_path: Path) -> None:
     assert _tree(tmp_path) == {}
 
 
-def test_install_refuses_to_replace_a_file_it_did_not_write(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    own = tmp_path / "usr/local/etc/qubes-rpc/qubes.ConnectTCP"
-    own.parent.mkdir(parents=True)
-    own.write_text("#!/bin/sh\nexec my-own-service\n")
-    before = _tree(tmp_path)
-    assert (
-        main(["service", "install", "--exec", "--layout", "app-qube", "--root", str(tmp_path)]) == 2
-    )
-    err = capsys.readouterr().err
-    assert err == f"qconnect: error: refusing to replace {own}: not installed by qconnect\n"
-    assert _tree(tmp_path) == before
-
-
 def test_uninstall_with_nothing_installed_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["service", "uninstall", "--root", str(tmp_path)]) == 0
     assert "no qconnect service installed" in capsys.readouterr().err
-
-
-def test_rc_local_block_edit_touches_only_its_own_lines() -> None:
-    user = "#!/bin/sh\n# my things\nmount /rw/extra\n"
-    edited = add_block(user)
-    assert edited.startswith(user) and add_block(edited) == edited
-    assert remove_block(edited) == user
-    assert remove_block(add_block("#!/bin/sh\necho no newline")) == "#!/bin/sh\necho no newline\n"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")

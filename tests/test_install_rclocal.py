@@ -1,11 +1,20 @@
-"""The fenced rc.local block: only our lines change, and removing them restores the file."""
+"""The one rc.local block editor: persist's block and the service's block.
+
+Only our lines change, removing them restores the file, a new block goes
+before a final ``exit``, and damaged or hand-edited blocks are refused in
+one line, never guessed at.
+"""
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qconnect.errors import PersistError
+from qconnect.errors import PersistError, ServiceError
 from qconnect.install import rclocal
+from qconnect.install.rclocal import BLOCK_BEGIN, add_block, remove_block
+from qconnect.service.install import RC_LOCAL, install, uninstall
 
 SOCKET_A = "qconnect-bind-127.0.0.1-444-\\x40default-444.socket"
 SOCKET_B = "qconnect-bind-__1-22-work-22.socket"
@@ -19,15 +28,28 @@ def test_missing_rc_local_is_created_with_a_shebang_and_deleted_again() -> None:
     assert rclocal.update(created, []) is None
 
 
-def test_block_goes_before_a_final_exit_so_that_it_runs() -> None:
+@pytest.mark.parametrize("block", ["persist", "service"])
+def test_block_goes_before_a_final_exit_so_that_it_runs(block: str) -> None:
     text = "#!/bin/sh\necho mine\nexit 0\n"
-    updated = rclocal.update(text, [SOCKET_A])
-    assert updated is not None
+    if block == "persist":
+        updated = rclocal.update(text, [SOCKET_A])
+        assert updated is not None and rclocal.update(updated, []) == text
+        end = rclocal.END
+    else:
+        updated = add_block(text)
+        assert add_block(updated) == updated and remove_block(updated) == text
+        end = rclocal.BLOCK_END
     lines = updated.splitlines()
     assert lines[:2] == ["#!/bin/sh", "echo mine"]
-    assert lines[-1] == "exit 0"
-    assert lines.index("# END qconnect persist") == len(lines) - 2
-    assert rclocal.update(updated, []) == text
+    assert lines[-2:] == [end, "exit 0"]
+
+
+def test_service_block_edit_touches_only_its_own_lines() -> None:
+    user = "#!/bin/sh\n# my things\nmount /rw/extra\n"
+    edited = add_block(user)
+    assert edited.startswith(user) and add_block(edited) == edited
+    assert remove_block(edited) == user
+    assert remove_block(add_block("#!/bin/sh\necho no newline")) == "#!/bin/sh\necho no newline\n"
 
 
 def test_block_is_replaced_in_place_and_user_lines_after_it_are_kept() -> None:
@@ -69,9 +91,41 @@ def test_unit_names_are_shell_quoted() -> None:
         "# END qconnect persist\n# BEGIN qconnect persist\n",
     ],
 )
-def test_a_broken_block_is_refused_not_guessed_at(broken: str) -> None:
+def test_a_broken_persist_block_is_refused_not_guessed_at(broken: str) -> None:
     with pytest.raises(PersistError, match="broken qconnect block"):
         rclocal.update(broken, [SOCKET_A])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            f"{BLOCK_BEGIN}\nx\n",
+            f"rc.local has '{BLOCK_BEGIN}' without its end line; edit it by hand",
+        ),
+        (
+            "# END qconnect service\n",
+            f"rc.local has a damaged qconnect block (0 '{BLOCK_BEGIN}' and 1 "
+            "'# END qconnect service' lines); edit it by hand",
+        ),
+    ],
+)
+def test_a_damaged_service_block_is_refused_not_guessed_at(text: str, message: str) -> None:
+    with pytest.raises(ServiceError) as raised:
+        add_block(text)
+    assert str(raised.value) == message
+
+
+def test_service_uninstall_refuses_a_damaged_block_before_removing_anything(
+    tmp_path: Path,
+) -> None:
+    install(tmp_path, "socket")
+    rc_local = tmp_path / RC_LOCAL
+    rc_local.write_text(rc_local.read_text() + "# END qconnect service\n")
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    with pytest.raises(ServiceError, match="damaged qconnect block"):
+        uninstall(tmp_path)
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
 
 
 _USER_LINES = st.lists(
