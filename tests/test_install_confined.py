@@ -197,6 +197,8 @@ def test_a_manifest_naming_what_is_not_ours_is_refused_whole(
         '{"form": "socket", "files": "usr/local/etc/qubes-rpc/qubes.ConnectTCP"}',
         '{"form": "socket", "links": ["run/qubes-rpc/qubes.ConnectTCP"]}',
         '{"form": "../../x"}',
+        '{"form": "socket", "layout": ["app-qube"]}',
+        '{"form": "socket", "files": [["usr"]]}',
         '{"form": "socket", "links": {"run/qubes-rpc/qubes.ConnectTCP": 7}}',
         '{"form": "socket", "extra": 1}',
         "not json",

@@ -383,7 +383,7 @@ def _check_manifest(path: Path, manifest: Manifest) -> Manifest:
     for entry, target in manifest.links.items():
         if not isinstance(target, str):
             raise TreeError(f"{path}: refusing the manifest: bad link target for {entry!r}")
-    if manifest.form not in ("socket", "exec") or manifest.layout not in set(Layout):
+    if manifest.form not in ("socket", "exec") or manifest.layout not in [*Layout]:
         raise TreeError(f"{path}: refusing the manifest: unknown form or layout")
     return manifest
 
