@@ -49,8 +49,6 @@ _SYSTEM_UNIT_DIR = PurePosixPath("/usr/local/lib/systemd/system")
 _SYSTEM_WANTS_DIR = PurePosixPath("/etc/systemd/system/sockets.target.wants")
 _RC_LOCAL = PurePosixPath("/") / rclocal.RC_LOCAL
 
-__all__ = ["Applied", "Delete", "Link", "Step", "Write"]  # the engine's steps, for tests
-
 
 @dataclass(frozen=True)
 class Layout:
