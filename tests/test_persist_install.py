@@ -14,7 +14,7 @@ from qconnect.install import rclocal
 from qconnect.install.tree import Tree, TreeError
 from qconnect.spec import parse_spec
 from qconnect.units.cli import install_and_start
-from qconnect.units.install import AddRequest, Layout, Persistence
+from qconnect.units.install import AddRequest, Persistence, UnitPaths
 from qconnect.units.render import Binding, Mode, Scope, load_templates
 from tests.persist_tree import (
     RC_LOCAL_OF_THE_USER,
@@ -245,7 +245,7 @@ def test_a_failure_half_way_undoes_every_earlier_step(
     monkeypatch.setattr(Tree, "write", write)
     monkeypatch.setattr(Tree, "symlink", symlink)
     binding = Binding(parse_spec("444::444"), Scope.SYSTEM, Mode.PER_CONNECTION)
-    layout = Layout(root=tree, config_home=PurePosixPath("/home/user/.config"))
+    layout = UnitPaths(root=tree, config_home=PurePosixPath("/home/user/.config"))
     request = AddRequest(binding, Persistence.FULL if "wants" in failing else Persistence.RW_ONLY,
                          None)  # fmt: skip
     with pytest.raises(TreeError, match="injected failure; nothing was changed"):

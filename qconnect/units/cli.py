@@ -18,7 +18,7 @@ from qconnect.errors import PersistError
 from qconnect.install.systemctl import SystemctlError, Systemd
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units import install
-from qconnect.units.install import AddRequest, Installed, Layout, Persistence, Plan
+from qconnect.units.install import AddRequest, Installed, Persistence, Plan, UnitPaths
 from qconnect.units.render import (
     DAEMON_SERVICE,
     DEFAULT_MAX_CONNECTIONS,
@@ -151,17 +151,17 @@ def run(args: argparse.Namespace) -> int:
 # --- common ----------------------------------------------------------------------
 
 
-def _layout(args: argparse.Namespace) -> Layout:
+def _layout(args: argparse.Namespace) -> UnitPaths:
     root = Path(args.root)
     if not root.is_dir():
         raise PersistError(f"invalid --root {args.root!r}: expected an existing directory")
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     if not os.path.isabs(config):
         raise PersistError(f"invalid XDG_CONFIG_HOME {config!r}: expected an absolute path")
-    return Layout(root=root, config_home=PurePosixPath(os.path.normpath(config)))
+    return UnitPaths(root=root, config_home=PurePosixPath(os.path.normpath(config)))
 
 
-def _live(layout: Layout, scope: Scope) -> Systemd | None:
+def _live(layout: UnitPaths, scope: Scope) -> Systemd | None:
     """The running manager of ``scope`` when it is the one that reads ``layout``."""
     if layout.root.resolve() != Path("/"):
         return None
@@ -266,11 +266,11 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-ManagerFinder = Callable[[Layout, Scope], Systemd | None]
+ManagerFinder = Callable[[UnitPaths, Scope], Systemd | None]
 
 
 def install_and_start(
-    layout: Layout, request: AddRequest, templates: Templates, find_manager: ManagerFinder
+    layout: UnitPaths, request: AddRequest, templates: Templates, find_manager: ManagerFinder
 ) -> tuple[Plan, list[str], bool]:
     """Plan, write, then tell systemd; (plan, what was done, whether systemd was told).
 
@@ -322,7 +322,9 @@ def _reload_and_start(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
         manager.call("try-restart", DAEMON_SERVICE)
 
 
-def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layout: Layout) -> None:
+def _print_add(
+    binding: Binding, plan: Plan, report: list[str], live: bool, layout: UnitPaths
+) -> None:
     detail = f"{binding.mode}, {binding.scope} scope"
     if binding.mode is Mode.PER_CONNECTION:
         detail += f", relay {binding.relay}"
@@ -416,7 +418,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def remove_and_stop(
-    layout: Layout,
+    layout: UnitPaths,
     spec_text: str | None,
     every: bool,
     scope: str | None,

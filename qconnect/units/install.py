@@ -51,8 +51,12 @@ _RC_LOCAL = PurePosixPath("/") / rclocal.RC_LOCAL
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where each file goes: paths as the qube sees them, and on disk under ``root``."""
+class UnitPaths:
+    """Where persist's files go: paths as the qube sees them, and on disk under ``root``.
+
+    (Not to be confused with ``service install``'s ``Layout``, which names a
+    kind of qube; this one only maps the binding units' paths into the tree.)
+    """
 
     root: Path
     config_home: PurePosixPath  #: $XDG_CONFIG_HOME or ~/.config, as the qube sees it
@@ -112,7 +116,7 @@ class Installed:
 # --- reading what is there ---------------------------------------------------
 
 
-def _read_ours(layout: Layout, path: Path) -> tuple[str | None, GeneratedInfo | None]:
+def _read_ours(layout: UnitPaths, path: Path) -> tuple[str | None, GeneratedInfo | None]:
     """(text, header) of ``path``: (None, None) if absent, (text, None) if not ours."""
     info = layout.tree.lstat(path)
     if info is None:
@@ -126,16 +130,16 @@ def _read_ours(layout: Layout, path: Path) -> tuple[str | None, GeneratedInfo | 
     return text, parse_generated(text)
 
 
-def _read_rc_local(layout: Layout) -> str | None:
+def _read_rc_local(layout: UnitPaths) -> str | None:
     return layout.tree.read_text(layout.rc_local)
 
 
-def rc_local_units(layout: Layout) -> list[str]:
+def rc_local_units(layout: UnitPaths) -> list[str]:
     """The socket units persist's rc.local block starts (PersistError if it is unreadable)."""
     return rclocal.units_in_block(_read_rc_local(layout), str(layout.rc_local))
 
 
-def find_installed(layout: Layout) -> list[Installed]:
+def find_installed(layout: UnitPaths) -> list[Installed]:
     """Every binding this tool installed under ``layout``, both scopes, sorted."""
     rc_units = set(rc_local_units(layout))
     found: list[Installed] = []
@@ -170,12 +174,12 @@ def find_installed(layout: Layout) -> list[Installed]:
     return sorted(found, key=lambda item: (item.scope, item.spec))
 
 
-def _link_target(layout: Layout, scope: Scope, name: str) -> str:
+def _link_target(layout: UnitPaths, scope: Scope, name: str) -> str:
     """What ``systemctl enable`` would make the wants link point at."""
     return str(layout.unit_dir_seen(scope) / name)
 
 
-def _is_our_link(layout: Layout, scope: Scope, link: Path) -> bool:
+def _is_our_link(layout: UnitPaths, scope: Scope, link: Path) -> bool:
     return layout.tree.readlink(link) == _link_target(layout, scope, link.name)
 
 
@@ -192,7 +196,7 @@ class Plan(engine.Plan):
     stop_daemon: set[Scope] = field(default_factory=set)
 
 
-def apply(layout: Layout, plan: Plan) -> Applied:
+def apply(layout: UnitPaths, plan: Plan) -> Applied:
     """Carry out ``plan``'s file steps in ``layout``'s tree, all or nothing.
 
     Error handling: the first failing step raises PersistError (TreeError
@@ -205,7 +209,7 @@ def apply(layout: Layout, plan: Plan) -> Applied:
 
 
 @contextlib.contextmanager
-def scope_lock(layout: Layout) -> Iterator[None]:
+def scope_lock(layout: UnitPaths) -> Iterator[None]:
     """Serialise persist commands on one tree: flock the root directory itself."""
     with contextlib.ExitStack() as stack:
         try:
@@ -228,7 +232,7 @@ def _overlaps(a: BindingSpec, b: BindingSpec) -> bool:
     )
 
 
-def _removal_steps(layout: Layout, item: Installed) -> list[Step]:
+def _removal_steps(layout: UnitPaths, item: Installed) -> list[Step]:
     steps: list[Step] = [Delete(path) for path in item.files]
     if item.enabled_link is not None:
         steps.insert(0, Delete(item.enabled_link))
@@ -243,7 +247,7 @@ class AddRequest:
     replace: bool = False
 
 
-def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
+def plan_add(layout: UnitPaths, request: AddRequest, templates: Templates) -> Plan:
     """Decide every file change ``persist add`` makes; raise PersistError on a conflict."""
     binding = request.binding
     scope = binding.scope
@@ -338,7 +342,7 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
 
 
 def _plan_daemon_service(
-    layout: Layout, request: AddRequest, templates: Templates, plan: Plan
+    layout: UnitPaths, request: AddRequest, templates: Templates, plan: Plan
 ) -> None:
     if request.qvm_connect_tcp is None:
         raise PersistError("daemon mode needs qconnect's qvm-connect-tcp: give --qvm-connect-tcp")
@@ -360,7 +364,7 @@ def _plan_daemon_service(
     plan.steps.append(Write(path, text.encode(), UNIT_FILE_MODE, "the daemon-mode client"))
 
 
-def _check_rc_local_runs(layout: Layout, old_rc: str | None, plan: Plan) -> None:
+def _check_rc_local_runs(layout: UnitPaths, old_rc: str | None, plan: Plan) -> None:
     if old_rc is None:
         return
     info = layout.tree.lstat(layout.rc_local)
@@ -371,7 +375,7 @@ def _check_rc_local_runs(layout: Layout, old_rc: str | None, plan: Plan) -> None
         )
 
 
-def _plan_rc_local(layout: Layout, old_rc: str | None, units: list[str], plan: Plan) -> None:
+def _plan_rc_local(layout: UnitPaths, old_rc: str | None, units: list[str], plan: Plan) -> None:
     new_rc = rclocal.update(old_rc, units, str(layout.rc_local))
     if new_rc == old_rc:
         return
@@ -387,7 +391,7 @@ def _plan_rc_local(layout: Layout, old_rc: str | None, units: list[str], plan: P
 
 
 def _plan_daemon_leftovers(
-    layout: Layout,
+    layout: UnitPaths,
     installed: list[Installed],
     going: list[Installed],
     coming: Binding | None,
@@ -415,7 +419,7 @@ def _plan_daemon_leftovers(
             plan.restart_daemon.add(scope)
 
 
-def plan_remove(layout: Layout, chosen: list[Installed]) -> Plan:
+def plan_remove(layout: UnitPaths, chosen: list[Installed]) -> Plan:
     """Decide every file change ``persist remove`` makes for the ``chosen`` bindings."""
     plan = Plan()
     installed = find_installed(layout)
