@@ -61,17 +61,24 @@ def test_a_failure_at_any_step_leaves_the_tree_as_it_was(
     before = snapshot(root)
     failing = data.draw(st.integers(0, len(chosen) - 1))
     tree = Tree(root)
-    calls = {"count": 0}
+    calls = {"count": 0, "failed": False}
 
     class Failing(Tree):
+        """Fails the step numbered ``failing``; once anything failed, the undo runs clean."""
+
         def _count(self) -> None:
             calls["count"] += 1
-            if calls["count"] == failing + 1:
+            if calls["count"] == failing + 1 and not calls["failed"]:
+                calls["failed"] = True
                 raise TreeError("injected failure")
 
         def write(self, path: Path, data: bytes, mode: int) -> None:
             self._count()
-            super().write(path, data, mode)
+            try:
+                super().write(path, data, mode)
+            except TreeError:
+                calls["failed"] = True
+                raise
 
         def symlink(self, path: Path, target: str) -> None:
             self._count()
@@ -117,3 +124,14 @@ def test_prune_removes_only_empty_directories(tmp_path: Path) -> None:
     plan = engine.Plan(prune=[tmp_path / "empty/inner", tmp_path / "empty", tmp_path / "full"])
     engine.apply(Tree(tmp_path), plan, PersistError)
     assert not (tmp_path / "empty").exists() and (tmp_path / "full/keep").exists()
+
+
+def test_undo_after_a_prune_brings_the_directory_back_with_its_files(tmp_path: Path) -> None:
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units/a.socket").write_text("ours\n")
+    before = snapshot(tmp_path)
+    plan = engine.Plan([engine.Delete(tmp_path / "units/a.socket")], prune=[tmp_path / "units"])
+    applied = engine.apply(Tree(tmp_path), plan, PersistError)
+    assert not (tmp_path / "units").exists()
+    applied.undo()  # e.g. systemd refused what came next
+    assert snapshot(tmp_path) == before

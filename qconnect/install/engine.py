@@ -22,6 +22,9 @@ from pathlib import Path
 from qconnect.errors import QconnectError
 from qconnect.install.tree import Tree, TreeError
 
+#: Said after every failure of a plan: the undo has run.
+_UNDONE = "; nothing was changed"
+
 
 @dataclass(frozen=True)
 class Write:
@@ -90,6 +93,9 @@ def _snapshot(tree: Tree, path: Path) -> _Before:
 
 def _restore(tree: Tree, before: _Before) -> None:
     with contextlib.suppress(OSError, QconnectError):
+        if before.link is not None or before.data is not None:
+            # A directory pruned after the steps comes back with what was in it.
+            tree.make_dirs(before.path.parent)
         if before.link is not None:
             tree.symlink(before.path, before.link)
         elif before.data is not None:
@@ -118,15 +124,13 @@ class Applied:
         self._before, self._created = [], []
 
 
-def apply(
-    tree: Tree, plan: Plan, error: type[QconnectError], *, undo_note: str = "; nothing was changed"
-) -> Applied:
+def apply(tree: Tree, plan: Plan, error: type[QconnectError]) -> Applied:
     """Carry out ``plan``'s steps in ``tree`` all or nothing.
 
     Error handling: the first failing step raises ``error`` (a TreeError
     stays a TreeError: the tree itself is hostile or broken), its message
-    ending in ``undo_note``, after every earlier step and every directory
-    created has been undone.
+    ending in "; nothing was changed", after every earlier step and every
+    directory created has been undone.
     """
     applied = Applied(tree)
     try:
@@ -134,10 +138,10 @@ def apply(
             _apply_step(tree, step, applied)
     except TreeError as failure:
         applied.undo()
-        raise TreeError(f"{failure}{undo_note}") from None
+        raise TreeError(f"{failure}{_UNDONE}") from None
     except QconnectError as failure:
         applied.undo()
-        raise error(f"{failure}{undo_note}") from None
+        raise error(f"{failure}{_UNDONE}") from None
     except BaseException:
         applied.undo()
         raise
