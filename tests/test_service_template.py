@@ -521,3 +521,13 @@ def test_a_manifest_from_before_layouts_is_still_uninstalled(tmp_path: Path) -> 
     manifest.write_text(json.dumps(old))
     assert [item.layout for item in uninstall(tmp_path)] == ["app-qube"]
     assert snapshot(tmp_path) == {}
+
+
+def test_a_template_install_does_not_depend_on_rc_local(tmp_path: Path) -> None:
+    """The template layout has nothing in rc.local: a link there (even out of the tree) is left."""
+    tree = template_tree(tmp_path / "tree")
+    (tree / "rw/config").mkdir(parents=True)
+    (tree / "rw/config/rc.local").symlink_to("/etc/shadow")
+    assert cli("install", "--socket", "--layout", "template", "--root", str(tree)) == 0
+    assert cli("uninstall", "--root", str(tree)) == 0
+    assert os.readlink(tree / "rw/config/rc.local") == "/etc/shadow"

@@ -423,52 +423,62 @@ def _mode_of(tree: Tree, relative: Path, default: int) -> int:
 
 
 @dataclass
-class _Planned:
-    """A plan for the engine, and the manifests it removes and writes."""
+class _Change:
+    """One install or uninstall being planned: the engine's plan and what planning learnt.
 
-    plan: engine.Plan
-    removed: list[Manifest]
-    written: Manifest | None = None
-
-
-def _plan_removal(tree: Tree, planned: _Planned) -> tuple[str | None, set[str]]:
-    """Steps removing every installation recorded under the tree.
-
-    Returns rc.local's text once the old blocks are gone (None: no file)
-    and the directories the old installations made.
+    rc.local is read only when an installation has or gets a block in it, so
+    a template (which has no rc.local of ours) never depends on that file.
     """
-    rc_local = tree.read_text(RC_LOCAL)
-    old_directories: set[str] = set()
-    for relative in (MANIFEST, TEMPLATE_MANIFEST):
-        manifest = _read_manifest(tree, relative)
-        if manifest is None:
-            continue
-        steps = planned.plan.steps
-        # The manifest first, so that its directory can go with the others.
-        steps.append(engine.Delete(tree.root / relative))
-        for link, target in manifest.links.items():
-            if tree.readlink(Path(link)) == target:  # a socket in its place is not ours
-                steps.append(engine.Delete(tree.root / link))
-        steps.extend(engine.Delete(tree.root / file) for file in manifest.files)
-        if manifest.rc_local_block and rc_local is not None:
-            # A damaged block in rc.local is refused before anything is removed.
-            rc_local = remove_block(rc_local)
-            if manifest.rc_local_created and rc_local.strip() in ("", SHEBANG.strip()):
-                rc_local = None
-        old_directories.update(manifest.directories)
-        planned.removed.append(manifest)
-    return rc_local, old_directories
 
+    tree: Tree
+    plan: engine.Plan = field(default_factory=engine.Plan)
+    removed: list[Manifest] = field(default_factory=list)  #: the installations going
+    old_directories: set[str] = field(default_factory=set)  #: the directories they made
+    _rc_local: list[str | None] = field(default_factory=list)  #: [before, after], once read
 
-def _plan_rc_local(tree: Tree, before: str | None, after: str | None, plan: engine.Plan) -> None:
-    if after == before:
-        return
-    path = tree.root / RC_LOCAL
-    if after is None:
-        plan.steps.append(engine.Delete(path))
-    else:
-        mode = _mode_of(tree, RC_LOCAL, RC_LOCAL_MODE)
-        plan.steps.append(engine.Write(path, after.encode(), mode, "rc.local"))
+    def rc_local(self) -> str | None:
+        """rc.local as this change leaves it so far (None: no such file)."""
+        if not self._rc_local:
+            text = self.tree.read_text(RC_LOCAL)
+            self._rc_local = [text, text]
+        return self._rc_local[1]
+
+    def set_rc_local(self, text: str | None) -> None:
+        self.rc_local()
+        self._rc_local[1] = text
+
+    def plan_rc_local(self) -> None:
+        """The step that leaves rc.local as :meth:`set_rc_local` said, if it changed."""
+        if not self._rc_local or self._rc_local[0] == self._rc_local[1]:
+            return
+        path, text = self.tree.root / RC_LOCAL, self._rc_local[1]
+        if text is None:
+            self.plan.steps.append(engine.Delete(path))
+        else:
+            mode = _mode_of(self.tree, RC_LOCAL, RC_LOCAL_MODE)
+            self.plan.steps.append(engine.Write(path, text.encode(), mode, "rc.local"))
+
+    def remove_installed(self) -> None:
+        """Steps removing every installation recorded under the tree."""
+        for relative in (MANIFEST, TEMPLATE_MANIFEST):
+            manifest = _read_manifest(self.tree, relative)
+            if manifest is None:
+                continue
+            steps, root = self.plan.steps, self.tree.root
+            # The manifest first, so that its directory can go with the others.
+            steps.append(engine.Delete(root / relative))
+            for link, target in manifest.links.items():
+                if self.tree.readlink(Path(link)) == target:  # a socket there is not ours
+                    steps.append(engine.Delete(root / link))
+            steps.extend(engine.Delete(root / file) for file in manifest.files)
+            text = self.rc_local() if manifest.rc_local_block else None
+            if text is not None:
+                # A damaged block in rc.local is refused before anything is removed.
+                text = remove_block(text)
+                gone = manifest.rc_local_created and text.strip() in ("", SHEBANG.strip())
+                self.set_rc_local(None if gone else text)
+            self.old_directories.update(manifest.directories)
+            self.removed.append(manifest)
 
 
 def _prune(tree: Tree, directories: set[str], kept: list[str], plan: engine.Plan) -> None:
@@ -529,10 +539,9 @@ def install(
         for name, text in render_units(command, root_option, python, socket, layout).items():
             texts[unit_dir / name] = text
     with tree.locked():
-        planned = _Planned(engine.Plan(), [])
-        old_rc_local = tree.read_text(RC_LOCAL)
-        rc_local, old_directories = _plan_removal(tree, planned)
-        going = {step.path for step in planned.plan.steps}
+        change = _Change(tree)
+        change.remove_installed()
+        going = {step.path for step in change.plan.steps}
         manifest = Manifest(form=form, layout=layout.value)
         files, links = _files(layout, form), _links(layout, form)
         for relative in files:
@@ -540,35 +549,38 @@ def install(
             if path not in going and tree.exists(relative) and not _is_ours(tree, relative):
                 raise ServiceError(f"refusing to replace {path}: not installed by qconnect")
             mode = 0o755 if relative in (RPC_DIR / SERVICE, TEMPLATE_EXEC) else 0o644
-            planned.plan.drop(path)
-            planned.plan.steps.append(engine.Write(path, texts[relative].encode(), mode, ""))
+            change.plan.drop(path)
+            change.plan.steps.append(engine.Write(path, texts[relative].encode(), mode, ""))
             manifest.files.append(str(relative))
         for relative, target in links.items():
             path = root / relative
             current = tree.readlink(relative)
             if path not in going and tree.exists(relative) and current != target:
                 raise ServiceError(f"refusing to replace {path}: not installed by qconnect")
-            planned.plan.drop(path)
-            planned.plan.steps.append(engine.Link(path, target))
+            change.plan.drop(path)
+            change.plan.steps.append(engine.Link(path, target))
             manifest.links[str(relative)] = target
         # The order main's installer made them in, so that the manifest's
         # directories come out in the same order.
         touched = [*files[:3], *list(links)[:1], *files[3:], *list(links)[1:]]
         if form == "socket" and layout is Layout.APP_QUBE:
+            rc_local = change.rc_local()
             manifest.rc_local_created = rc_local is None
             manifest.rc_local_block = True
-            rc_local = SHEBANG + RC_LOCAL_BLOCK if rc_local is None else add_block(rc_local)
+            change.set_rc_local(
+                SHEBANG + RC_LOCAL_BLOCK if rc_local is None else add_block(rc_local)
+            )
             touched.append(RC_LOCAL)
-        _plan_rc_local(tree, old_rc_local, rc_local, planned.plan)
+        change.plan_rc_local()
         manifest_path = MANIFEST if layout is Layout.APP_QUBE else TEMPLATE_MANIFEST
         touched.append(manifest_path)
-        _record_directories(tree, touched, old_directories, manifest)
-        _prune(tree, old_directories, manifest.directories, planned.plan)
-        planned.plan.drop(root / manifest_path)
+        _record_directories(tree, touched, change.old_directories, manifest)
+        _prune(tree, change.old_directories, manifest.directories, change.plan)
+        change.plan.drop(root / manifest_path)
         data = (json.dumps(manifest.__dict__, indent=2) + "\n").encode()
         mode = _mode_of(tree, manifest_path, 0o644)
-        planned.plan.steps.append(engine.Write(root / manifest_path, data, mode, "manifest"))
-        engine.apply(tree, planned.plan, ServiceError)
+        change.plan.steps.append(engine.Write(root / manifest_path, data, mode, "manifest"))
+        engine.apply(tree, change.plan, ServiceError)
     return manifest
 
 
@@ -588,13 +600,12 @@ def uninstall(root: Path) -> list[Manifest]:
     """
     tree = Tree(root)
     with tree.locked():
-        planned = _Planned(engine.Plan(), [])
-        old_rc_local = tree.read_text(RC_LOCAL)
-        rc_local, old_directories = _plan_removal(tree, planned)
-        _plan_rc_local(tree, old_rc_local, rc_local, planned.plan)
-        _prune(tree, old_directories, [], planned.plan)
-        engine.apply(tree, planned.plan, ServiceError)
-    return planned.removed
+        change = _Change(tree)
+        change.remove_installed()
+        change.plan_rc_local()
+        _prune(tree, change.old_directories, [], change.plan)
+        engine.apply(tree, change.plan, ServiceError)
+    return change.removed
 
 
 def install_into_rpc_dir(
