@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.atomic import locked, remove_file, symlink_atomic, write_atomic
+from qconnect.atomic import locked, remove_file, write_atomic
 from qconnect.errors import FileWriteError
 
 
@@ -83,18 +83,3 @@ def test_locking_the_directory_itself_leaves_no_file(tmp_path: Path) -> None:
         assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileWriteError, match="cannot lock"), locked(tmp_path / "absent"):
         pass
-
-
-def test_symlink_replaces_a_file_in_one_step_and_a_failure_keeps_the_old_entry(
-    tmp_path: Path,
-) -> None:
-    link = tmp_path / "link"
-    link.write_text("old")
-    symlink_atomic(link, "target")
-    assert os.readlink(link) == "target"
-    symlink_atomic(link, "other")
-    assert os.readlink(link) == "other"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["link"]
-    with pytest.raises(FileWriteError, match="cannot link"):
-        symlink_atomic(tmp_path / "absent" / "link", "target")
-    assert os.readlink(link) == "other"

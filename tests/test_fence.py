@@ -1,21 +1,11 @@
 """The shared fence: our block is found by its markers, and no byte outside it ever changes."""
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import QconnectError, ServiceError
+from qconnect.errors import QconnectError
 from qconnect.fence import DOM0_LINE_ENDS, SHELL_LINE_ENDS, FenceError, Markers
-from qconnect.service.install import (
-    BLOCK_BEGIN,
-    RC_LOCAL,
-    add_block,
-    install,
-    remove_block,
-    uninstall,
-)
 
 # The markers hold "@", which the generated user text never does: it cannot contain them.
 SHELL = Markers("# @begin", "# @end")
@@ -135,46 +125,3 @@ def test_a_flag_after_the_begin_marker_is_read_only_when_flagged() -> None:
     assert FLAGGED.split("# @begin\n# @end\n").flag == ""
     with pytest.raises(FenceError):  # unflagged, that line is the user's: an END alone
         SHELL.split(text)
-
-
-# -- what the callers gained -------------------------------------------------------
-
-
-def test_service_block_goes_before_a_final_exit_so_that_it_runs() -> None:
-    user = "#!/bin/sh\necho mine\nexit 0\n"
-    edited = add_block(user)
-    assert edited.startswith("#!/bin/sh\necho mine\n" + BLOCK_BEGIN)
-    assert edited.endswith("# END qconnect service\nexit 0\n")
-    assert add_block(edited) == edited and remove_block(edited) == user
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            f"{BLOCK_BEGIN}\nx\n",
-            f"rc.local has '{BLOCK_BEGIN}' without its end line; edit it by hand",
-        ),
-        (
-            "# END qconnect service\n",
-            f"rc.local has a damaged qconnect block (0 '{BLOCK_BEGIN}' and 1 "
-            "'# END qconnect service' lines); edit it by hand",
-        ),
-    ],
-)
-def test_service_refuses_a_damaged_block(text: str, message: str) -> None:
-    with pytest.raises(ServiceError) as raised:
-        add_block(text)
-    assert str(raised.value) == message
-
-
-def test_service_uninstall_refuses_a_damaged_block_before_removing_anything(
-    tmp_path: Path,
-) -> None:
-    install(tmp_path, "socket")
-    rc_local = tmp_path / RC_LOCAL
-    rc_local.write_text(rc_local.read_text() + "# END qconnect service\n")
-    before = sorted(str(path) for path in tmp_path.rglob("*"))
-    with pytest.raises(ServiceError, match="damaged qconnect block"):
-        uninstall(tmp_path)
-    assert sorted(str(path) for path in tmp_path.rglob("*")) == before

@@ -1,4 +1,5 @@
-"""Hostile file systems under the file writers (``qconnect policy``, ``qconnect persist``):
+"""Hostile file systems under the file writers (``qconnect policy``, and the one install
+engine under ``qconnect persist`` and ``qconnect service install``):
 a symlink planted where the file will be written, a read-only directory, a full
 disk, two writers at once. Expected every time: the old content intact, one
 clear line on stderr and a non-zero exit (or, for two writers, both edits
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.persist_tree import make_qube_tree, persist_env
+from tests.persist_tree import make_qube_tree, persist_env, snapshot
 
 POLICY_FILE = "30-qconnect.policy"
 OLD_POLICY = "# the user's own rule, kept byte for byte\nqubes.ConnectTCP +22 work vault deny\n"
@@ -48,6 +49,17 @@ def persist_add(root: Path, spec: str = "8080:web:80") -> "subprocess.CompletedP
         "persist", "add", spec, "--root", str(root), "--user", "--relay", "handoff",
         env=persist_env(),
     )  # fmt: skip
+
+
+def service_install(root: Path) -> "subprocess.CompletedProcess[str]":
+    return qconnect("service", "install", "--socket", "--layout", "app-qube", "--root", str(root))
+
+
+#: Each installer: the directory of the unit it writes, that unit, and how to run it.
+INSTALLERS = {
+    "persist": (UNITS, UNIT, persist_add),
+    "service": ("usr/local/lib/systemd/system", "qconnect-connecttcp.socket", service_install),
+}
 
 
 def assert_one_line_error(result: "subprocess.CompletedProcess[str]") -> None:
@@ -148,36 +160,50 @@ def test_two_policy_writers_at_once_both_land(tmp_path: Path) -> None:
     assert leftovers(policy_dir, {POLICY_FILE}) == []
 
 
-# -- persist ----------------------------------------------------------------------------
+# -- the installers (one engine) ---------------------------------------------------------
 
 
-def test_persist_refuses_to_write_through_a_planted_symlink(tmp_path: Path) -> None:
-    root = make_qube_tree(tmp_path / "qube")
-    units, victim = root / UNITS, tmp_path / "victim"
-    units.mkdir(parents=True)
-    victim.write_text("[Unit]\nDescription=the user's own\n")
-    (units / UNIT).symlink_to(victim)
-    assert_one_line_error(persist_add(root))
-    assert victim.read_text() == "[Unit]\nDescription=the user's own\n"
-    assert (units / UNIT).is_symlink()
-
-
-def test_persist_in_a_read_only_directory_fails_cleanly_and_writes_nothing(
-    tmp_path: Path,
+@pytest.mark.parametrize("installer", sorted(INSTALLERS))
+def test_an_installer_refuses_to_write_through_a_planted_symlink(
+    tmp_path: Path, installer: str
 ) -> None:
+    units_dir, unit, install = INSTALLERS[installer]
     root = make_qube_tree(tmp_path / "qube")
-    with tmpfs(root / UNITS, "size=1m") as units:
+    units, victim = root / units_dir, tmp_path / "victim"
+    units.mkdir(parents=True, exist_ok=True)
+    victim.write_text("[Unit]\nDescription=the user's own\n")
+    (units / unit).symlink_to(victim)
+    assert_one_line_error(install(root))
+    assert victim.read_text() == "[Unit]\nDescription=the user's own\n"
+    assert (units / unit).is_symlink()
+
+
+@pytest.mark.parametrize("installer", sorted(INSTALLERS))
+def test_an_installer_in_a_read_only_directory_fails_cleanly_and_writes_nothing(
+    tmp_path: Path, installer: str
+) -> None:
+    units_dir, _unit, install = INSTALLERS[installer]
+    root = make_qube_tree(tmp_path / "qube")
+    with tmpfs(root / units_dir, "size=1m") as units:
         remount_read_only(units)
-        assert_one_line_error(persist_add(root))
+        before = snapshot(root)
+        assert_one_line_error(install(root))
         assert os.listdir(units) == []
+        assert snapshot(root) == before
 
 
-def test_persist_on_a_full_disk_leaves_nothing_half_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("installer", sorted(INSTALLERS))
+def test_an_installer_on_a_full_disk_leaves_nothing_half_written(
+    tmp_path: Path, installer: str
+) -> None:
+    units_dir, _unit, install = INSTALLERS[installer]
     root = make_qube_tree(tmp_path / "qube")
-    with tmpfs(root / UNITS, "size=64k") as units:
+    with tmpfs(root / units_dir, "size=64k") as units:
         fill(units)
-        assert_one_line_error(persist_add(root))
+        before = snapshot(root)
+        assert_one_line_error(install(root))
         assert leftovers(units, {"filler"}) == []
+        assert snapshot(root) == before
 
 
 def test_two_persist_writers_at_once_both_land_or_one_says_why(tmp_path: Path) -> None:

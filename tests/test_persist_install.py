@@ -6,11 +6,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from qconnect.units import rclocal
+from qconnect.install import rclocal
+from qconnect.install.tree import Tree, TreeError
+from qconnect.spec import parse_spec
+from qconnect.units.cli import install_and_start
+from qconnect.units.install import AddRequest, Persistence, UnitPaths
+from qconnect.units.render import Binding, Mode, Scope, load_templates
 from tests.persist_tree import (
     RC_LOCAL_OF_THE_USER,
     fake_executable,
@@ -44,8 +49,11 @@ def add(tree: Path, spec: str, *args: str) -> subprocess.CompletedProcess[str]:
     return run_persist("add", spec, "--root", str(tree), *args)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], *words: str, code: int = 2
+) -> None:
+    """One line naming ``words``; 2 for a request refused, 1 for a tree it could not change."""
+    assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     for word in words:
@@ -200,16 +208,48 @@ def test_a_missing_root_is_a_clear_error(tmp_path: Path) -> None:
     assert_one_line_error(result, "invalid --root")
 
 
-def test_a_failure_half_way_undoes_every_earlier_step(tree: Path, qrexec_client_vm: str) -> None:
-    # rc.local is read through the link but never written through it, so the
-    # last step of the plan fails after the unit files were written.
+def test_a_symlinked_rc_local_is_neither_read_nor_written(
+    tree: Path, qrexec_client_vm: str
+) -> None:
     (tree / "rw/config/rc.local").rename(tree / "rw/config/rc.local.real")
     (tree / "rw/config/rc.local").symlink_to("rc.local.real")
     before = snapshot(tree)
     result = add(
         tree, "444::444", "--persistence", "rw-only", "--qrexec-client-vm", qrexec_client_vm
     )
-    assert_one_line_error(result, "rc.local", "symbolic link", "nothing was changed")
+    assert_one_line_error(result, "rc.local", "symbolic link", code=1)
+    assert snapshot(tree) == before
+
+
+@pytest.mark.parametrize("failing", ["rc.local", "qconnect-bind-", "sockets.target.wants"])
+def test_a_failure_half_way_undoes_every_earlier_step(
+    tree: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever step fails, every file and directory the earlier steps made is taken back."""
+    (tree / "rw/config/rc.local").write_text(
+        "#!/bin/sh\n" + "".join(rclocal.render_block(["qconnect-bind-old.socket"]))
+    )
+    before = snapshot(tree)
+    real_write, real_symlink = Tree.write, Tree.symlink
+
+    def write(self: Tree, path: Path, data: bytes, mode: int) -> None:
+        if failing in str(path) and (tree / "usr/local/lib/systemd").exists():
+            raise TreeError(f"cannot write {path}: injected failure")
+        real_write(self, path, data, mode)
+
+    def symlink(self: Tree, path: Path, target: str) -> None:
+        if failing in str(path):
+            raise TreeError(f"cannot link {path}: injected failure")
+        real_symlink(self, path, target)
+
+    monkeypatch.setattr(Tree, "write", write)
+    monkeypatch.setattr(Tree, "symlink", symlink)
+    binding = Binding(parse_spec("444::444"), Scope.SYSTEM, Mode.PER_CONNECTION)
+    layout = UnitPaths(root=tree, config_home=PurePosixPath("/home/user/.config"))
+    request = AddRequest(binding, Persistence.FULL if "wants" in failing else Persistence.RW_ONLY,
+                         None)  # fmt: skip
+    with pytest.raises(TreeError, match="injected failure; nothing was changed"):
+        install_and_start(layout, request, load_templates(), lambda _layout, _scope: None)
     assert snapshot(tree) == before
 
 
@@ -247,7 +287,7 @@ def test_unwritable_places_give_a_clear_error_and_no_half_written_binding(
     before = snapshot(tree)
     whole = run_as_nobody("add", "8080:web:80", "--root", str(tree), "--relay", "handoff",
                           "--qrexec-client-vm", str(tool))  # fmt: skip
-    assert_one_line_error(whole, "Permission denied", "nothing was changed")
+    assert_one_line_error(whole, "Permission denied", "nothing was changed", code=1)
     assert snapshot(tree) == before
 
     # Units may be written, rc.local may not: the units written first are taken back.
@@ -255,7 +295,7 @@ def test_unwritable_places_give_a_clear_error_and_no_half_written_binding(
     before = snapshot(tree)
     half = run_as_nobody("add", "444::444", "--root", str(tree), "--persistence", "rw-only",
                          "--relay", "handoff", "--qrexec-client-vm", str(tool))  # fmt: skip
-    assert_one_line_error(half, "rc.local", "Permission denied", "nothing was changed")
+    assert_one_line_error(half, "rc.local", "Permission denied", "nothing was changed", code=1)
     assert snapshot(tree) == before
 
 
@@ -327,3 +367,23 @@ def test_concurrent_adds_each_keep_their_line_in_rc_local(
     assert rclocal.units_in_block(text) == sorted(
         f"qconnect-bind-127.0.0.1-{port}-\\x40default-{port}.socket" for port in ports
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["remove", "--all"],
+        ["add", "444::444", "--persistence", "rw-only", "--relay", "handoff"],
+    ],
+)
+def test_a_hand_edited_rc_local_block_is_one_line_naming_the_file_and_line(
+    tree: Path, command: list[str]
+) -> None:
+    rc_local = tree / "rw/config/rc.local"
+    block = "".join(rclocal.render_block(["qconnect-bind-a.socket"]))
+    rc_local.write_text("#!/bin/sh\n" + block.replace(" qconnect-bind-a.socket", " 'x \x1b[2J"))
+    before = snapshot(tree)
+    result = run_persist(*command, "--root", str(tree))
+    assert_one_line_error(result, f"{rc_local}:8: cannot read qconnect's line", "\\x1b[2J")
+    assert snapshot(tree) == before

@@ -13,11 +13,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from qconnect.errors import PersistError
+from qconnect.install.systemctl import Systemd
 from qconnect.spec import parse_spec
 from qconnect.units.cli import install_and_start, remove_and_stop
-from qconnect.units.install import AddRequest, Layout, Persistence
+from qconnect.units.install import AddRequest, Persistence, UnitPaths
 from qconnect.units.render import Binding, Mode, Scope, load_templates
-from qconnect.units.systemctl import Systemd
 from tests.persist_tree import make_qube_tree, run_persist, snapshot
 
 SOCKET = "qconnect-bind-127.0.0.1-8080-web-80.socket"
@@ -46,8 +46,8 @@ def calls(directory: Path) -> list[str]:
     return (directory / "calls.log").read_text().splitlines()
 
 
-def layout_of(tree: Path) -> Layout:
-    return Layout(root=tree, config_home=PurePosixPath("/home/user/.config"))
+def layout_of(tree: Path) -> UnitPaths:
+    return UnitPaths(root=tree, config_home=PurePosixPath("/home/user/.config"))
 
 
 def request(spec: str, mode: Mode = Mode.PER_CONNECTION) -> AddRequest:

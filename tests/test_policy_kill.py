@@ -17,9 +17,9 @@ from qconnect.policy.system_info import SystemInfo
 CHILD = """
 import os, signal, sys
 real_rename = os.rename
-def rename_after_stop(source, destination):
+def rename_after_stop(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGSTOP)
-    real_rename(source, destination)
+    real_rename(*args, **kwargs)
 os.rename = rename_after_stop
 from qconnect.cli import main
 sys.exit(main(sys.argv[1:]))

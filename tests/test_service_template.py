@@ -191,26 +191,29 @@ def test_switching_layout_leaves_one_set_of_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "make"),
+    ("layout", "path", "make"),
     [
-        (TEMPLATE_EXEC, "file"),
-        (TMPFILES, "file"),
-        (WANTS_LINK, "link"),
-        (RUN_SERVICE, "link"),
-        (RUN_RPC_CONFIG, "file"),
+        ("app-qube", Path("usr/local/etc/qubes-rpc/qubes.ConnectTCP"), "file"),
+        ("app-qube", Path("usr/local/etc/qubes/rpc-config/qubes.ConnectTCP"), "file"),
+        ("app-qube", Path("usr/local/lib/systemd/system/qconnect-connecttcp.socket"), "link"),
+        ("template", TEMPLATE_EXEC, "file"),
+        ("template", TMPFILES, "file"),
+        ("template", WANTS_LINK, "link"),
+        ("template", RUN_SERVICE, "link"),
+        ("template", RUN_RPC_CONFIG, "file"),
     ],
 )
 def test_install_refuses_to_replace_what_it_did_not_write(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], path: Path, make: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str, path: Path, make: str
 ) -> None:
     tree = template_tree(tmp_path / "tree")
     (tree / path).parent.mkdir(parents=True, exist_ok=True)
     if make == "file":
-        (tree / path).write_text("the admin's own\n")
+        (tree / path).write_text("#!/bin/sh\nexec the-admins-own\n")
     else:
         (tree / path).symlink_to("/somewhere/else")
     before = snapshot(tree)
-    assert cli("install", "--socket", "--layout", "template", "--root", str(tree)) == 2
+    assert cli("install", "--socket", "--layout", layout, "--root", str(tree)) == 2
     assert capsys.readouterr().err == (
         f"qconnect: error: refusing to replace {tree / path}: not installed by qconnect\n"
     )
@@ -518,3 +521,13 @@ def test_a_manifest_from_before_layouts_is_still_uninstalled(tmp_path: Path) -> 
     manifest.write_text(json.dumps(old))
     assert [item.layout for item in uninstall(tmp_path)] == ["app-qube"]
     assert snapshot(tmp_path) == {}
+
+
+def test_a_template_install_does_not_depend_on_rc_local(tmp_path: Path) -> None:
+    """The template layout has nothing in rc.local: a link there (even out of the tree) is left."""
+    tree = template_tree(tmp_path / "tree")
+    (tree / "rw/config").mkdir(parents=True)
+    (tree / "rw/config/rc.local").symlink_to("/etc/shadow")
+    assert cli("install", "--socket", "--layout", "template", "--root", str(tree)) == 0
+    assert cli("uninstall", "--root", str(tree)) == 0
+    assert os.readlink(tree / "rw/config/rc.local") == "/etc/shadow"

@@ -21,11 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Serve qubes.ConnectTCP calls as a socket service: one process for every "
         "call. Uses the socket systemd passes (LISTEN_FDS), else binds --socket.",
     )
-    from qconnect.service import daemon
+    # The defaults only: the daemon (and trio) is imported when `run` runs.
+    from qconnect.service import defaults
 
     run.add_argument(
         "--socket",
-        default=daemon.DEFAULT_SOCKET,
+        default=defaults.DEFAULT_SOCKET,
         metavar="PATH",
         help="unix socket to listen on (default: %(default)s)",
     )
@@ -39,28 +40,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-calls",
         type=_positive_int,
-        default=daemon.DEFAULT_MAX_CALLS,
+        default=defaults.DEFAULT_MAX_CALLS,
         metavar="N",
         help="calls open at once, in total (default: %(default)s)",
     )
     run.add_argument(
         "--max-calls-per-caller",
         type=_positive_int,
-        default=daemon.DEFAULT_MAX_CALLS_PER_CALLER,
+        default=defaults.DEFAULT_MAX_CALLS_PER_CALLER,
         metavar="N",
         help="calls open at once from one qube (default: %(default)s)",
     )
     run.add_argument(
         "--descriptor-timeout",
         type=_positive_float,
-        default=daemon.DEFAULT_DESCRIPTOR_TIMEOUT,
+        default=defaults.DEFAULT_DESCRIPTOR_TIMEOUT,
         metavar="SECONDS",
         help="drop a connection that sends no descriptor in time (default: %(default)s)",
     )
     run.add_argument(
         "--connect-timeout",
         type=_positive_float,
-        default=daemon.DEFAULT_CONNECT_TIMEOUT,
+        default=defaults.DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="give up connecting to the local port (default: %(default)s)",
     )
@@ -157,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
+    from qconnect.install.systemctl import Systemd
     from qconnect.service import install
 
     if args.rpc_dir is not None and args.layout is not None:
@@ -180,7 +182,7 @@ def _install(args: argparse.Namespace) -> int:
     # A running socket holds the path the template layout's link takes,
     # and a running service keeps its old socket: stop both first.
     if live and any(manifest.form == "socket" for manifest in install.installed(args.root)):
-        install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
+        Systemd().call_or_warn("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
     manifest = install.install(args.root, args.form, layout=layout)
     for relative in manifest.files:
         print(f"installed {args.root / relative}")
@@ -189,9 +191,9 @@ def _install(args: argparse.Namespace) -> int:
     if manifest.rc_local_block:
         print(f"added the start-up block to {args.root / install.RC_LOCAL}")
     if live:
-        install.systemctl("daemon-reload")
+        Systemd().call_or_warn("daemon-reload")
         if args.form == "socket":
-            install.systemctl("start", install.SOCKET_UNIT)
+            Systemd().call_or_warn("start", install.SOCKET_UNIT)
     return 0
 
 
@@ -232,6 +234,7 @@ def _layout(option: str | None, live: bool) -> "Layout":
 
 
 def _uninstall(args: argparse.Namespace) -> int:
+    from qconnect.install.systemctl import Systemd
     from qconnect.persistence import detect_persistence
     from qconnect.service import install
 
@@ -240,7 +243,7 @@ def _uninstall(args: argparse.Namespace) -> int:
     if live and [manifest.layout for manifest in found] == [install.Layout.TEMPLATE]:
         install.refuse_if_the_template_installed(args.root, detect_persistence(), "uninstall it")
     if live and any(manifest.form == "socket" for manifest in found):
-        install.systemctl("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
+        Systemd().call_or_warn("stop", install.SOCKET_UNIT, install.SERVICE_UNIT)
     removed = install.uninstall(args.root)
     if not removed:
         print(f"no qconnect service installed under {args.root}", file=sys.stderr)
@@ -249,7 +252,7 @@ def _uninstall(args: argparse.Namespace) -> int:
         for relative in [*manifest.files, *manifest.links]:
             print(f"removed {args.root / relative}")
     if live:
-        install.systemctl("daemon-reload")
+        Systemd().call_or_warn("daemon-reload")
     return 0
 
 

@@ -15,9 +15,10 @@ from pathlib import Path, PurePosixPath
 
 from qconnect.client.qrexec_call import supports_stdin_socket
 from qconnect.errors import PersistError
+from qconnect.install.systemctl import SystemctlError, Systemd
 from qconnect.spec import BindingSpec, parse_spec
 from qconnect.units import install
-from qconnect.units.install import AddRequest, Installed, Layout, Persistence, Plan
+from qconnect.units.install import AddRequest, Installed, Persistence, Plan, UnitPaths
 from qconnect.units.render import (
     DAEMON_SERVICE,
     DEFAULT_MAX_CONNECTIONS,
@@ -32,7 +33,6 @@ from qconnect.units.render import (
     check_max_connections,
     load_templates,
 )
-from qconnect.units.systemctl import Systemd
 
 # Ports below this need root to bind, so only the system manager can listen there.
 PRIVILEGED_PORT_LIMIT = 1024
@@ -151,17 +151,17 @@ def run(args: argparse.Namespace) -> int:
 # --- common ----------------------------------------------------------------------
 
 
-def _layout(args: argparse.Namespace) -> Layout:
+def _layout(args: argparse.Namespace) -> UnitPaths:
     root = Path(args.root)
     if not root.is_dir():
         raise PersistError(f"invalid --root {args.root!r}: expected an existing directory")
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     if not os.path.isabs(config):
         raise PersistError(f"invalid XDG_CONFIG_HOME {config!r}: expected an absolute path")
-    return Layout(root=root, config_home=PurePosixPath(os.path.normpath(config)))
+    return UnitPaths(root=root, config_home=PurePosixPath(os.path.normpath(config)))
 
 
-def _live(layout: Layout, scope: Scope) -> Systemd | None:
+def _live(layout: UnitPaths, scope: Scope) -> Systemd | None:
     """The running manager of ``scope`` when it is the one that reads ``layout``."""
     if layout.root.resolve() != Path("/"):
         return None
@@ -266,11 +266,11 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-ManagerFinder = Callable[[Layout, Scope], Systemd | None]
+ManagerFinder = Callable[[UnitPaths, Scope], Systemd | None]
 
 
 def install_and_start(
-    layout: Layout, request: AddRequest, templates: Templates, find_manager: ManagerFinder
+    layout: UnitPaths, request: AddRequest, templates: Templates, find_manager: ManagerFinder
 ) -> tuple[Plan, list[str], bool]:
     """Plan, write, then tell systemd; (plan, what was done, whether systemd was told).
 
@@ -281,15 +281,15 @@ def install_and_start(
         plan = install.plan_add(layout, request, templates)
         scopes = {request.binding.scope, *(scope for scope, _unit in plan.stop_units)}
         live = {scope: find_manager(layout, scope) for scope in scopes}
-        applied = install.apply(plan)
+        applied = install.apply(layout, plan)
         try:
             _stop(plan, live)
             _reload_and_start(plan, live)
-        except PersistError as error:
+        except SystemctlError as error:
             applied.undo()
             for manager in live.values():
                 if manager is not None:
-                    with contextlib.suppress(PersistError):
+                    with contextlib.suppress(SystemctlError):
                         manager.call("daemon-reload")
             raise PersistError(f"{error}; the files were put back as they were") from None
     return plan, applied.report, live[request.binding.scope] is not None
@@ -322,7 +322,9 @@ def _reload_and_start(plan: Plan, live: dict[Scope, Systemd | None]) -> None:
         manager.call("try-restart", DAEMON_SERVICE)
 
 
-def _print_add(binding: Binding, plan: Plan, report: list[str], live: bool, layout: Layout) -> None:
+def _print_add(
+    binding: Binding, plan: Plan, report: list[str], live: bool, layout: UnitPaths
+) -> None:
     detail = f"{binding.mode}, {binding.scope} scope"
     if binding.mode is Mode.PER_CONNECTION:
         detail += f", relay {binding.relay}"
@@ -392,9 +394,9 @@ def run_show(args: argparse.Namespace) -> int:
             paths.append(layout.unit_dir(item.scope) / DAEMON_SERVICE)
         for path in paths:
             print(f"# {path}")
-            print(path.read_text(), end="\n")
+            print(layout.tree.read_text(path) or "", end="\n")
         if item.enabled_link is not None:
-            print(f"# {item.enabled_link} -> {os.readlink(item.enabled_link)}\n")
+            print(f"# {item.enabled_link} -> {layout.tree.readlink(item.enabled_link)}\n")
         if item.at_boot_by_rc_local:
             print(f"# {layout.rc_local} starts {item.socket_unit} at boot")
     return 0
@@ -416,7 +418,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def remove_and_stop(
-    layout: Layout,
+    layout: UnitPaths,
     spec_text: str | None,
     every: bool,
     scope: str | None,
@@ -433,7 +435,13 @@ def remove_and_stop(
             return [], [], False
         plan = install.plan_remove(layout, chosen)
         live = {item.scope: find_manager(layout, item.scope) for item in chosen}
-        _stop(plan, live)
-        applied = install.apply(plan)
-        _reload_and_start(plan, live)
+        try:
+            _stop(plan, live)
+        except SystemctlError as error:
+            raise PersistError(str(error)) from None
+        applied = install.apply(layout, plan)
+        try:
+            _reload_and_start(plan, live)
+        except SystemctlError as error:
+            raise PersistError(str(error)) from None
     return chosen, applied.report, any(live.values())

@@ -1,29 +1,29 @@
-"""Install and remove permanent bindings in a file tree (``/`` or a ``--root``).
+"""What ``persist`` installs: permanent bindings as units in a file tree (``/`` or ``--root``).
 
-Every change is planned first (pure decisions over what is on disk), then
-applied as one transaction: files written atomically, and on any failure
-every step already taken is undone, so a failed command leaves the tree as
-it found it. A file is only ever overwritten or deleted when its first line
-says this tool generated it.
+A description for the one install engine (:mod:`qconnect.install`): this
+module reads what is installed and plans every change (pure decisions over
+what is on disk); :func:`apply` carries the plan out all or nothing, undone
+from snapshots, confined to the tree. A file is only ever overwritten or
+deleted when its header says this tool generated it.
 
-Resource handling: the per-scope unit directory is locked (``flock`` on the
-directory itself, which leaves no lock file behind) for the whole
-read-plan-apply sequence, so two commands never interleave their edits.
+Resource handling: the tree's root is locked (``flock`` on the directory
+itself, which leaves no lock file behind) for the whole read-plan-apply
+sequence, so two commands never interleave their edits.
 """
 
 import contextlib
-import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from qconnect.atomic import locked, remove_file, symlink_atomic, write_atomic
-from qconnect.errors import FileWriteError, PersistError, QconnectError
+from qconnect.errors import FileWriteError, PersistError
+from qconnect.install import engine, rclocal
+from qconnect.install.engine import Applied, Delete, Link, Step, Write
+from qconnect.install.tree import Tree
 from qconnect.persistence import Persistence as Persistence  # re-exported for persist's CLI
 from qconnect.persistence import detect_persistence as detect_persistence  # likewise
 from qconnect.spec import BindingSpec
-from qconnect.units import rclocal
 from qconnect.units.render import (
     DAEMON_SERVICE,
     UNIT_PREFIX,
@@ -47,12 +47,16 @@ _MAX_UNIT_FILE_SIZE = 64 * 1024
 
 _SYSTEM_UNIT_DIR = PurePosixPath("/usr/local/lib/systemd/system")
 _SYSTEM_WANTS_DIR = PurePosixPath("/etc/systemd/system/sockets.target.wants")
-_RC_LOCAL = PurePosixPath("/rw/config/rc.local")
+_RC_LOCAL = PurePosixPath("/") / rclocal.RC_LOCAL
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where each file goes: paths as the qube sees them, and on disk under ``root``."""
+class UnitPaths:
+    """Where persist's files go: paths as the qube sees them, and on disk under ``root``.
+
+    (Not to be confused with ``service install``'s ``Layout``, which names a
+    kind of qube; this one only maps the binding units' paths into the tree.)
+    """
 
     root: Path
     config_home: PurePosixPath  #: $XDG_CONFIG_HOME or ~/.config, as the qube sees it
@@ -64,6 +68,11 @@ class Layout:
         if scope is Scope.USER:
             return self.unit_dir_seen(scope) / "sockets.target.wants"
         return _SYSTEM_WANTS_DIR
+
+    @property
+    def tree(self) -> Tree:
+        """The tree every read and change goes through: nothing outside ``root``."""
+        return Tree(self.root)
 
     def on_disk(self, path: PurePosixPath) -> Path:
         return self.root / path.relative_to("/")
@@ -107,56 +116,48 @@ class Installed:
 # --- reading what is there ---------------------------------------------------
 
 
-def _read_ours(path: Path) -> tuple[str | None, GeneratedInfo | None]:
+def _read_ours(layout: UnitPaths, path: Path) -> tuple[str | None, GeneratedInfo | None]:
     """(text, header) of ``path``: (None, None) if absent, (text, None) if not ours."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+    info = layout.tree.lstat(path)
+    if info is None:
         return None, None
-    except OSError as error:
-        raise PersistError(f"cannot read {path}: {error.strerror}") from None
     if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_UNIT_FILE_SIZE:
         return "", None
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as error:
-        raise PersistError(f"cannot read {path}: {error.strerror}") from None
+    data = layout.tree.read_bytes(path, _MAX_UNIT_FILE_SIZE)
+    if data is None:
+        return None, None
+    text = data.decode(errors="replace")
     return text, parse_generated(text)
 
 
-def _read_rc_local(layout: Layout) -> str | None:
-    try:
-        return layout.rc_local.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise PersistError(f"cannot read {layout.rc_local}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise PersistError(f"cannot read {layout.rc_local}: it is not UTF-8 text") from None
+def _read_rc_local(layout: UnitPaths) -> str | None:
+    return layout.tree.read_text(layout.rc_local)
 
 
-def find_installed(layout: Layout) -> list[Installed]:
+def rc_local_units(layout: UnitPaths) -> list[str]:
+    """The socket units persist's rc.local block starts (PersistError if it is unreadable)."""
+    return rclocal.units_in_block(_read_rc_local(layout), str(layout.rc_local))
+
+
+def find_installed(layout: UnitPaths) -> list[Installed]:
     """Every binding this tool installed under ``layout``, both scopes, sorted."""
-    rc_units = set(rclocal.units_in_block(_read_rc_local(layout)))
+    rc_units = set(rc_local_units(layout))
     found: list[Installed] = []
     for scope in Scope:
         unit_dir = layout.unit_dir(scope)
-        try:
-            names = sorted(os.listdir(unit_dir))
-        except FileNotFoundError:
+        listed = layout.tree.listdir(unit_dir)
+        if listed is None:
             continue
-        except OSError as error:
-            raise PersistError(f"cannot list {unit_dir}: {error.strerror}") from None
-        for name in names:
+        for name in sorted(listed):
             if not (name.startswith(UNIT_PREFIX) and name.endswith(".socket")):
                 continue
-            _text, info = _read_ours(unit_dir / name)
+            _text, info = _read_ours(layout, unit_dir / name)
             spec = spec_from_unit_name(name)
             if info is None or spec is None or info.spec != spec or info.scope is not scope:
                 continue
             files = [unit_dir / name]
             template = unit_dir / name.replace(".socket", "@.service")
-            if info.mode is Mode.PER_CONNECTION and _read_ours(template)[1] is not None:
+            if info.mode is Mode.PER_CONNECTION and _read_ours(layout, template)[1] is not None:
                 files.append(template)
             link = layout.wants_dir(scope) / name
             found.append(
@@ -173,184 +174,46 @@ def find_installed(layout: Layout) -> list[Installed]:
     return sorted(found, key=lambda item: (item.scope, item.spec))
 
 
-def _link_target(layout: Layout, scope: Scope, name: str) -> str:
+def _link_target(layout: UnitPaths, scope: Scope, name: str) -> str:
     """What ``systemctl enable`` would make the wants link point at."""
     return str(layout.unit_dir_seen(scope) / name)
 
 
-def _is_our_link(layout: Layout, scope: Scope, link: Path) -> bool:
-    try:
-        return os.readlink(link) == _link_target(layout, scope, link.name)
-    except OSError:
-        return False
+def _is_our_link(layout: UnitPaths, scope: Scope, link: Path) -> bool:
+    return layout.tree.readlink(link) == _link_target(layout, scope, link.name)
 
 
 # --- the transaction ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Write:
-    path: Path
-    data: bytes
-    mode: int
-    what: str  #: said to the user: "wrote PATH (WHAT)"
-
-
-@dataclass(frozen=True)
-class Link:
-    path: Path
-    target: str
-
-
-@dataclass(frozen=True)
-class Delete:
-    path: Path
-
-
-Step = Write | Link | Delete
-
-
 @dataclass
-class Plan:
-    """The file changes one command makes, and what to tell systemd afterwards."""
+class Plan(engine.Plan):
+    """The engine's plan, and what to tell systemd once the files are in place."""
 
-    steps: list[Step] = field(default_factory=list)
     start_units: list[tuple[Scope, str]] = field(default_factory=list)
     stop_units: list[tuple[Scope, str]] = field(default_factory=list)
     restart_daemon: set[Scope] = field(default_factory=set)
     stop_daemon: set[Scope] = field(default_factory=set)
-    prune: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def changes_files(self) -> bool:
-        return bool(self.steps)
 
 
-@dataclass(frozen=True)
-class _Before:
-    """A path's state before a step, to put it back on rollback."""
+def apply(layout: UnitPaths, plan: Plan) -> Applied:
+    """Carry out ``plan``'s file steps in ``layout``'s tree, all or nothing.
 
-    path: Path
-    data: bytes | None = None
-    mode: int = 0
-    link: str | None = None
-
-
-def _snapshot(path: Path) -> _Before:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return _Before(path)
-    if stat.S_ISLNK(info.st_mode):
-        return _Before(path, link=os.readlink(path))
-    return _Before(path, data=path.read_bytes(), mode=stat.S_IMODE(info.st_mode))
-
-
-def _restore(before: _Before) -> None:
-    with contextlib.suppress(OSError, QconnectError):
-        if before.link is not None:
-            symlink_atomic(before.path, before.link)
-        elif before.data is not None:
-            if before.path.is_symlink():
-                os.unlink(before.path)
-            write_atomic(before.path, before.data, mode=before.mode)
-            os.chmod(before.path, before.mode)
-        else:
-            remove_file(before.path)
-
-
-def _make_dirs(directory: Path, created: list[Path]) -> None:
-    missing: list[Path] = []
-    probe = directory
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o755)
-        except OSError as error:
-            raise PersistError(
-                f"cannot create directory {path}: {error.strerror}; nothing was changed"
-            ) from None
-        created.append(path)
-
-
-@dataclass
-class Applied:
-    """A plan carried out: what was done (for the user) and how to undo it."""
-
-    report: list[str]
-    _before: list[_Before]
-    _created: list[Path]
-
-    def undo(self) -> None:
-        """Put every changed path back and remove the directories created (best effort)."""
-        for before in reversed(self._before):
-            _restore(before)
-        for directory in reversed(self._created):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        self._before, self._created = [], []
-
-
-def apply(plan: Plan) -> Applied:
-    """Carry out ``plan``'s file steps all or nothing.
-
-    Error handling: the first failing step raises PersistError after every
-    earlier step (and every directory created) has been undone. The returned
-    :class:`Applied` can undo the whole plan later, e.g. when systemd then
-    refuses to start the socket.
+    Error handling: the first failing step raises PersistError (TreeError
+    when the tree refuses a path) after every earlier step, and every
+    directory created, has been undone. The returned :class:`Applied` can
+    undo the whole plan later, e.g. when systemd then refuses to start the
+    socket.
     """
-    applied = Applied([], [], [])
-    try:
-        for step in plan.steps:
-            _apply_step(step, applied)
-    except BaseException:
-        applied.undo()
-        raise
-    for directory in plan.prune:
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
-    return applied
-
-
-def _apply_step(step: Step, applied: Applied) -> None:
-    if not isinstance(step, Delete):
-        _make_dirs(step.path.parent, applied._created)
-    try:
-        applied._before.append(_snapshot(step.path))
-    except OSError as error:
-        raise PersistError(f"cannot read {step.path}: {error.strerror}") from None
-    try:
-        if isinstance(step, Write):
-            write_atomic(step.path, step.data, mode=step.mode)
-            os.chmod(step.path, step.mode)
-            applied.report.append(f"wrote {step.path} ({step.what})")
-        elif isinstance(step, Link):
-            symlink_atomic(step.path, step.target)
-            applied.report.append(f"linked {step.path} -> {step.target}")
-        else:
-            remove_file(step.path)
-            applied.report.append(f"removed {step.path}")
-    except OSError as error:
-        raise PersistError(
-            f"cannot change {step.path}: {error.strerror}; nothing was changed"
-        ) from None
-    except QconnectError as error:
-        raise PersistError(f"{error}; nothing was changed") from None
+    return engine.apply(layout.tree, plan, PersistError)
 
 
 @contextlib.contextmanager
-def scope_lock(layout: Layout) -> Iterator[None]:
-    """Serialise persist commands on one tree: flock the root directory itself.
-
-    Locking a directory leaves no file behind, so a round trip leaves the
-    tree exactly as it was.
-    """
+def scope_lock(layout: UnitPaths) -> Iterator[None]:
+    """Serialise persist commands on one tree: flock the root directory itself."""
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(locked(layout.root))
+            stack.enter_context(layout.tree.locked())
         except FileWriteError as error:
             raise PersistError(f"{error} (the --root directory)") from None
         yield
@@ -369,7 +232,7 @@ def _overlaps(a: BindingSpec, b: BindingSpec) -> bool:
     )
 
 
-def _removal_steps(layout: Layout, item: Installed) -> list[Step]:
+def _removal_steps(layout: UnitPaths, item: Installed) -> list[Step]:
     steps: list[Step] = [Delete(path) for path in item.files]
     if item.enabled_link is not None:
         steps.insert(0, Delete(item.enabled_link))
@@ -384,7 +247,7 @@ class AddRequest:
     replace: bool = False
 
 
-def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
+def plan_add(layout: UnitPaths, request: AddRequest, templates: Templates) -> Plan:
     """Decide every file change ``persist add`` makes; raise PersistError on a conflict."""
     binding = request.binding
     scope = binding.scope
@@ -399,7 +262,9 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
         same = item.spec == binding.spec and item.scope is scope
         if (
             same
-            and all(_read_ours(unit_dir / name)[0] == text for name, text in rendered.items())
+            and all(
+                _read_ours(layout, unit_dir / name)[0] == text for name, text in rendered.items()
+            )
             and len(item.files) == len(rendered)
         ):
             continue
@@ -426,12 +291,12 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
 
     for name, text in rendered.items():
         path = unit_dir / name
-        current, info = _read_ours(path)
+        current, info = _read_ours(layout, path)
         if current is not None and info is None:
             raise PersistError(
                 f"refusing to overwrite {path}: qconnect did not generate it; nothing changed"
             )
-        plan.steps = [s for s in plan.steps if s.path != path]
+        plan.drop(path)
         if current == text:
             continue
         plan.steps.append(Write(path, text.encode(), UNIT_FILE_MODE, f"{binding.mode} unit"))
@@ -445,18 +310,18 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
     link = layout.wants_dir(scope) / socket
     target = _link_target(layout, scope, socket)
     if scope is Scope.USER or request.persistence is Persistence.FULL:
-        current_link = os.readlink(link) if link.is_symlink() else None
-        if current_link is None and os.path.lexists(link):
+        current_link = layout.tree.readlink(link)
+        if current_link is None and layout.tree.exists(link):
             raise PersistError(f"refusing to replace {link}: it is not a symbolic link")
         if current_link is not None and current_link != target:
             raise PersistError(
                 f"refusing to replace {link}: it points to {current_link}, not {target}"
             )
         if current_link is None or link in replaced_paths:
-            plan.steps = [s for s in plan.steps if s.path != link]
+            plan.drop(link)
             plan.steps.append(Link(link, target))
     old_rc = _read_rc_local(layout)
-    rc_units = set(rclocal.units_in_block(old_rc))
+    rc_units = set(rclocal.units_in_block(old_rc, str(layout.rc_local)))
     rc_units -= {item.socket_unit for item in replaced}
     if scope is Scope.SYSTEM and request.persistence is Persistence.RW_ONLY:
         rc_units.add(socket)
@@ -477,14 +342,14 @@ def plan_add(layout: Layout, request: AddRequest, templates: Templates) -> Plan:
 
 
 def _plan_daemon_service(
-    layout: Layout, request: AddRequest, templates: Templates, plan: Plan
+    layout: UnitPaths, request: AddRequest, templates: Templates, plan: Plan
 ) -> None:
     if request.qvm_connect_tcp is None:
         raise PersistError("daemon mode needs qconnect's qvm-connect-tcp: give --qvm-connect-tcp")
     scope = request.binding.scope
     path = layout.unit_dir(scope) / DAEMON_SERVICE
     text = render_daemon_service(scope, request.qvm_connect_tcp, templates)
-    current, info = _read_ours(path)
+    current, info = _read_ours(layout, path)
     if current == text:
         return
     if current is not None and info is None:
@@ -499,32 +364,34 @@ def _plan_daemon_service(
     plan.steps.append(Write(path, text.encode(), UNIT_FILE_MODE, "the daemon-mode client"))
 
 
-def _check_rc_local_runs(layout: Layout, old_rc: str | None, plan: Plan) -> None:
+def _check_rc_local_runs(layout: UnitPaths, old_rc: str | None, plan: Plan) -> None:
     if old_rc is None:
         return
-    if not os.stat(layout.rc_local).st_mode & stat.S_IXUSR:
+    info = layout.tree.lstat(layout.rc_local)
+    if info is not None and not info.st_mode & stat.S_IXUSR:
         plan.notes.append(
             f"warning: {layout.rc_local} is not executable, so Qubes will not run it at boot; "
             f"chmod +x it"
         )
 
 
-def _plan_rc_local(layout: Layout, old_rc: str | None, units: list[str], plan: Plan) -> None:
-    new_rc = rclocal.update(old_rc, units)
+def _plan_rc_local(layout: UnitPaths, old_rc: str | None, units: list[str], plan: Plan) -> None:
+    new_rc = rclocal.update(old_rc, units, str(layout.rc_local))
     if new_rc == old_rc:
         return
     if new_rc is None:
         plan.steps.append(Delete(layout.rc_local))
     else:
         mode = rclocal.RC_LOCAL_MODE
-        if old_rc is not None:
-            mode = stat.S_IMODE(os.stat(layout.rc_local).st_mode)
+        info = layout.tree.lstat(layout.rc_local)
+        if old_rc is not None and info is not None:
+            mode = stat.S_IMODE(info.st_mode)
         what = f"starts {len(units)} socket(s) at boot" if units else "qconnect's lines removed"
         plan.steps.append(Write(layout.rc_local, new_rc.encode(), mode, what))
 
 
 def _plan_daemon_leftovers(
-    layout: Layout,
+    layout: UnitPaths,
     installed: list[Installed],
     going: list[Installed],
     coming: Binding | None,
@@ -545,14 +412,14 @@ def _plan_daemon_leftovers(
             coming is not None and coming.scope is scope and coming.mode is Mode.DAEMON
         )
         service = layout.unit_dir(scope) / DAEMON_SERVICE
-        if not kept and _read_ours(service)[1] is not None:
+        if not kept and _read_ours(layout, service)[1] is not None:
             plan.steps.append(Delete(service))
             plan.stop_daemon.add(scope)
         else:
             plan.restart_daemon.add(scope)
 
 
-def plan_remove(layout: Layout, chosen: list[Installed]) -> Plan:
+def plan_remove(layout: UnitPaths, chosen: list[Installed]) -> Plan:
     """Decide every file change ``persist remove`` makes for the ``chosen`` bindings."""
     plan = Plan()
     installed = find_installed(layout)
@@ -561,7 +428,7 @@ def plan_remove(layout: Layout, chosen: list[Installed]) -> Plan:
         plan.stop_units.append((item.scope, item.socket_unit))
     _plan_daemon_leftovers(layout, installed, chosen, None, plan)
     old_rc = _read_rc_local(layout)
-    remaining = set(rclocal.units_in_block(old_rc)) - {item.socket_unit for item in chosen}
+    remaining = set(rc_local_units(layout)) - {item.socket_unit for item in chosen}
     _plan_rc_local(layout, old_rc, sorted(remaining), plan)
     for scope in sorted({item.scope for item in chosen}):
         plan.prune.extend(layout.prunable_dirs(scope))
