@@ -443,6 +443,20 @@ def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) ->
     assert dom0.run("lint", str(good))[0] == 0
 
 
+def test_lint_orders_problems_by_line_whatever_the_file_name(dom0: Dom0, tmp_path: Path) -> None:
+    # A path with ':' and digits in it once defeated the FILE:LINE regex lint used to
+    # read problems back from their text, so line 10 came before line 2.
+    odd = tmp_path / "at 10:2: here"
+    odd.mkdir()
+    bad = odd / "30-user.policy"
+    # Found in this order: the parse error of line 2, then the '#' warning of line 1.
+    bad.write_text("qubes.ConnectTCP +1 work #b deny\nqubes.ConnectTCP +1 a b alow\n")
+    status, out, _ = dom0.run("lint", str(bad))
+    assert status == 1
+    numbers = [int(line[len(str(bad)) + 1 :].split(":")[0]) for line in out.splitlines()]
+    assert numbers == sorted(numbers) and set(numbers) == {1, 2}
+
+
 def test_lint_of_a_clean_directory_passes(dom0: Dom0) -> None:
     dom0.run("allow", "untrusted", "--port", "444", "--target", "mytcp-service")
     status, out, _ = dom0.run("lint")

@@ -23,7 +23,13 @@ from qconnect.policy.editor import (
     PolicyFormat,
 )
 from qconnect.policy.evaluate import Call, evaluate
-from qconnect.policy.lint import Problem, lint_directory, lint_file, sort_problems
+from qconnect.policy.lint import (
+    Problem,
+    lint_directory,
+    lint_file,
+    problem_from_error,
+    sort_problems,
+)
 from qconnect.policy.loader import (
     POLICY_DIR,
     Policy,
@@ -449,7 +455,7 @@ def _block_problems(fmt: PolicyFormat) -> list[Problem]:
     try:
         PolicyEditor(fmt).managed()
     except PolicyError as error:
-        return [Problem("", str(error))]
+        return [problem_from_error(error)]
     return []
 
 

@@ -32,8 +32,9 @@ def split(text: str, file: str) -> Fenced:
         return _MARKERS.split(text)
     except FenceError as error:
         raise PolicyError(
-            f"{file}: qconnect's BEGIN/END markers are damaged (found {error.begins} BEGIN and "
-            f"{error.ends} END lines): repair the file by hand"
+            f"qconnect's BEGIN/END markers are damaged (found {error.begins} BEGIN and "
+            f"{error.ends} END lines): repair the file by hand",
+            file=file or None,
         ) from None
 
 
