@@ -8,43 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.cli import main
-from qconnect.demo import DEFAULT_POLICY, SAMPLE_QUBES
 from qconnect.policy.fence import BEGIN_MARKER, END_MARKER
-
-
-class Dom0:
-    """A policy directory and qubes description, and a way to run the tool on them."""
-
-    def __init__(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.root = root
-        self.policy_dir = root / "etc" / "qubes" / "policy.d"
-        self.policy_dir.mkdir(parents=True)
-        (root / "etc" / "qubes-rpc" / "policy").mkdir(parents=True)
-        (self.policy_dir / "90-default.policy").write_text(DEFAULT_POLICY)
-        self.qubes = root / "qubes.json"
-        self.qubes.write_text(json.dumps({"domains": SAMPLE_QUBES}))
-        self.capsys = capsys
-
-    @property
-    def ours(self) -> Path:
-        return self.policy_dir / "30-qconnect.policy"
-
-    def run(self, *words: str, qubes: bool = True) -> tuple[int, str, str]:
-        options = ["--policy-dir", str(self.policy_dir)]
-        if qubes:
-            options += ["--qubes", str(self.qubes)]
-        self.capsys.readouterr()
-        status = main(["policy", *words, *options])
-        captured = self.capsys.readouterr()
-        return status, captured.out, captured.err
-
-    def snapshot(self) -> dict[str, bytes]:
-        return {
-            str(path.relative_to(self.root)): path.read_bytes()
-            for path in sorted(self.root.rglob("*"))
-            if path.is_file()
-        }
+from tests.policy_world import Dom0
 
 
 @pytest.fixture
@@ -109,7 +74,7 @@ def test_bad_ports_are_refused(dom0: Dom0, port: str, action: str) -> None:
         ),
         (
             ["allow", "untrusted#x", "--port", "444", "--target", "mytcp-service"],
-            "invalid source 'untrusted#x'",
+            "invalid source: 'untrusted#x' is not a qube name",
         ),
         (
             [
@@ -429,6 +394,22 @@ def test_lint_reports_every_problem_with_file_and_line(dom0: Dom0) -> None:
     assert lines[6] == "20-user.policy:6: target '#mytcp-service' names no qube of this machine"
     assert "90-default.policy" not in out
     assert err == "7 problem(s)\n"
+
+
+def test_values_dom0_accepts_but_no_qube_can_match_are_read_and_linted(dom0: Dom0) -> None:
+    # dom0's grammar takes any characters after @tag: and in a name: the file parses
+    # (so edits go on), and lint says the rule can never match.
+    (dom0.policy_dir / "20-user.policy").write_text(
+        "qubes.ConnectTCP +1 @tag:wo.rk work allow\n"
+        "qubes.ConnectTCP +2 work @type:App$VM allow\n"
+        "qubes.ConnectTCP +3 work mytcp-service allow target=my\x1bqube\n"
+    )
+    assert dom0.run("allow", "untrusted", "--port", "444", "--target", "work")[0] == 0
+    status, out, _ = dom0.run("lint")
+    assert status == 1
+    assert "20-user.policy:1: source never matches: tag 'wo.rk' in '@tag:wo.rk'" in out
+    assert "20-user.policy:2: target never matches: type 'App$VM'" in out
+    assert "20-user.policy:3: target= never matches: 'my\\x1bqube' is not a qube name" in out
 
 
 def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) -> None:

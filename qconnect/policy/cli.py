@@ -8,6 +8,7 @@ written; ``--dry-run`` prints the diff an edit would make.
 import argparse
 import dataclasses
 import json
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from qconnect.policy.tokens import (
     TokenError,
     parse_token,
 )
+from qconnect.printable import printable
 from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port, validate_target
 
 PROG = "qconnect policy"
@@ -206,10 +208,16 @@ def _format(args: argparse.Namespace) -> PolicyFormat:
     if args.legacy:
         return LegacyFormat(_legacy_dir(args))
     file_name = getattr(args, "file", QCONNECT_FILE)
-    if invalid_file_name(file_name) or not file_name.endswith(".policy") or "/" in file_name:
+    # dom0 reads only *.policy names of these characters and skips dot-files
+    # (qrexec's filter_filepaths): a rule written anywhere else would never count.
+    if (
+        invalid_file_name(file_name)
+        or not file_name.endswith(".policy")
+        or file_name.startswith(".")
+    ):
         raise PolicyError(
             f"invalid policy file name {file_name!r}: expected lowercase letters, digits, "
-            "'_', '.' or '-', ending in .policy"
+            "'_', '.' or '-', not starting with '.', ending in .policy"
         )
     return NewFormat(args.policy_dir, file_name, args.legacy_dir)
 
@@ -271,8 +279,34 @@ def _redirect(text: str, system: SystemInfo | None) -> Token:
     return _token(text, Place.REDIRECT, "default target", system)
 
 
-def _command(*words: str) -> str:
-    return " ".join(["qconnect", "policy", *(w for w in words if w)])
+def shell_word(word: str) -> str:
+    """``word`` as one shell word on one printable line: pasted into bash, it gives ``word`` back.
+
+    ``shlex.quote`` alone keeps a newline or an escape sequence as it is, which
+    would end the ``# Last change:`` comment and start a policy line. A word
+    with a character ``printable`` escapes goes in bash's ``$'...'`` quoting,
+    whose escapes (``\\n``, ``\\xNN``, ``\\uNNNN``, ``\\\\``...) are the ones
+    ``printable`` writes; only a non-printable character from U+0080 to U+00FF
+    is written ``\\u00NN``, as bash's ``\\xNN`` would be one raw byte, not it.
+    """
+    if printable(word) == word:
+        return shlex.quote(word)
+    escaped = []
+    for char in word:
+        shown = printable(char)
+        if shown != char and 0x80 <= ord(char) <= 0xFF:
+            shown = f"\\u{ord(char):04x}"
+        escaped.append(shown.replace("'", "\\'"))
+    return "$'" + "".join(escaped) + "'"
+
+
+def _command(*words: str | None) -> str:
+    """The command line recorded in our block: every word quoted, empty (None) ones left out."""
+    return " ".join(shell_word(w) for w in ("qconnect", "policy", *words) if w is not None)
+
+
+def _port_words(ports: Sequence[object]) -> list[str]:
+    return [word for port in ports for word in ("--port", str(port))]
 
 
 def _report(result: EditResult, fmt: PolicyFormat) -> int:
@@ -307,34 +341,34 @@ def run_allow(args: argparse.Namespace) -> int:
     source = _source(args.source, system)
     ports = _ports(args.port)
     autostart = False if args.no_autostart else None
-    rules = []
-    for port in ports:
-        argument = f"+{port}"
-        if args.target is not None:
-            target = _target(args.target, system)
-            action: Allow | Ask = Allow(autostart=autostart)
-            if args.ask:
-                # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
-                preselect = target if Place.REDIRECT in target.allowed else None
-                action = Ask(default_target=preselect, autostart=autostart)
-            rules.append(Rule(SERVICE, argument, source, target, action))
-        else:
-            redirect = _redirect(args.default_target, system)
-            # An ask for a @default call offers the targets rules name: target= makes
-            # QUBE the one choice, default_target= preselects it.
-            action = (
-                Ask(target=redirect, default_target=redirect, autostart=autostart)
-                if args.ask
-                else Allow(target=redirect, autostart=autostart)
-            )
-            rules.append(Rule(SERVICE, argument, source, DefaultVM(), action))
+    action: Allow | Ask
+    if args.target is not None:
+        target = _target(args.target, system)
+        where = ("--target", target.text)
+        action = Allow(autostart=autostart)
+        if args.ask:
+            # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
+            preselect = target if Place.REDIRECT in target.allowed else None
+            action = Ask(default_target=preselect, autostart=autostart)
+    else:
+        redirect = _redirect(args.default_target, system)
+        target = DefaultVM()
+        where = ("--default-target", redirect.text)
+        # An ask for a @default call offers the targets rules name: target= makes
+        # QUBE the one choice, default_target= preselects it.
+        action = (
+            Ask(target=redirect, default_target=redirect, autostart=autostart)
+            if args.ask
+            else Allow(target=redirect, autostart=autostart)
+        )
+    rules = [Rule(SERVICE, f"+{port}", source, target, action) for port in ports]
     command = _command(
         "allow",
-        args.source,
-        *(f"--port {port}" for port in ports),
-        f"--target {args.target}" if args.target else f"--default-target {args.default_target}",
-        "--ask" if args.ask else "",
-        "--no-autostart" if args.no_autostart else "",
+        source.text,
+        *_port_words(ports),
+        *where,
+        "--ask" if args.ask else None,
+        "--no-autostart" if args.no_autostart else None,
     )
     result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
     return _report(result, fmt)
@@ -350,9 +384,9 @@ def run_deny(args: argparse.Namespace) -> int:
     rules = [Rule(SERVICE, f"+{port}", source, target, Deny()) for port in ports]
     command = _command(
         "deny",
-        args.source,
-        *(f"--port {port}" for port in ports),
-        f"--target {args.target}" if args.target else "",
+        source.text,
+        *_port_words(ports),
+        *(("--target", target.text) if args.target is not None else ()),
     )
     result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
     return _report(result, fmt)
@@ -366,11 +400,17 @@ def run_remove(args: argparse.Namespace) -> int:
             "say which rules to remove: SOURCE [--port PORT] [--target QUBE], or --all"
         )
     fmt = _format(args)
-    arguments = {f"+{port}" for port in _ports(args.port)}
-
-    wanted_source: str | None = args.source
-    wanted_target: str | None = args.target
-    wanted_redirect: str | None = args.default_target
+    ports = _ports(args.port)
+    arguments = {f"+{port}" for port in ports}
+    # The same checks as allow and deny, without asking whether the qubes exist:
+    # a rule for a qube since removed must stay removable.
+    wanted_source = None if args.source is None else _source(args.source, None).text
+    wanted_target = (
+        None if args.target is None else _target(args.target, None, default_ok=True).text
+    )
+    wanted_redirect = (
+        None if args.default_target is None else _redirect(args.default_target, None).text
+    )
 
     def matches(rule: Rule) -> bool:
         if args.all:
@@ -390,11 +430,11 @@ def run_remove(args: argparse.Namespace) -> int:
 
     command = _command(
         "remove",
-        args.source or "",
-        *(f"--port {port}" for port in args.port),
-        f"--target {args.target}" if args.target else "",
-        f"--default-target {args.default_target}" if args.default_target else "",
-        "--all" if args.all else "",
+        wanted_source,
+        *_port_words(ports),
+        *(("--target", wanted_target) if wanted_target is not None else ()),
+        *(("--default-target", wanted_redirect) if wanted_redirect is not None else ()),
+        "--all" if args.all else None,
     )
     result = PolicyEditor(fmt).remove(matches, command=command, dry_run=args.dry_run)
     if not result.removed:
@@ -506,7 +546,7 @@ def run_import_legacy(args: argparse.Namespace) -> int:
     for rule in rules:
         unique.setdefault((rule.argument, rule.source, rule.target), rule)
     fmt = _format(args)
-    command = _command("import-legacy", f"--legacy-dir {legacy_dir}")
+    command = _command("import-legacy", "--legacy-dir", str(legacy_dir))
     result = PolicyEditor(fmt).add(list(unique.values()), command=command, dry_run=args.dry_run)
     status = _report(result, fmt)
     if result.written:

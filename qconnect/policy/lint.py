@@ -36,8 +36,10 @@ from qconnect.policy.tokens import (
     QubeName,
     TagVM,
     Token,
+    TokenError,
     TypeVM,
     Wildcard,
+    check_value,
 )
 
 # Tokens @anyvm always covers: they never designate dom0.
@@ -127,13 +129,19 @@ def _rule_problems(rules: tuple[Rule, ...], system: SystemInfo | None) -> Iterat
                 f"rule never matches: {shadow.location} ({shadow.render()}) decides "
                 "every call it covers first",
             )
-        for column, token in (("source", rule.source), ("target", rule.target)):
+        for column, token in _named_tokens(rule):
             if "#" in token.text:
                 yield Problem.at(
                     where,
                     f"{column} {token.text!r} contains '#': dom0 reads it as a qube name, "
                     "not as a comment (comments start a line)",
                 )
+            elif not (isinstance(token, QubeName) and token.name.startswith("uuid:")):
+                try:
+                    check_value(token)
+                except TokenError as error:
+                    # dom0 accepts the line, but no qube can ever have such a name or tag.
+                    yield Problem.at(where, f"{column} never matches: {error}")
         if isinstance(rule.source, DispVMTemplate):
             yield Problem.at(
                 where, f"source {rule.source.text} never matches: callers are named qubes"
@@ -142,13 +150,18 @@ def _rule_problems(rules: tuple[Rule, ...], system: SystemInfo | None) -> Iterat
             yield from _unknown_qubes(rule, where, system)
 
 
-def _unknown_qubes(rule: Rule, where: Location | None, system: SystemInfo) -> Iterator[Problem]:
+def _named_tokens(rule: Rule) -> list[tuple[str, Token]]:
+    """Every token of ``rule`` with the column it stands in."""
     named: list[tuple[str, Token]] = [("source", rule.source), ("target", rule.target)]
     if isinstance(rule.action, Allow | Ask) and rule.action.target is not None:
         named.append(("target=", rule.action.target))
     if isinstance(rule.action, Ask) and rule.action.default_target is not None:
         named.append(("default_target=", rule.action.default_target))
-    for column, token in named:
+    return named
+
+
+def _unknown_qubes(rule: Rule, where: Location | None, system: SystemInfo) -> Iterator[Problem]:
+    for column, token in _named_tokens(rule):
         name = token.name if isinstance(token, QubeName) else None
         if isinstance(token, DispVMTemplate):
             name = token.template
