@@ -23,7 +23,7 @@ from qconnect.policy.editor import (
     PolicyEditor,
     PolicyFormat,
 )
-from qconnect.policy.evaluate import Call, evaluate
+from qconnect.policy.evaluate import Call, evaluate, target_as_sent
 from qconnect.policy.lint import (
     Problem,
     lint_directory,
@@ -52,7 +52,7 @@ from qconnect.policy.tokens import (
     parse_token,
 )
 from qconnect.printable import printable
-from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port, validate_target
+from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port
 
 PROG = "qconnect policy"
 
@@ -155,8 +155,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "explain",
         parents=[common],
         help="how dom0 decides one call",
-        description="The decision on qubes.ConnectTCP+PORT from SOURCE to TARGET "
-        "(@default for none), the qube that serves it and the deciding rule.",
+        description="The decision on qubes.ConnectTCP+PORT from SOURCE to TARGET, the qube "
+        "that serves it and the deciding rule. TARGET is the word the calling qube puts in "
+        "its call (a qube, uuid:UUID, @default or empty, @adminvm, @dispvm, @dispvm:NAME, "
+        "or anything else): it is rewritten as qrexec rewrites it and decided as dom0 "
+        "decides, refusals included.",
     )
     explain.add_argument("source", metavar="SOURCE")
     explain.add_argument("target", metavar="TARGET")
@@ -462,23 +465,42 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    """Decide one call as dom0 would, for the target exactly as a qube would type it.
+
+    Any TARGET is accepted, as any word can be put in a call: it is first
+    rewritten as qrexec-client-vm and qrexec-daemon rewrite it
+    (``target_as_sent``), then decided by the engine, which refuses words
+    that are not a call's target with dom0's own reason. ``--json`` gives
+    decision, target and rule, plus ``requested_target`` when the rewriting
+    changed the word and ``warnings`` when there are any.
+    """
     port = parse_port(args.port)
-    target = validate_target(args.target)
     system = _system(args, required=True)
     assert system is not None
     _check_qube(args.source, "source", system)
-    call = Call(args.source, target, SERVICE, f"+{port}")
+    typed: str = args.target
+    sent = target_as_sent(typed)
+    call = Call(args.source, sent, SERVICE, f"+{port}")
     policy = _load(args)
     resolution = evaluate(policy, system, call)
     if args.json:
-        document = {
+        document: dict[str, object] = {
             "decision": resolution.action,
             "target": resolution.target,
             "rule": resolution.rule,
         }
+        if sent != typed:
+            document["requested_target"] = sent
+        if resolution.warnings:
+            document["warnings"] = list(resolution.warnings)
         print(json.dumps(document))
         return 0
     print(call.describe())
+    if sent != typed:
+        print(
+            f"  sent as:  {sent or '@default'} (the qube typed {printable(typed)!r}; "
+            "qrexec-client-vm and qrexec-daemon rewrite it)"
+        )
     print(f"  decision: {resolution.action}")
     print(f"  target:   {resolution.target or '-'}")
     deciding = next((r for r in policy.rules if str(r.location) == resolution.rule), None)
@@ -487,6 +509,8 @@ def run_explain(args: argparse.Namespace) -> int:
     if resolution.choices:
         print(f"  choices:  {', '.join(resolution.choices)}")
     print(f"  why:      {resolution.reason}")
+    for warning in resolution.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 

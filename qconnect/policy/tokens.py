@@ -269,7 +269,10 @@ class DispVMTemplate(Token):
                 raise EvaluationFailure(
                     f"{self.text} meets a @dispvm call from {source}, which has no default_dispvm"
                 )
-            return system.canonical(template) == system.canonical(self.template)
+            # dom0 compares "@dispvm:" + default_dispvm with the rule's text as
+            # plain strings here (match_strings only resolves a leading "uuid:"),
+            # so a rule naming the template by uuid: does not match a @dispvm call.
+            return template == self.template
         if not other.startswith(self.prefix):
             # A calling qube's name is never "@dispvm:...": as a source this
             # token matches nothing, exactly as in qrexec.
@@ -303,8 +306,13 @@ class DispVMTag(Token):
             template = other[len("@dispvm:") :]
         else:
             return False
-        qube = system.lookup(template) if template is not None else None
-        return qube is not None and qube.template_for_dispvms and self.tag in qube.tags
+        if template is None:
+            return False
+        qube = system.lookup(template)
+        if qube is None:
+            # dom0 indexes its qubes by the template's name here and fails (KeyError).
+            raise EvaluationFailure(f"{self.text} meets a call for {template!r}, no qube")
+        return qube.template_for_dispvms and self.tag in qube.tags
 
     def expand(self, system: SystemInfo) -> Iterator[str]:
         for qube in system:
