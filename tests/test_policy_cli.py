@@ -411,6 +411,21 @@ def test_values_dom0_accepts_but_no_qube_can_match_are_read_and_linted(dom0: Dom
     assert "20-user.policy:3: target= never matches: 'my\\x1bqube' is not a qube name" in out
 
 
+def test_rules_from_a_hand_written_file_are_printed_escaped(dom0: Dom0) -> None:
+    # dom0 accepts any non-space character in a qube name, escape sequences included:
+    # list, explain and lint show them escaped, never sent to the terminal.
+    (dom0.policy_dir / "20-user.policy").write_text(
+        "qubes.ConnectTCP +444 untrusted \x1b[2Jx allow\n"
+        "qubes.ConnectTCP +444 untrusted \x1b[2Jx deny\n"
+        "qubes.ConnectTCP +444 untrusted @anyvm deny\n"
+    )
+    for words in (["list"], ["lint"], ["explain", "untrusted", "work", "444"]):
+        _status, out, err = dom0.run(*words)
+        assert "\x1b" not in out + err, words
+    _status, out, _ = dom0.run("list")
+    assert "qubes.ConnectTCP +444 untrusted \\x1b[2Jx allow\n" in out
+
+
 def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) -> None:
     bad = tmp_path / "30-User.policy"
     bad.write_text("qubes.ConnectTCP +1 a b allow target=c target=c\n")

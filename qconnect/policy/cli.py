@@ -314,11 +314,11 @@ def _port_words(ports: Sequence[object]) -> list[str]:
 
 def _report(result: EditResult, fmt: PolicyFormat) -> int:
     for rule in result.removed:
-        print(f"removed:  {fmt.render(rule)}")
+        print(f"removed:  {printable(fmt.render(rule))}")
     for rule in result.replaced:
-        print(f"replaced: {fmt.render(rule)}")
+        print(f"replaced: {printable(fmt.render(rule))}")
     for rule in result.added:
-        print(f"added:    {fmt.render(rule)}")
+        print(f"added:    {printable(fmt.render(rule))}")
     if not result.changes:
         print("nothing to change")
     for change in result.changes:
@@ -458,9 +458,9 @@ def run_list(args: argparse.Namespace) -> int:
     if not rules:
         print(f"no rule decides {SERVICE} calls: every call is refused")
         return 0
-    width = max(len(str(rule.location)) for rule in rules)
+    width = max(len(printable(str(rule.location))) for rule in rules)
     for rule in rules:
-        print(f"{rule.location!s:<{width}}  {render(rule)}")
+        print(f"{printable(str(rule.location)):<{width}}  {printable(render(rule))}")
     return 0
 
 
@@ -504,7 +504,7 @@ def run_explain(args: argparse.Namespace) -> int:
     print(f"  decision: {resolution.action}")
     print(f"  target:   {resolution.target or '-'}")
     deciding = next((r for r in policy.rules if str(r.location) == resolution.rule), None)
-    rule_text = f"  {deciding.render()}" if deciding is not None else ""
+    rule_text = f"  {printable(deciding.render())}" if deciding is not None else ""
     print(f"  rule:     {resolution.rule or '(none matched)'}{rule_text}")
     if resolution.choices:
         print(f"  choices:  {', '.join(resolution.choices)}")

@@ -29,6 +29,7 @@ from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_p
 from qconnect.policy.parser import parse_line
 from qconnect.policy.rules import Location, Rule
 from qconnect.policy.system_info import SystemInfo
+from qconnect.printable import printable
 from qconnect.qrexec import SERVICE
 
 #: The file our new-format rules go to: sorts before 35-compat and 90-default.
@@ -359,5 +360,5 @@ class PolicyEditor:
             if shadow is not None:
                 yield (
                     f"{rules[index].location}: the new rule never matches: {shadow.location} "
-                    f"({shadow.render()}) comes first and decides every call it covers"
+                    f"({printable(shadow.render())}) comes first and decides every call it covers"
                 )

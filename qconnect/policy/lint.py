@@ -41,6 +41,7 @@ from qconnect.policy.tokens import (
     Wildcard,
     check_value,
 )
+from qconnect.printable import printable
 
 # Tokens @anyvm always covers: they never designate dom0.
 _NEVER_DOM0 = (DefaultVM, DispVM, DispVMTemplate, DispVMTag, AnyVM)
@@ -126,7 +127,7 @@ def _rule_problems(rules: tuple[Rule, ...], system: SystemInfo | None) -> Iterat
         if shadow is not None:
             yield Problem.at(
                 where,
-                f"rule never matches: {shadow.location} ({shadow.render()}) decides "
+                f"rule never matches: {shadow.location} ({printable(shadow.render())}) decides "
                 "every call it covers first",
             )
         for column, token in _named_tokens(rule):
