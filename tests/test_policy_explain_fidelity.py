@@ -128,6 +128,7 @@ def test_a_refused_target_is_explained_with_dom0s_reason(
     status, out, _ = explain(typed)
     assert status == 0
     assert "decision: deny" in out and reason in out
+    assert "does not exist" not in out  # refused as it is, not read as @default
 
 
 def test_a_rewritten_target_is_shown_as_dom0_receives_it(explain: Explain) -> None:

@@ -312,11 +312,11 @@ def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     """dom0's decision on ``call`` under ``policy``; never raises, whatever the call."""
     call = Call(call.source, call.target, call.service, call.argument or "+")
     note = ""
-    if not call.target.startswith("@") and call.target and call.target not in system:
-        note = f" (requested target {call.target!r} does not exist: read as @default)"
     rule: Rule | None = None
     try:
         intended = intended_target(call.target, system)
+        if intended == "@default" and call.target not in ("", "@default"):
+            note = f" (requested target {call.target!r} does not exist: read as @default)"
         for candidate in policy.rules:
             rule = candidate
             if _rule_matches_but_target(candidate, call, system) and _target_matches(
