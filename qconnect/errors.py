@@ -20,7 +20,30 @@ class ArgumentError(QconnectError):
 
 
 class PolicyError(QconnectError):
-    """A dom0 policy file does not parse, or an edit would break it."""
+    """A dom0 policy file does not parse, or an edit would break it.
+
+    Where the problem is stays in fields, as qrexec's own parser keeps a
+    token's ``filepath`` and ``lineno``: ``file`` (as shown to the user) and
+    ``line`` (None: the whole file, or no file at all). ``str()`` gives the
+    user-ready ``FILE:LINE: message``; ``lint`` sorts and prints from the
+    fields and never parses the text back.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        super().__init__(self.__str__())
+
+    @property
+    def where(self) -> str:
+        """``FILE:LINE``, ``FILE`` or empty."""
+        if self.file is None:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
 
 
 class FileWriteError(QconnectError):

@@ -8,43 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.cli import main
-from qconnect.demo import DEFAULT_POLICY, SAMPLE_QUBES
 from qconnect.policy.fence import BEGIN_MARKER, END_MARKER
-
-
-class Dom0:
-    """A policy directory and qubes description, and a way to run the tool on them."""
-
-    def __init__(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.root = root
-        self.policy_dir = root / "etc" / "qubes" / "policy.d"
-        self.policy_dir.mkdir(parents=True)
-        (root / "etc" / "qubes-rpc" / "policy").mkdir(parents=True)
-        (self.policy_dir / "90-default.policy").write_text(DEFAULT_POLICY)
-        self.qubes = root / "qubes.json"
-        self.qubes.write_text(json.dumps({"domains": SAMPLE_QUBES}))
-        self.capsys = capsys
-
-    @property
-    def ours(self) -> Path:
-        return self.policy_dir / "30-qconnect.policy"
-
-    def run(self, *words: str, qubes: bool = True) -> tuple[int, str, str]:
-        options = ["--policy-dir", str(self.policy_dir)]
-        if qubes:
-            options += ["--qubes", str(self.qubes)]
-        self.capsys.readouterr()
-        status = main(["policy", *words, *options])
-        captured = self.capsys.readouterr()
-        return status, captured.out, captured.err
-
-    def snapshot(self) -> dict[str, bytes]:
-        return {
-            str(path.relative_to(self.root)): path.read_bytes()
-            for path in sorted(self.root.rglob("*"))
-            if path.is_file()
-        }
+from tests.policy_world import Dom0
 
 
 @pytest.fixture
@@ -109,7 +74,7 @@ def test_bad_ports_are_refused(dom0: Dom0, port: str, action: str) -> None:
         ),
         (
             ["allow", "untrusted#x", "--port", "444", "--target", "mytcp-service"],
-            "invalid source 'untrusted#x'",
+            "invalid source: 'untrusted#x' is not a qube name",
         ),
         (
             [
@@ -130,7 +95,6 @@ def test_bad_ports_are_refused(dom0: Dom0, port: str, action: str) -> None:
         ),
         (["remove", "untrusted", "--port", "444"], "no rule added by qconnect matches"),
         (["remove"], "say which rules to remove"),
-        (["explain", "untrusted", "bad name!", "444"], "invalid qube name 'bad name!'"),
     ],
 )
 def test_bad_values_are_refused_by_name(dom0: Dom0, words: list[str], message: str) -> None:
@@ -431,6 +395,37 @@ def test_lint_reports_every_problem_with_file_and_line(dom0: Dom0) -> None:
     assert err == "7 problem(s)\n"
 
 
+def test_values_dom0_accepts_but_no_qube_can_match_are_read_and_linted(dom0: Dom0) -> None:
+    # dom0's grammar takes any characters after @tag: and in a name: the file parses
+    # (so edits go on), and lint says the rule can never match.
+    (dom0.policy_dir / "20-user.policy").write_text(
+        "qubes.ConnectTCP +1 @tag:wo.rk work allow\n"
+        "qubes.ConnectTCP +2 work @type:App$VM allow\n"
+        "qubes.ConnectTCP +3 work mytcp-service allow target=my\x1bqube\n"
+    )
+    assert dom0.run("allow", "untrusted", "--port", "444", "--target", "work")[0] == 0
+    status, out, _ = dom0.run("lint")
+    assert status == 1
+    assert "20-user.policy:1: source never matches: tag 'wo.rk' in '@tag:wo.rk'" in out
+    assert "20-user.policy:2: target never matches: type 'App$VM'" in out
+    assert "20-user.policy:3: target= never matches: 'my\\x1bqube' is not a qube name" in out
+
+
+def test_rules_from_a_hand_written_file_are_printed_escaped(dom0: Dom0) -> None:
+    # dom0 accepts any non-space character in a qube name, escape sequences included:
+    # list, explain and lint show them escaped, never sent to the terminal.
+    (dom0.policy_dir / "20-user.policy").write_text(
+        "qubes.ConnectTCP +444 untrusted \x1b[2Jx allow\n"
+        "qubes.ConnectTCP +444 untrusted \x1b[2Jx deny\n"
+        "qubes.ConnectTCP +444 untrusted @anyvm deny\n"
+    )
+    for words in (["list"], ["lint"], ["explain", "untrusted", "work", "444"]):
+        _status, out, err = dom0.run(*words)
+        assert "\x1b" not in out + err, words
+    _status, out, _ = dom0.run("list")
+    assert "qubes.ConnectTCP +444 untrusted \\x1b[2Jx allow\n" in out
+
+
 def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) -> None:
     bad = tmp_path / "30-User.policy"
     bad.write_text("qubes.ConnectTCP +1 a b allow target=c target=c\n")
@@ -441,6 +436,20 @@ def test_lint_checks_single_files_and_their_names(dom0: Dom0, tmp_path: Path) ->
     good = tmp_path / "30-good.policy"
     good.write_text("qubes.ConnectTCP +1 untrusted work allow\n")
     assert dom0.run("lint", str(good))[0] == 0
+
+
+def test_lint_orders_problems_by_line_whatever_the_file_name(dom0: Dom0, tmp_path: Path) -> None:
+    # A path with ':' and digits in it once defeated the FILE:LINE regex lint used to
+    # read problems back from their text, so line 10 came before line 2.
+    odd = tmp_path / "at 10:2: here"
+    odd.mkdir()
+    bad = odd / "30-user.policy"
+    # Found in this order: the parse error of line 2, then the '#' warning of line 1.
+    bad.write_text("qubes.ConnectTCP +1 work #b deny\nqubes.ConnectTCP +1 a b alow\n")
+    status, out, _ = dom0.run("lint", str(bad))
+    assert status == 1
+    numbers = [int(line[len(str(bad)) + 1 :].split(":")[0]) for line in out.splitlines()]
+    assert numbers == sorted(numbers) and set(numbers) == {1, 2}
 
 
 def test_lint_of_a_clean_directory_passes(dom0: Dom0) -> None:

@@ -179,8 +179,13 @@ def test_bad_lines_are_refused_with_file_line_and_value(line: str, message: str)
         parse_text(line, "30-user.policy")
     assert str(raised.value).startswith("30-user.policy:1: ")
     assert "\n" not in str(raised.value)
-    with pytest.raises(PolicyError, match=r"^30-user.policy:3: "):
+    with pytest.raises(PolicyError, match=r"^30-user.policy:3: ") as raised:
         parse_text("# a comment\n\n" + line, "30-user.policy")
+    # The place is kept as fields (as qrexec's parser keeps filepath and lineno),
+    # the message without it: nobody needs to parse the text back.
+    assert (raised.value.file, raised.value.line) == ("30-user.policy", 3)
+    assert str(raised.value) == f"30-user.policy:3: {raised.value.message}"
+    assert not raised.value.message.startswith("30-user.policy")
 
 
 def test_directives_parse_to_their_values() -> None:

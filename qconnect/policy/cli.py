@@ -8,6 +8,7 @@ written; ``--dry-run`` prints the diff an edit would make.
 import argparse
 import dataclasses
 import json
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -22,8 +23,14 @@ from qconnect.policy.editor import (
     PolicyEditor,
     PolicyFormat,
 )
-from qconnect.policy.evaluate import Call, evaluate
-from qconnect.policy.lint import Problem, lint_directory, lint_file, sort_problems
+from qconnect.policy.evaluate import Call, evaluate, target_as_sent
+from qconnect.policy.lint import (
+    Problem,
+    lint_directory,
+    lint_file,
+    problem_from_error,
+    sort_problems,
+)
 from qconnect.policy.loader import (
     POLICY_DIR,
     Policy,
@@ -44,7 +51,8 @@ from qconnect.policy.tokens import (
     TokenError,
     parse_token,
 )
-from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port, validate_target
+from qconnect.printable import printable
+from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port
 
 PROG = "qconnect policy"
 
@@ -147,8 +155,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "explain",
         parents=[common],
         help="how dom0 decides one call",
-        description="The decision on qubes.ConnectTCP+PORT from SOURCE to TARGET "
-        "(@default for none), the qube that serves it and the deciding rule.",
+        description="The decision on qubes.ConnectTCP+PORT from SOURCE to TARGET, the qube "
+        "that serves it and the deciding rule. TARGET is the word the calling qube puts in "
+        "its call (a qube, uuid:UUID, @default or empty, @adminvm, @dispvm, @dispvm:NAME, "
+        "or anything else): it is rewritten as qrexec rewrites it and decided as dom0 "
+        "decides, refusals included.",
     )
     explain.add_argument("source", metavar="SOURCE")
     explain.add_argument("target", metavar="TARGET")
@@ -200,10 +211,16 @@ def _format(args: argparse.Namespace) -> PolicyFormat:
     if args.legacy:
         return LegacyFormat(_legacy_dir(args))
     file_name = getattr(args, "file", QCONNECT_FILE)
-    if invalid_file_name(file_name) or not file_name.endswith(".policy") or "/" in file_name:
+    # dom0 reads only *.policy names of these characters and skips dot-files
+    # (qrexec's filter_filepaths): a rule written anywhere else would never count.
+    if (
+        invalid_file_name(file_name)
+        or not file_name.endswith(".policy")
+        or file_name.startswith(".")
+    ):
         raise PolicyError(
             f"invalid policy file name {file_name!r}: expected lowercase letters, digits, "
-            "'_', '.' or '-', ending in .policy"
+            "'_', '.' or '-', not starting with '.', ending in .policy"
         )
     return NewFormat(args.policy_dir, file_name, args.legacy_dir)
 
@@ -265,17 +282,43 @@ def _redirect(text: str, system: SystemInfo | None) -> Token:
     return _token(text, Place.REDIRECT, "default target", system)
 
 
-def _command(*words: str) -> str:
-    return " ".join(["qconnect", "policy", *(w for w in words if w)])
+def shell_word(word: str) -> str:
+    """``word`` as one shell word on one printable line: pasted into bash, it gives ``word`` back.
+
+    ``shlex.quote`` alone keeps a newline or an escape sequence as it is, which
+    would end the ``# Last change:`` comment and start a policy line. A word
+    with a character ``printable`` escapes goes in bash's ``$'...'`` quoting,
+    whose escapes (``\\n``, ``\\xNN``, ``\\uNNNN``, ``\\\\``...) are the ones
+    ``printable`` writes; only a non-printable character from U+0080 to U+00FF
+    is written ``\\u00NN``, as bash's ``\\xNN`` would be one raw byte, not it.
+    """
+    if printable(word) == word:
+        return shlex.quote(word)
+    escaped = []
+    for char in word:
+        shown = printable(char)
+        if shown != char and 0x80 <= ord(char) <= 0xFF:
+            shown = f"\\u{ord(char):04x}"
+        escaped.append(shown.replace("'", "\\'"))
+    return "$'" + "".join(escaped) + "'"
+
+
+def _command(*words: str | None) -> str:
+    """The command line recorded in our block: every word quoted, empty (None) ones left out."""
+    return " ".join(shell_word(w) for w in ("qconnect", "policy", *words) if w is not None)
+
+
+def _port_words(ports: Sequence[object]) -> list[str]:
+    return [word for port in ports for word in ("--port", str(port))]
 
 
 def _report(result: EditResult, fmt: PolicyFormat) -> int:
     for rule in result.removed:
-        print(f"removed:  {fmt.render(rule)}")
+        print(f"removed:  {printable(fmt.render(rule))}")
     for rule in result.replaced:
-        print(f"replaced: {fmt.render(rule)}")
+        print(f"replaced: {printable(fmt.render(rule))}")
     for rule in result.added:
-        print(f"added:    {fmt.render(rule)}")
+        print(f"added:    {printable(fmt.render(rule))}")
     if not result.changes:
         print("nothing to change")
     for change in result.changes:
@@ -301,34 +344,34 @@ def run_allow(args: argparse.Namespace) -> int:
     source = _source(args.source, system)
     ports = _ports(args.port)
     autostart = False if args.no_autostart else None
-    rules = []
-    for port in ports:
-        argument = f"+{port}"
-        if args.target is not None:
-            target = _target(args.target, system)
-            action: Allow | Ask = Allow(autostart=autostart)
-            if args.ask:
-                # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
-                preselect = target if Place.REDIRECT in target.allowed else None
-                action = Ask(default_target=preselect, autostart=autostart)
-            rules.append(Rule(SERVICE, argument, source, target, action))
-        else:
-            redirect = _redirect(args.default_target, system)
-            # An ask for a @default call offers the targets rules name: target= makes
-            # QUBE the one choice, default_target= preselects it.
-            action = (
-                Ask(target=redirect, default_target=redirect, autostart=autostart)
-                if args.ask
-                else Allow(target=redirect, autostart=autostart)
-            )
-            rules.append(Rule(SERVICE, argument, source, DefaultVM(), action))
+    action: Allow | Ask
+    if args.target is not None:
+        target = _target(args.target, system)
+        where = ("--target", target.text)
+        action = Allow(autostart=autostart)
+        if args.ask:
+            # Preselect QUBE in the dialog when it can be a redirect (a qube, not @tag:...).
+            preselect = target if Place.REDIRECT in target.allowed else None
+            action = Ask(default_target=preselect, autostart=autostart)
+    else:
+        redirect = _redirect(args.default_target, system)
+        target = DefaultVM()
+        where = ("--default-target", redirect.text)
+        # An ask for a @default call offers the targets rules name: target= makes
+        # QUBE the one choice, default_target= preselects it.
+        action = (
+            Ask(target=redirect, default_target=redirect, autostart=autostart)
+            if args.ask
+            else Allow(target=redirect, autostart=autostart)
+        )
+    rules = [Rule(SERVICE, f"+{port}", source, target, action) for port in ports]
     command = _command(
         "allow",
-        args.source,
-        *(f"--port {port}" for port in ports),
-        f"--target {args.target}" if args.target else f"--default-target {args.default_target}",
-        "--ask" if args.ask else "",
-        "--no-autostart" if args.no_autostart else "",
+        source.text,
+        *_port_words(ports),
+        *where,
+        "--ask" if args.ask else None,
+        "--no-autostart" if args.no_autostart else None,
     )
     result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
     return _report(result, fmt)
@@ -344,9 +387,9 @@ def run_deny(args: argparse.Namespace) -> int:
     rules = [Rule(SERVICE, f"+{port}", source, target, Deny()) for port in ports]
     command = _command(
         "deny",
-        args.source,
-        *(f"--port {port}" for port in ports),
-        f"--target {args.target}" if args.target else "",
+        source.text,
+        *_port_words(ports),
+        *(("--target", target.text) if args.target is not None else ()),
     )
     result = PolicyEditor(fmt, system).add(rules, command=command, dry_run=args.dry_run)
     return _report(result, fmt)
@@ -360,11 +403,17 @@ def run_remove(args: argparse.Namespace) -> int:
             "say which rules to remove: SOURCE [--port PORT] [--target QUBE], or --all"
         )
     fmt = _format(args)
-    arguments = {f"+{port}" for port in _ports(args.port)}
-
-    wanted_source: str | None = args.source
-    wanted_target: str | None = args.target
-    wanted_redirect: str | None = args.default_target
+    ports = _ports(args.port)
+    arguments = {f"+{port}" for port in ports}
+    # The same checks as allow and deny, without asking whether the qubes exist:
+    # a rule for a qube since removed must stay removable.
+    wanted_source = None if args.source is None else _source(args.source, None).text
+    wanted_target = (
+        None if args.target is None else _target(args.target, None, default_ok=True).text
+    )
+    wanted_redirect = (
+        None if args.default_target is None else _redirect(args.default_target, None).text
+    )
 
     def matches(rule: Rule) -> bool:
         if args.all:
@@ -384,11 +433,11 @@ def run_remove(args: argparse.Namespace) -> int:
 
     command = _command(
         "remove",
-        args.source or "",
-        *(f"--port {port}" for port in args.port),
-        f"--target {args.target}" if args.target else "",
-        f"--default-target {args.default_target}" if args.default_target else "",
-        "--all" if args.all else "",
+        wanted_source,
+        *_port_words(ports),
+        *(("--target", wanted_target) if wanted_target is not None else ()),
+        *(("--default-target", wanted_redirect) if wanted_redirect is not None else ()),
+        "--all" if args.all else None,
     )
     result = PolicyEditor(fmt).remove(matches, command=command, dry_run=args.dry_run)
     if not result.removed:
@@ -409,38 +458,59 @@ def run_list(args: argparse.Namespace) -> int:
     if not rules:
         print(f"no rule decides {SERVICE} calls: every call is refused")
         return 0
-    width = max(len(str(rule.location)) for rule in rules)
+    width = max(len(printable(str(rule.location))) for rule in rules)
     for rule in rules:
-        print(f"{rule.location!s:<{width}}  {render(rule)}")
+        print(f"{printable(str(rule.location)):<{width}}  {printable(render(rule))}")
     return 0
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    """Decide one call as dom0 would, for the target exactly as a qube would type it.
+
+    Any TARGET is accepted, as any word can be put in a call: it is first
+    rewritten as qrexec-client-vm and qrexec-daemon rewrite it
+    (``target_as_sent``), then decided by the engine, which refuses words
+    that are not a call's target with dom0's own reason. ``--json`` gives
+    decision, target and rule, plus ``requested_target`` when the rewriting
+    changed the word and ``warnings`` when there are any.
+    """
     port = parse_port(args.port)
-    target = validate_target(args.target)
     system = _system(args, required=True)
     assert system is not None
     _check_qube(args.source, "source", system)
-    call = Call(args.source, target, SERVICE, f"+{port}")
+    typed: str = args.target
+    sent = target_as_sent(typed)
+    call = Call(args.source, sent, SERVICE, f"+{port}")
     policy = _load(args)
     resolution = evaluate(policy, system, call)
     if args.json:
-        document = {
+        document: dict[str, object] = {
             "decision": resolution.action,
             "target": resolution.target,
             "rule": resolution.rule,
         }
+        if sent != typed:
+            document["requested_target"] = sent
+        if resolution.warnings:
+            document["warnings"] = list(resolution.warnings)
         print(json.dumps(document))
         return 0
     print(call.describe())
+    if sent != typed:
+        print(
+            f"  sent as:  {sent or '@default'} (the qube typed {printable(typed)!r}; "
+            "qrexec-client-vm and qrexec-daemon rewrite it)"
+        )
     print(f"  decision: {resolution.action}")
     print(f"  target:   {resolution.target or '-'}")
     deciding = next((r for r in policy.rules if str(r.location) == resolution.rule), None)
-    rule_text = f"  {deciding.render()}" if deciding is not None else ""
+    rule_text = f"  {printable(deciding.render())}" if deciding is not None else ""
     print(f"  rule:     {resolution.rule or '(none matched)'}{rule_text}")
     if resolution.choices:
         print(f"  choices:  {', '.join(resolution.choices)}")
     print(f"  why:      {resolution.reason}")
+    for warning in resolution.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -449,7 +519,7 @@ def _block_problems(fmt: PolicyFormat) -> list[Problem]:
     try:
         PolicyEditor(fmt).managed()
     except PolicyError as error:
-        return [Problem("", str(error))]
+        return [problem_from_error(error)]
     return []
 
 
@@ -500,7 +570,7 @@ def run_import_legacy(args: argparse.Namespace) -> int:
     for rule in rules:
         unique.setdefault((rule.argument, rule.source, rule.target), rule)
     fmt = _format(args)
-    command = _command("import-legacy", f"--legacy-dir {legacy_dir}")
+    command = _command("import-legacy", "--legacy-dir", str(legacy_dir))
     result = PolicyEditor(fmt).add(list(unique.values()), command=command, dry_run=args.dry_run)
     status = _report(result, fmt)
     if result.written:

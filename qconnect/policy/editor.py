@@ -29,6 +29,7 @@ from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_p
 from qconnect.policy.parser import parse_line
 from qconnect.policy.rules import Location, Rule
 from qconnect.policy.system_info import SystemInfo
+from qconnect.printable import printable
 from qconnect.qrexec import SERVICE
 
 #: The file our new-format rules go to: sorts before 35-compat and 90-default.
@@ -127,8 +128,9 @@ class NewFormat(PolicyFormat):
                 continue
             if not isinstance(entry, Rule):
                 raise PolicyError(
-                    f"{self.display(path)}:{first_line + offset}: only rules belong "
-                    "between qconnect's markers"
+                    "only rules belong between qconnect's markers",
+                    file=self.display(path),
+                    line=first_line + offset,
                 )
             rules.append(entry)
         return rules
@@ -168,7 +170,9 @@ class LegacyFormat(PolicyFormat):
         entries = legacy.parse_legacy_text(padded, self.display(path), service, argument)
         rules = [entry for entry in entries if isinstance(entry, Rule)]
         if len(rules) != len(entries):
-            raise PolicyError(f"{self.display(path)}: only rules belong between qconnect's markers")
+            raise PolicyError(
+                "only rules belong between qconnect's markers", file=self.display(path)
+            )
         return rules
 
     def load(self, overrides: Overrides | None = None) -> Policy:
@@ -225,7 +229,7 @@ def _read(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not valid UTF-8; refusing to edit it") from None
+        raise PolicyError("not valid UTF-8; refusing to edit it", file=str(path)) from None
     except OSError as error:
         raise PolicyError(f"cannot read {path}: {error.strerror}") from None
 
@@ -333,8 +337,10 @@ class PolicyEditor:
         try:
             self.format.load()
         except PolicyError:
-            return PolicyError(f"refusing the edit, the policy does not parse now: {error}")
-        return PolicyError(f"refusing the edit, the policy would not parse afterwards: {error}")
+            when = "does not parse now"
+        else:
+            when = "would not parse afterwards"
+        return PolicyError(f"refusing the edit, the policy {when}: {error}")
 
     def _shadow_warnings(self, policy: Policy, added: Sequence[Rule]) -> Iterator[str]:
         rules = policy.rules
@@ -354,5 +360,5 @@ class PolicyEditor:
             if shadow is not None:
                 yield (
                     f"{rules[index].location}: the new rule never matches: {shadow.location} "
-                    f"({shadow.render()}) comes first and decides every call it covers"
+                    f"({printable(shadow.render())}) comes first and decides every call it covers"
                 )

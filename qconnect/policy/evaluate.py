@@ -1,13 +1,20 @@
 """One qrexec call against the policy, decided as dom0 decides it.
 
-The steps follow qubes-core-qrexec's ``Request`` and the ``evaluate`` of
-``Allow``/``Ask``/``Deny``: the requested target is first checked (a qube
-that does not exist becomes ``@default``; a keyword that cannot be a call's
-target is refused), the first rule whose service, argument, source and
+The steps follow qubes-core-qrexec's ``qrexec/policy/parser.py``: ``Request``
+reads the requested target as an ``IntendedTarget`` and ``verify``-s it (a
+qube that does not exist becomes ``@default``; ``@dispvm:NAME`` must name a
+disposable template; a word that is not an intended target at all is a
+``PolicySyntaxError``), the first rule whose service, argument, source and
 target all match decides, and nothing matching means deny. An ``allow`` can
 still refuse: no target at all for a ``@default`` call, ``@dispvm`` without
 a default disposable template, ``autostart=no`` towards a halted qube, or a
-qube calling itself.
+qube calling itself *by the same string* (``AllowResolution.execute``
+compares ``request.source == target``, so a call to one's own ``uuid:`` is
+allowed: we say so, and warn).
+
+Before dom0's policy engine sees a target, the qube's ``qrexec-client-vm``
+and dom0's ``qrexec-daemon`` rewrite it (``target_as_sent``): ``explain``
+answers for what a qube types, ``evaluate`` for what the engine receives.
 """
 
 import dataclasses
@@ -17,16 +24,20 @@ from pathlib import Path
 from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
-from qconnect.policy.tokens import (
-    AdminVM,
-    DispVM,
-    DispVMTemplate,
-    EvaluationFailure,
-    Place,
-    Token,
-    TokenError,
-    parse_token,
-)
+from qconnect.policy.tokens import EvaluationFailure, Token
+from qconnect.qrexec import sanitize_target
+
+# qrexec-client-vm copies TARGET into a 64-byte field with strncpy and a
+# NUL kept at the end (qubes-core-qrexec agent/qrexec-client-vm.c,
+# params.target_domain of MSG_TRIGGER_SERVICE4, libqrexec/qrexec.h): at most
+# 63 bytes of what a qube types reach dom0.
+TARGET_FIELD_BYTES = 63
+
+# The words dom0's engine reads as an intended target besides qube names
+# (parser.py: the IntendedTarget subclasses AdminVM, DefaultVM, DispVM and
+# DispVMTemplate); any other "@..." word, and "*", is a PolicySyntaxError.
+_INTENDED_KEYWORDS = frozenset({"@adminvm", "@default", "@dispvm"})
+_DISPVM_PREFIX = "@dispvm:"
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Resolution:
     notify: bool = False
     reason: str = ""
     choices: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -76,28 +88,65 @@ class _Refused(Exception):
         self.notify = notify
 
 
-def intended_target(requested: str, system: SystemInfo) -> str:
-    """The call's target as policy matching sees it, or _Refused.
+def target_as_sent(typed: str) -> str:
+    """The target dom0's policy engine receives when a qube's call names ``typed``.
 
-    Empty means ``@default``; a qube that does not exist is read as
-    ``@default`` too (qrexec logs a warning and goes on); ``@dispvm:NAME``
-    must name a disposable template; other keywords cannot be requested.
+    qrexec-client-vm turns ``$`` into ``@`` (``convert_target_name_keyword``)
+    and keeps the first 63 bytes; qrexec-daemon then replaces every byte
+    outside ``[A-Za-z0-9_.-]`` and ``@:`` with ``_`` (``sanitize_name`` in
+    daemon/qrexec-daemon.c, applied to every MSG_TRIGGER_SERVICE* target).
+    So ``*`` arrives as ``_`` (no such qube: ``@default``), ``@tag:T`` as it is.
+    """
+    raw = typed.encode("utf-8", "surrogateescape")[:TARGET_FIELD_BYTES]
+    # One character per byte, so that each byte of a multi-byte letter becomes one "_".
+    return sanitize_target(raw.decode("latin-1"))
+
+
+def intended_target(requested: str, system: SystemInfo) -> str:
+    """The call's target as policy matching sees it, or _Refused with dom0's reason.
+
+    As ``IntendedTarget(target).verify()`` in qrexec/policy/parser.py: empty
+    means ``@default``; ``@adminvm``, ``@default`` and ``@dispvm`` stand as
+    they are; ``@dispvm:NAME`` must name a disposable template (else
+    ``AccessDenied``); any other keyword, and ``*``, is not an intended target
+    (``PolicySyntaxError``: dom0 logs "error loading policy" and refuses
+    without notifying). A name or ``uuid:UUID`` of no qube is read as
+    ``@default``; an existing one is kept as written, ``uuid:`` included, as
+    dom0 keeps it (matching resolves ``uuid:`` forms; the self-call check
+    does not).
     """
     if requested in ("", "@default"):
         return "@default"
-    try:
-        token = parse_token(requested, Place.REDIRECT)
-    except TokenError:
-        raise _Refused(f"{requested!r} cannot be a call's target") from None
-    if isinstance(token, AdminVM | DispVM):
-        return token.text
-    if isinstance(token, DispVMTemplate):
-        template = system.lookup(token.template)
-        if template is None or not template.template_for_dispvms:
-            raise _Refused(f"{token.template!r} is not a disposable template")
-        return f"@dispvm:{template.name}"
-    qube = system.lookup(requested)
-    return qube.name if qube is not None else "@default"
+    if requested in _INTENDED_KEYWORDS:
+        return requested
+    if requested.startswith(_DISPVM_PREFIX):
+        template_name = requested[len(_DISPVM_PREFIX) :]
+        if not template_name:
+            raise _Refused(
+                f"dom0 refuses the target: invalid empty @dispvm: token: {requested!r}",
+                notify=False,
+            )
+        if not template_name.startswith("@"):
+            template = system.lookup(template_name)
+            if template is None or not template.template_for_dispvms:
+                raise _Refused(f"not a template for dispvm: {template_name}")
+            return _DISPVM_PREFIX + template.name
+    if requested.startswith("@") or requested == "*":
+        raise _Refused(
+            f"dom0 refuses the target: invalid intendedtarget token: {requested!r} "
+            "(a call names a qube, uuid:UUID, @default, @adminvm, @dispvm or @dispvm:NAME)",
+            notify=False,
+        )
+    if is_dom0(requested) or system.lookup(requested) is not None:
+        return requested
+    return "@default"
+
+
+def served_qube(target: str, system: SystemInfo) -> str:
+    """The name of the qube a resolved target designates (``uuid:`` forms resolved)."""
+    if is_dom0(target):
+        return "dom0"
+    return system.canonical(target)
 
 
 def _can_run_without_autostart(target: str, system: SystemInfo) -> bool:
@@ -140,25 +189,35 @@ def _allow(rule: Rule, action: Allow, call: Call, intended: str, system: SystemI
                 f"{where} allows the call to @dispvm but {call.source} has no default_dispvm"
             )
         target = expanded
-    elif is_dom0(target):
+    elif target == "@adminvm":
         target = "dom0"
     if not action.effective_autostart and not _can_run_without_autostart(target, system):
         raise _Refused(
             f"{where} says autostart=no and {target} is not running",
             notify=action.effective_notify,
         )
+    # dom0 compares the strings (AllowResolution.execute: request.source == target).
     if target == call.source:
         raise _Refused(f"{where} would send {call.source}'s call to itself; qrexec refuses that")
+    served = served_qube(target, system)
+    warnings: tuple[str, ...] = ()
+    if served == call.source:
+        warnings = (
+            f"{call.source} reaches itself through {target}: dom0's policy engine allows "
+            "this, as its self-call check compares names and not the qubes they designate",
+        )
+    named = f" (named {target})" if served != target else ""
     redirected = intended != target and action.target is not None
     how = f" (redirected by target= from {intended})" if redirected else ""
     return Resolution(
         action="allow",
-        target=target,
+        target=served,
         rule=where,
         user=action.user,
         autostart=action.effective_autostart,
         notify=action.effective_notify,
-        reason=f"allowed by {where}: {call.describe()} is served by {target}{how}",
+        reason=f"allowed by {where}: {call.describe()} is served by {served}{named}{how}",
+        warnings=warnings,
     )
 
 
@@ -253,11 +312,11 @@ def evaluate(policy: Policy, system: SystemInfo, call: Call) -> Resolution:
     """dom0's decision on ``call`` under ``policy``; never raises, whatever the call."""
     call = Call(call.source, call.target, call.service, call.argument or "+")
     note = ""
-    if not call.target.startswith("@") and call.target and call.target not in system:
-        note = f" (requested target {call.target!r} does not exist: read as @default)"
     rule: Rule | None = None
     try:
         intended = intended_target(call.target, system)
+        if intended == "@default" and call.target not in ("", "@default"):
+            note = f" (requested target {call.target!r} does not exist: read as @default)"
         for candidate in policy.rules:
             rule = candidate
             if _rule_matches_but_target(candidate, call, system) and _target_matches(

@@ -32,13 +32,20 @@ def split(text: str, file: str) -> Fenced:
         return _MARKERS.split(text)
     except FenceError as error:
         raise PolicyError(
-            f"{file}: qconnect's BEGIN/END markers are damaged (found {error.begins} BEGIN and "
-            f"{error.ends} END lines): repair the file by hand"
+            f"qconnect's BEGIN/END markers are damaged (found {error.begins} BEGIN and "
+            f"{error.ends} END lines): repair the file by hand",
+            file=file or None,
         ) from None
 
 
 def render_block(rule_lines: Sequence[str], command: str) -> str:
-    """Our block with its markers, a note on what wrote it, and ``rule_lines``."""
+    """Our block with its markers, a note on what wrote it, and ``rule_lines``.
+
+    ``command`` must be printable (the command line quotes and escapes every
+    word): a line break in it would end the comment and start a policy line.
+    """
+    if not command.isprintable():
+        raise PolicyError(f"refusing to record the command {command!r}: not one printable line")
     lines = [BEGIN_MARKER, f"# Last change: {command}", *_EXPLANATION, *rule_lines, END_MARKER]
     return "".join(line + "\n" for line in lines)
 

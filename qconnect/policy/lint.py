@@ -10,7 +10,6 @@ covers the later one (same or wider service, argument, source and target),
 so every reported shadow is real.
 """
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from qconnect.policy.loader import (
     load_policy,
 )
 from qconnect.policy.parser import parse_text
-from qconnect.policy.rules import Allow, Ask, Rule
+from qconnect.policy.rules import Allow, Ask, Location, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
 from qconnect.policy.tokens import (
     AdminVM,
@@ -37,12 +36,12 @@ from qconnect.policy.tokens import (
     QubeName,
     TagVM,
     Token,
+    TokenError,
     TypeVM,
     Wildcard,
+    check_value,
 )
-
-# "FILE:LINE: message" (LINE "end" for an implicit rule).
-_WHERE = re.compile(r"(?P<file>[^:]+):(?P<line>\d+|end): ")
+from qconnect.printable import printable
 
 # Tokens @anyvm always covers: they never designate dom0.
 _NEVER_DOM0 = (DefaultVM, DispVM, DispVMTemplate, DispVMTag, AnyVM)
@@ -87,58 +86,88 @@ def shadowing_rule(
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding, printed as ``FILE:LINE: message``."""
+    """One finding, printed as ``FILE:LINE: message``.
 
-    where: str
+    ``file`` and ``line`` are fields (None: not tied to a file, or to the
+    whole file), taken from the rule or from the PolicyError's own fields,
+    so sorting never depends on what a file name looks like.
+    """
+
+    file: str | None
+    line: int | None
     message: str
+
+    @classmethod
+    def at(cls, location: Location | None, message: str) -> "Problem":
+        if location is None:
+            return cls(None, None, message)
+        return cls(location.file, location.line, message)
+
+    @property
+    def where(self) -> str:
+        if self.file is None:
+            return ""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
 
 
-def _from_error(error: PolicyError) -> Problem:
-    return Problem("", str(error))
+def problem_from_error(error: PolicyError) -> Problem:
+    """The finding a PolicyError stands for, at the file and line it carries."""
+    return Problem(error.file, error.line, error.message)
 
 
 def _rule_problems(rules: tuple[Rule, ...], system: SystemInfo | None) -> Iterator[Problem]:
     for index, rule in enumerate(rules):
-        where = str(rule.location)
+        where = rule.location
         if rule.location is not None and rule.location.line is None:
             continue  # an implicit deny closing an R4.0 file: nothing to fix there
         shadow = shadowing_rule(rules[:index], rule, system)
         if shadow is not None:
-            yield Problem(
+            yield Problem.at(
                 where,
-                f"rule never matches: {shadow.location} ({shadow.render()}) decides "
+                f"rule never matches: {shadow.location} ({printable(shadow.render())}) decides "
                 "every call it covers first",
             )
-        for column, token in (("source", rule.source), ("target", rule.target)):
+        for column, token in _named_tokens(rule):
             if "#" in token.text:
-                yield Problem(
+                yield Problem.at(
                     where,
                     f"{column} {token.text!r} contains '#': dom0 reads it as a qube name, "
                     "not as a comment (comments start a line)",
                 )
+            elif not (isinstance(token, QubeName) and token.name.startswith("uuid:")):
+                try:
+                    check_value(token)
+                except TokenError as error:
+                    # dom0 accepts the line, but no qube can ever have such a name or tag.
+                    yield Problem.at(where, f"{column} never matches: {error}")
         if isinstance(rule.source, DispVMTemplate):
-            yield Problem(
+            yield Problem.at(
                 where, f"source {rule.source.text} never matches: callers are named qubes"
             )
         if system is not None:
             yield from _unknown_qubes(rule, where, system)
 
 
-def _unknown_qubes(rule: Rule, where: str, system: SystemInfo) -> Iterator[Problem]:
+def _named_tokens(rule: Rule) -> list[tuple[str, Token]]:
+    """Every token of ``rule`` with the column it stands in."""
     named: list[tuple[str, Token]] = [("source", rule.source), ("target", rule.target)]
     if isinstance(rule.action, Allow | Ask) and rule.action.target is not None:
         named.append(("target=", rule.action.target))
     if isinstance(rule.action, Ask) and rule.action.default_target is not None:
         named.append(("default_target=", rule.action.default_target))
-    for column, token in named:
+    return named
+
+
+def _unknown_qubes(rule: Rule, where: Location | None, system: SystemInfo) -> Iterator[Problem]:
+    for column, token in _named_tokens(rule):
         name = token.name if isinstance(token, QubeName) else None
         if isinstance(token, DispVMTemplate):
             name = token.template
         if name is not None and not is_dom0(name) and name not in system:
-            yield Problem(where, f"{column} {token.text!r} names no qube of this machine")
+            yield Problem.at(where, f"{column} {token.text!r} names no qube of this machine")
 
 
 def lint_directory(
@@ -154,7 +183,7 @@ def lint_directory(
         policy = load_legacy_policy(directory, on_error=errors.append)
     else:
         policy = load_policy(directory, legacy_dir=legacy_dir, on_error=errors.append)
-    problems = [_from_error(error) for error in errors]
+    problems = [problem_from_error(error) for error in errors]
     problems.extend(_rule_problems(policy.rules, system))
     return problems, policy
 
@@ -169,7 +198,7 @@ def lint_file(
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not valid UTF-8"
-        return [Problem(file, f"cannot read: {reason}")], Policy(())
+        return [Problem(file, None, f"cannot read: {reason}")], Policy(())
     problems: list[Problem] = []
     rules: list[Rule] = []
     if legacy_format:
@@ -186,20 +215,21 @@ def lint_file(
             problems.append(
                 Problem(
                     file,
+                    None,
                     f"invalid policy file name {path.name!r}: expected lowercase letters, "
                     "digits, '_', '.' or '-' (dom0 refuses every call while it is there)",
                 )
             )
         elif path.suffix != POLICY_SUFFIX:
             problems.append(
-                Problem(file, f"dom0 ignores {path.name!r}: policy files must end in .policy")
+                Problem(file, None, f"dom0 ignores {path.name!r}: policy files must end in .policy")
             )
         rules.extend(
             entry
             for entry in parse_text(text, file, on_error=errors.append)
             if isinstance(entry, Rule)
         )
-    problems.extend(_from_error(error) for error in errors)
+    problems.extend(problem_from_error(error) for error in errors)
     policy = Policy(tuple(rules), (path,))
     problems.extend(_rule_problems(policy.rules, system))
     return problems, policy
@@ -209,9 +239,7 @@ def sort_problems(problems: list[Problem]) -> list[Problem]:
     """Stable order for output: by file, then line (implicit and unnumbered last)."""
 
     def key(problem: Problem) -> tuple[str, int]:
-        match = _WHERE.match(str(problem))
-        if match is None:
-            return (str(problem), 0)
-        return (match["file"], int(match["line"]) if match["line"].isdigit() else 1 << 30)
+        # A problem of a whole file comes before that file's numbered lines.
+        return (problem.file or "", problem.line if problem.line is not None else 0)
 
     return sorted(problems, key=key)

@@ -95,25 +95,23 @@ class _Loader:
         override = self.overrides.get(path, ...)
         if isinstance(override, str):
             return override
-        prefix = f"{where}: " if where is not None else ""
         if override is None or not path.is_file():
-            raise PolicyError(f"{prefix}not a file: {path}")
+            raise fail(where, f"not a file: {path}")
         try:
             return path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as error:
             raise PolicyError(
-                f"{self.display(path)}: not valid UTF-8 (byte {error.start})"
+                f"not valid UTF-8 (byte {error.start})", file=self.display(path)
             ) from None
         except OSError as error:
-            raise PolicyError(f"{prefix}cannot read {path}: {error.strerror}") from None
+            raise fail(where, f"cannot read {path}: {error.strerror}") from None
 
     def listing(self, directory: Path, where: Location | None, what: str) -> set[Path]:
         """The regular files of ``directory`` as they would be with the overrides applied."""
         try:
             listed = {path for path in directory.iterdir() if path.is_file()}
         except OSError as error:
-            prefix = f"{where}: " if where is not None else ""
-            raise PolicyError(f"{prefix}cannot read {what} {directory}: {error.strerror}") from None
+            raise fail(where, f"cannot read {what} {directory}: {error.strerror}") from None
         for path, content in self.overrides.items():
             if path.parent == directory:
                 (listed.add if content is not None else listed.discard)(path)
@@ -134,9 +132,9 @@ class _Loader:
             if invalid_file_name(path.name):
                 self.report(
                     PolicyError(
-                        f"{self.display(path)}: invalid policy file name {path.name!r}: expected "
-                        "lowercase letters, digits, '_', '.' or '-' (dom0 refuses every call "
-                        "while it is there)"
+                        f"invalid policy file name {path.name!r}: expected lowercase letters, "
+                        "digits, '_', '.' or '-' (dom0 refuses every call while it is there)",
+                        file=self.display(path),
                     )
                 )
                 return [p for p in chosen if not invalid_file_name(p.name)]
@@ -152,9 +150,10 @@ class _Loader:
 
     def enter(self, path: Path, where: Location | None) -> None:
         if path in self.stack:
-            raise PolicyError(
-                f"{where or self.display(path)}: include loop: {self.display(path)} includes itself"
-            )
+            message = f"include loop: {self.display(path)} includes itself"
+            if where is None:
+                raise PolicyError(message, file=self.display(path))
+            raise fail(where, message)
         self.stack.append(path)
         self.files.append(path)
 

@@ -1,6 +1,6 @@
 """One policy file's text to rules and directives (the R4.1+ format), with dom0's refusals.
 
-Pure: text in, entries or ``PolicyError("FILE:LINE: message")`` out. Files
+Pure: text in, entries or a ``PolicyError`` carrying FILE and LINE out. Files
 are read and includes followed by ``loader``. The checks are those of qrexec's
 own parser (qubes-core-qrexec ``qrexec/policy/parser.py``) with messages that
 name the bad value and what was expected; a line dom0 would refuse is refused
@@ -72,8 +72,11 @@ def split_lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def fail(location: Location, message: str) -> PolicyError:
-    return PolicyError(f"{location}: {message}")
+def fail(location: Location | None, message: str) -> PolicyError:
+    """The error for ``message`` at ``location``, with the file and line kept as fields."""
+    if location is None:
+        return PolicyError(message)
+    return PolicyError(message, file=location.file, line=location.line)
 
 
 def check_service_argument(
@@ -106,7 +109,9 @@ def check_service_argument(
 
 def _token(text: str, place: Place, location: Location) -> Token:
     try:
-        return parse_token(text, place)
+        # dom0's grammar: a value outside Qubes' character set is accepted (it
+        # never matches), so a file dom0 reads is read here too; lint says so.
+        return parse_token(text, place, strict=False)
     except TokenError as error:
         raise fail(location, str(error)) from None
 

@@ -6,9 +6,25 @@ dom0 applies when a parameter is absent (deny notifies, allow and ask do not;
 autostart is on).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from qconnect.errors import PolicyError
 from qconnect.policy.tokens import Token
+
+
+def _one_line(words: Sequence[str]) -> str:
+    """``words`` joined by spaces, refused unless dom0 splits the line back into exactly them.
+
+    dom0 splits a policy line with ``str.split()`` (any Unicode whitespace)
+    and a file into lines at ``\\n`` and ``\\r``, both whitespace too. A word
+    that is empty or holds whitespace would change the rule, or add one; the
+    command line checks every value first, so this is the last line of defence.
+    """
+    for word in words:
+        if word.split() != [word]:
+            raise PolicyError(f"refusing to write {word!r} into a policy line: not one word")
+    return " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -136,12 +152,16 @@ class Rule:
             self.action.name,
             *self.action.params(),
         ]
-        return " ".join(words)
+        return _one_line(words)
 
     def render_legacy(self) -> str:
         """The rule as one line of an R4.0 file (``SOURCE TARGET ACTION[,PARAM...]``)."""
-        return f"{self.source.text} {self.target.text} " + ",".join(
-            [self.action.name, *self.action.params()]
+        return _one_line(
+            [
+                self.source.text,
+                self.target.text,
+                ",".join([self.action.name, *self.action.params()]),
+            ]
         )
 
     def __str__(self) -> str:

@@ -8,17 +8,35 @@ parser does by inheritance.
 
 ``match(other, ...)`` compares the token with what a call supplies: for a
 source, the calling qube's name; for a target, the *intended target*, which is
-a qube name, ``@default``, ``@adminvm``, ``@dispvm`` or ``@dispvm:NAME``
-(see ``evaluate.intended_target``).
+a qube name (or ``uuid:UUID``), ``@default``, ``@adminvm``, ``@dispvm`` or
+``@dispvm:NAME`` (see ``evaluate.intended_target``).
+
+Two grammars: dom0's parser (qubes-core-qrexec ``qrexec/policy/parser.py``,
+``VMToken.__new__``) checks only the keyword and that a prefix has a value; a
+tag or a qube name with any other characters is accepted and simply never
+matches. Reading a file, we accept what dom0 accepts (``strict=False``), so
+our view of a policy is dom0's. Writing one, every value must also be in
+Qubes' own character set for it (``strict=True``, the default): nothing a
+command line carries can then add a word, a line or a control character to a
+policy file.
 """
 
 import enum
+import string
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 from qconnect.policy.system_info import QubeInfo, SystemInfo, is_dom0
+from qconnect.qrexec import is_valid_qube_name
+
+# What qubesd accepts in a tag (qubes-core-admin, qubes/vm/__init__.py,
+# Tags.validate_tag: letters, digits, '-' and '_', not empty). A qube's type is
+# its class name (AppVM, DispVM, TemplateVM...); the same set covers them all.
+TAG_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
+TYPE_CHARS = TAG_CHARS
+_QUBE_NAME_RULE = "a letter, then up to 30 letters, digits, '_', '.' or '-'"
 
 
 class Place(enum.Enum):
@@ -251,7 +269,10 @@ class DispVMTemplate(Token):
                 raise EvaluationFailure(
                     f"{self.text} meets a @dispvm call from {source}, which has no default_dispvm"
                 )
-            return system.canonical(template) == system.canonical(self.template)
+            # dom0 compares "@dispvm:" + default_dispvm with the rule's text as
+            # plain strings here (match_strings only resolves a leading "uuid:"),
+            # so a rule naming the template by uuid: does not match a @dispvm call.
+            return template == self.template
         if not other.startswith(self.prefix):
             # A calling qube's name is never "@dispvm:...": as a source this
             # token matches nothing, exactly as in qrexec.
@@ -285,8 +306,13 @@ class DispVMTag(Token):
             template = other[len("@dispvm:") :]
         else:
             return False
-        qube = system.lookup(template) if template is not None else None
-        return qube is not None and qube.template_for_dispvms and self.tag in qube.tags
+        if template is None:
+            return False
+        qube = system.lookup(template)
+        if qube is None:
+            # dom0 indexes its qubes by the template's name here and fails (KeyError).
+            raise EvaluationFailure(f"{self.text} meets a call for {template!r}, no qube")
+        return qube.template_for_dispvms and self.tag in qube.tags
 
     def expand(self, system: SystemInfo) -> Iterator[str]:
         for qube in system:
@@ -311,8 +337,45 @@ _PREFIXED: tuple[tuple[str, type[Token]], ...] = (
 )
 
 
-def parse_token(text: str, place: Place) -> Token:
-    """The token ``text`` stands for in ``place``; TokenError says why it cannot stand there."""
+def _check_qube_name(text: str, name: str) -> None:
+    if not (is_valid_qube_name(name) or is_dom0(name)):
+        shown = "" if name == text else f" in {text!r}"
+        raise TokenError(f"{name!r}{shown} is not a qube name: expected {_QUBE_NAME_RULE}")
+
+
+def _check_word(text: str, value: str, what: str, allowed: frozenset[str]) -> None:
+    bad = sorted(set(value) - allowed)
+    if bad or not value:
+        raise TokenError(
+            f"{what} {value!r} in {text!r} has characters Qubes never puts in a {what} "
+            f"({''.join(bad)!r}): expected letters, digits, '-' or '_'"
+        )
+
+
+def check_value(token: Token) -> None:
+    """TokenError unless every value in ``token`` is in Qubes' own character set for it.
+
+    Qube names follow qubes-core-admin's ``validate_name`` (``dom0`` and its
+    ``uuid:`` form included), tags and types ``TAG_CHARS``. Keywords have no
+    value. This is what makes a written token one word of printable ASCII.
+    """
+    if isinstance(token, QubeName):
+        _check_qube_name(token.text, token.name)
+    elif isinstance(token, DispVMTemplate):
+        _check_qube_name(token.text, token.template)
+    elif isinstance(token, TagVM | DispVMTag):
+        _check_word(token.text, token.tag, "tag", TAG_CHARS)
+    elif isinstance(token, TypeVM):
+        _check_word(token.text, token.type_name, "type", TYPE_CHARS)
+
+
+def parse_token(text: str, place: Place, *, strict: bool = True) -> Token:
+    """The token ``text`` stands for in ``place``; TokenError says why it cannot stand there.
+
+    ``strict`` (the default, for every value that is going to be written)
+    also checks the value against Qubes' character set (``check_value``);
+    ``strict=False`` is dom0's own grammar, for reading policy files.
+    """
     what = place.value
     if not text:
         raise TokenError(f"empty {what} token")
@@ -338,4 +401,6 @@ def parse_token(text: str, place: Place) -> Token:
             )
     if place not in token.allowed:
         raise TokenError(f"{text!r} cannot be a {what}")
+    if strict:
+        check_value(token)
     return token
