@@ -246,7 +246,15 @@ def _replace_once(text: str, old: str, new: str) -> str:
 
 
 def _systemd_quote(word: str) -> str:
-    """Quote one ExecStart word for systemd: specifiers and variables escaped."""
+    """Quote one ExecStart word for systemd: specifiers and variables escaped.
+
+    A word holding anything but printable ASCII is refused: systemd ends a
+    line at CR, LF or NUL, so such a word would end the directive early.
+    """
+    if not word.isascii() or not word.isprintable():
+        raise ServiceError(
+            f"{printable(word)!r} cannot be written into a unit: not printable ASCII"
+        )
     escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"' if escaped != word or any(c.isspace() for c in word) else word
 
@@ -260,7 +268,7 @@ def render_units(
 ) -> dict[str, str]:
     """The socket and service units' texts, by file name. Pure apart from reading templates."""
     values = {
-        "HEADER": service_header(command.replace("\n", " "), root_option.replace("\n", " ")),
+        "HEADER": service_header(command, root_option),
         "ON_STOP": _socket_on_stop(socket, layout),
         "PYTHON": _systemd_quote(python),
         "SOCKET": socket,
