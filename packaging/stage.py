@@ -20,7 +20,7 @@ distribution keeps Python modules and the Fedora client's directory)::
   tmpfiles.d file that, at every boot, links it at ``/run/qubes-rpc`` and
   writes its rpc-config to ``/run/qubes/rpc-config`` (both searched before
   the stock ``/etc`` ones, which stay untouched);
-- the socket service's units in ``/usr/lib/systemd/system`` (shipped
+- the socket service's units in ``--unit-dir`` (shipped
   disabled: ``systemctl enable --now qconnect-connecttcp.socket``);
 - man pages and bash completion.
 
@@ -49,7 +49,6 @@ from qconnect import __version__  # noqa: E402
 PYTHON = "/usr/bin/python3"
 SHARE = Path("usr/share/qconnect")
 SERVICE_EXEC = Path("usr/lib/qconnect/qubes.ConnectTCP")
-UNIT_DIR = Path("usr/lib/systemd/system")
 TMPFILES = Path("usr/lib/tmpfiles.d/qconnect-connecttcp.conf")
 MAN1 = Path("usr/share/man/man1")
 COMPLETIONS = Path("usr/share/bash-completion/completions")
@@ -138,7 +137,7 @@ def packaged_header(text: str) -> str:
     return f"# {PACKAGED}\n" + "\n".join(kept)
 
 
-def stage_service(dest: Path, site: Path) -> None:
+def stage_service(dest: Path, site: Path, unit_dir: Path) -> None:
     """The executable service, the socket service's units and the tmpfiles.d file."""
     from qconnect.service import install
 
@@ -152,7 +151,9 @@ def stage_service(dest: Path, site: Path) -> None:
         # tmpfiles resolves a bare name through /etc, /run and /usr/lib: an
         # administrator's `qconnect service install` in /etc overrides ours.
         text = text.replace(f" /{install.TMPFILES}", f" {TMPFILES.name}")
-        write(dest, UNIT_DIR / name, packaged_header(text))
+        # The package ships the man page that documents them.
+        text = text.replace("\nDescription=", "\nDocumentation=man:qconnect(1)\nDescription=", 1)
+        write(dest, unit_dir / name, packaged_header(text))
     rpc_config = install.RPC_CONFIG.split("\n", 1)[1]
     tmpfiles = f"""# {PACKAGED}
 #
@@ -186,7 +187,7 @@ def man_page(name: str, parsers: list[tuple[tuple[str, ...], argparse.ArgumentPa
     return manpage.render(template, parsers, __version__)
 
 
-def stage_template(dest: Path, site: Path, client_dir: Path) -> None:
+def stage_template(dest: Path, site: Path, client_dir: Path, unit_dir: Path) -> None:
     from qconnect import client_cli
 
     copy_modules(dest, site)
@@ -198,7 +199,7 @@ def stage_template(dest: Path, site: Path, client_dir: Path) -> None:
     write(dest, SHARE / "rpc-services" / service.name, service.read_text(), 0o755)
     for unit in sorted((SOURCE / "systemd-units").glob("*.in")):
         write(dest, SHARE / "systemd-units" / unit.name, unit.read_text())
-    stage_service(dest, site)
+    stage_service(dest, site, unit_dir)
     client_parser = client_cli.build_parser()
     pages = {
         "qvm-connect-tcp.1": [(("qvm-connect-tcp",), client_parser)],
@@ -231,14 +232,18 @@ def main() -> int:
         "--site", default="usr/lib/python3/dist-packages", help="template: module dir"
     )
     parser.add_argument("--client-dir", default="usr/bin", help="template: qvm-connect-tcp's dir")
+    parser.add_argument(
+        "--unit-dir",
+        default="usr/lib/systemd/system",
+        help="template: systemd's unit directory (Debian 12: lib/systemd/system)",
+    )
     parser.add_argument("--lib", default="usr/share/qconnect-dom0", help="dom0: module dir")
     args = parser.parse_args()
     os.umask(0o022)
-    relative = {
-        name: Path(str(getattr(args, name)).lstrip("/")) for name in ("site", "client_dir", "lib")
-    }
+    names = ("site", "client_dir", "unit_dir", "lib")
+    relative = {name: Path(str(getattr(args, name)).lstrip("/")) for name in names}
     if args.package == "template":
-        stage_template(args.dest, relative["site"], relative["client_dir"])
+        stage_template(args.dest, relative["site"], relative["client_dir"], relative["unit_dir"])
     else:
         stage_dom0(args.dest, relative["lib"])
     for path in args.dest.rglob("*"):  # no stray write bits, whatever the umask of the checkout
