@@ -137,12 +137,15 @@ def packaged_header(text: str) -> str:
     return f"# {PACKAGED}\n" + "\n".join(kept)
 
 
-def stage_service(dest: Path, site: Path, unit_dir: Path) -> None:
+def stage_service(dest: Path, site: Path, unit_dir: Path, search_dirs: list[str]) -> None:
     """The executable service, the socket service's units and the tmpfiles.d file."""
     from qconnect.service import install
 
     run_service = "/" + str(install.RUN_SERVICE)
-    exec_text = install.render_executable(python=PYTHON, search_path=[f"/{site}"])
+    # The executable runs with -IS: it sees only these directories (qconnect's,
+    # and python3-systemd's where that is elsewhere, as Fedora's lib64).
+    search_path = list(dict.fromkeys([f"/{site}", *search_dirs]))
+    exec_text = install.render_executable(python=PYTHON, search_path=search_path)
     write(dest, SERVICE_EXEC, exec_text, 0o755)
     units = install.render_units(
         "qconnect package", python=PYTHON, socket=run_service, layout=install.Layout.TEMPLATE
@@ -187,7 +190,9 @@ def man_page(name: str, parsers: list[tuple[tuple[str, ...], argparse.ArgumentPa
     return manpage.render(template, parsers, __version__)
 
 
-def stage_template(dest: Path, site: Path, client_dir: Path, unit_dir: Path) -> None:
+def stage_template(
+    dest: Path, site: Path, client_dir: Path, unit_dir: Path, search_dirs: list[str]
+) -> None:
     from qconnect import client_cli
 
     copy_modules(dest, site)
@@ -199,7 +204,7 @@ def stage_template(dest: Path, site: Path, client_dir: Path, unit_dir: Path) -> 
     write(dest, SHARE / "rpc-services" / service.name, service.read_text(), 0o755)
     for unit in sorted((SOURCE / "systemd-units").glob("*.in")):
         write(dest, SHARE / "systemd-units" / unit.name, unit.read_text())
-    stage_service(dest, site, unit_dir)
+    stage_service(dest, site, unit_dir, search_dirs)
     client_parser = client_cli.build_parser()
     pages = {
         "qvm-connect-tcp.1": [(("qvm-connect-tcp",), client_parser)],
@@ -237,13 +242,25 @@ def main() -> int:
         default="usr/lib/systemd/system",
         help="template: systemd's unit directory (Debian 12: lib/systemd/system)",
     )
+    parser.add_argument(
+        "--search-dir",
+        action="append",
+        default=[],
+        help="template: another directory the executable service imports from (repeatable)",
+    )
     parser.add_argument("--lib", default="usr/share/qconnect-dom0", help="dom0: module dir")
     args = parser.parse_args()
     os.umask(0o022)
     names = ("site", "client_dir", "unit_dir", "lib")
     relative = {name: Path(str(getattr(args, name)).lstrip("/")) for name in names}
     if args.package == "template":
-        stage_template(args.dest, relative["site"], relative["client_dir"], relative["unit_dir"])
+        stage_template(
+            args.dest,
+            relative["site"],
+            relative["client_dir"],
+            relative["unit_dir"],
+            [os.path.abspath(directory) for directory in args.search_dir],
+        )
     else:
         stage_dom0(args.dest, relative["lib"])
     for path in args.dest.rglob("*"):  # no stray write bits, whatever the umask of the checkout
