@@ -32,6 +32,7 @@ same renderer ``qconnect service install`` uses), from this source tree.
 """
 
 import argparse
+import ast
 import os
 import shutil
 import stat
@@ -53,8 +54,8 @@ TMPFILES = Path("usr/lib/tmpfiles.d/qconnect-connecttcp.conf")
 MAN1 = Path("usr/share/man/man1")
 COMPLETIONS = Path("usr/share/bash-completion/completions")
 
-#: The modules ``qconnect policy`` imports (checked by the RPM test: standard library only).
-DOM0_MODULES = ("__init__.py", "cli.py", "errors.py", "fence.py", "printable.py", "qrexec.py")
+#: Where dom0's ``qconnect policy`` starts: the front door and the policy command.
+DOM0_ENTRIES = ("cli.py", "policy/cli.py")
 
 PACKAGED = "Installed by the qconnect package; do not edit (copy it to /etc to override)."
 
@@ -121,13 +122,52 @@ def write(dest: Path, relative: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def copy_modules(dest: Path, site: Path, only: tuple[str, ...] | None = None) -> None:
-    """The package's .py files (no caches) under ``dest/site/qconnect``."""
+def copy_modules(dest: Path, site: Path, only: set[Path] | None = None) -> None:
+    """The package's .py files (no caches) under ``dest/site/qconnect``; ``only``: just those."""
     for source in sorted((SOURCE / "qconnect").rglob("*.py")):
         relative = source.relative_to(SOURCE / "qconnect")
-        if only is not None and relative.parts[0] != "policy" and str(relative) not in only:
+        if only is None or relative in only:
+            write(dest, site / "qconnect" / relative, source.read_text())
+
+
+def _module_file(name: str) -> Path | None:
+    """``qconnect.a.b`` as a path relative to the package directory, if it is one of ours."""
+    parts = name.split(".")
+    if parts[0] != "qconnect":
+        return None
+    base = SOURCE.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.relative_to(SOURCE / "qconnect")
+    return None
+
+
+def imported_closure(entries: tuple[str, ...]) -> set[Path]:
+    """Every qconnect module the entries import, transitively, with their packages' __init__.
+
+    Read from the source (every import statement, lazy ones included), so the
+    dom0 package follows whatever the policy code imports; the RPM test then
+    checks that all of it is the standard library.
+    """
+    pending = [Path(entry) for entry in entries]
+    found: set[Path] = set()
+    while pending:
+        relative = pending.pop()
+        if relative in found:
             continue
-        write(dest, site / "qconnect" / relative, source.read_text())
+        found.add(relative)
+        for parent in relative.parents:
+            if (SOURCE / "qconnect" / parent / "__init__.py").is_file():
+                pending.append(parent / "__init__.py")
+        tree = ast.parse((SOURCE / "qconnect" / relative).read_text(), str(relative))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            pending += [path for path in map(_module_file, names) if path is not None]
+    return found
 
 
 def packaged_header(text: str) -> str:
@@ -217,7 +257,7 @@ def stage_template(
 
 
 def stage_dom0(dest: Path, lib: Path) -> None:
-    copy_modules(dest, lib, only=DOM0_MODULES)
+    copy_modules(dest, lib, only=imported_closure(DOM0_ENTRIES))
     write(dest, Path("usr/bin/qconnect"), DOM0_SCRIPT.format(python=PYTHON, lib=f"/{lib}"), 0o755)
     namespace: dict[str, object] = {}
     # The dom0 front door's own parser, built by running its text (its sys.path
