@@ -59,3 +59,15 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Native packages into dist/, each built from a copy of the tree
+# (packaging/build.sh): `make deb` needs Debian's dpkg-dev, debhelper,
+# dh-python, python3-trio and python3-systemd; `make rpm` needs rpm
+# (rpmbuild) and cpio. The .deb is for templates and app qubes; the RPMs
+# are the Fedora template package and qconnect-dom0 (qconnect policy).
+.PHONY: deb rpm
+deb:
+	packaging/build.sh deb dist
+
+rpm:
+	packaging/build.sh rpm dist
