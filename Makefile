@@ -71,3 +71,14 @@ deb:
 
 rpm:
 	packaging/build.sh rpm dist
+
+# The trio-using tests under Debian's own /usr/bin/python3 with Debian's
+# python3-trio (0.22 on Debian 12), python3-systemd, python3-pytest and
+# python3-hypothesis. Debian 12 has no python3-pytest-trio: the plugin (pure
+# Python) is borrowed from the venv, alone, from a temporary directory.
+.PHONY: debian-python-test
+debian-python-test: setup
+	@plugin=$$(mktemp -d) && trap 'rm -rf "$$plugin"' EXIT && \
+	cp -r $$($(BIN)/python -c 'import os, pytest_trio; print(os.path.dirname(pytest_trio.__file__))') "$$plugin"/ && \
+	PYTHONPATH="$(CURDIR):$$plugin" /usr/bin/python3 -m pytest -q -p no:cacheprovider -p pytest_trio.plugin \
+	  $$(grep -l trio tests/test_*.py)

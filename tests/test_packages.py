@@ -585,3 +585,45 @@ def test_package_versions_match_the_source() -> None:
     for spec in ("qconnect.spec", "qconnect-dom0.spec"):
         text = (SOURCE / "packaging/rpm" / spec).read_text()
         assert re.search(rf"^Version:\s+{re.escape(__version__)}$", text, re.MULTILINE), spec
+
+
+# --- bash completion ---------------------------------------------------------------------
+
+
+def _complete(function: str, words: list[str]) -> set[str]:
+    """COMPREPLY of a completion function for ``words`` (the last one is being typed)."""
+    script = (
+        'source "$1"; source "$2"; shift 2; COMP_WORDS=("$@"); '
+        "COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); " + function + '; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    result = subprocess.run(
+        ["bash", "--norc", "-c", script, "bash",
+         str(SOURCE / "completion/qconnect"), str(SOURCE / "completion/qvm-connect-tcp"), *words],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env={**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                    os.environ.get("PATH", "")])},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "words", [[], ["persist"], ["persist", "add"], ["policy", "allow"], ["service", "run"]]
+)
+def test_bash_completion_offers_the_commands_and_options_of_help(words: list[str]) -> None:
+    if _missing("bash"):
+        pytest.skip("bash is not installed")
+    help_text = _live_help(words)
+    offered = _complete("_qconnect", ["qconnect", *words, ""])
+    assert set(_help_subcommands(help_text)) | _help_options(help_text) <= offered
+    assert _complete("_qconnect", ["qconnect", *words, "--"]) == {
+        option for option in _help_options(help_text) | {"--help"} if option.startswith("--")
+    }
+
+
+def test_bash_completion_of_qvm_connect_tcp_offers_its_options() -> None:
+    if _missing("bash"):
+        pytest.skip("bash is not installed")
+    options = _help_options(_live_help([], prog="qvm-connect-tcp"))
+    expected = {option for option in options | {"--help"} if option.startswith("--")}
+    assert _complete("_qvm_connect_tcp", ["qvm-connect-tcp", "--"]) == expected
