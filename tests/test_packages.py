@@ -7,6 +7,7 @@ build goes to a temporary directory: the checkout is never written to.
 """
 
 import ast
+import functools
 import gzip
 import os
 import re
@@ -203,23 +204,12 @@ def test_unpacked_deb_runs_with_debians_python_and_trio(deb_root: Path) -> None:
     assert systemd_file.startswith("/usr/lib/python3/dist-packages/")
 
 
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    from tests.conftest import ThreadedTCPServer, echo
-
-    server = ThreadedTCPServer(echo)
-    try:
-        yield server.port
-    finally:
-        server.close()
-
-
 def test_unpacked_deb_serves_a_whole_loopback_call(
-    deb_root: Path, tmp_path: Path, echo_port: int
+    deb_root: Path, tmp_path: Path, echo_server: int
 ) -> None:
     """Client, loopback qrexec and socket service all from the .deb, on Debian's python3."""
     machine_dir = tmp_path / "m"
-    policy = f"qubes.ConnectTCP +{echo_port} work @default allow target=web"
+    policy = f"qubes.ConnectTCP +{echo_server} work @default allow target=web"
     init = _run_unpacked(
         deb_root, "qconnect", "loopback", "init", str(machine_dir),
         "--qube", "work", "--qube", "web", "--policy", policy,
@@ -253,7 +243,7 @@ def test_unpacked_deb_serves_a_whole_loopback_call(
         assert deadline_check.returncode == 0, service_log.read_text()
         client = subprocess.run(
             [DEBIAN_PYTHON, str(deb_root / "usr/bin/qvm-connect-tcp"),
-             f"{local_port}::{echo_port}"],
+             f"{local_port}::{echo_server}"],
             capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT, cwd=deb_root,
         )  # fmt: skip
         assert client.returncode == 0, client.stderr
@@ -272,7 +262,7 @@ def test_unpacked_deb_serves_a_whole_loopback_call(
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(RUN_TIMEOUT)
-    assert f"call from work to 127.0.0.1:{echo_port}" in service_log.read_text()
+    assert f"call from work to 127.0.0.1:{echo_server}" in service_log.read_text()
 
 
 #: Wait (by polling the file system, the only event there is) for the service's socket.
@@ -344,6 +334,11 @@ def _help_subcommands(help_text: str) -> list[str]:
 
 def _live_help(argv: list[str], *, prog: str = "qconnect") -> str:
     """``--help`` of the live parsers in this checkout (what other changes make them)."""
+    return _live_help_cached(tuple(argv), prog)
+
+
+@functools.cache
+def _live_help_cached(argv: tuple[str, ...], prog: str) -> str:
     module = "qconnect.client_cli" if prog == "qvm-connect-tcp" else "qconnect.cli"
     result = subprocess.run(
         [sys.executable, "-m", module, *argv, "--help"],
