@@ -6,6 +6,7 @@ python3-trio and python3-systemd (not the venv's), from the files
 build goes to a temporary directory: the checkout is never written to.
 """
 
+import argparse
 import ast
 import functools
 import gzip
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect import __version__
+from qconnect import __version__, cli, client_cli
 from qconnect.client.outcome import policy_allow_command
 from qconnect.loopback.machine import Machine
 from tests.client_world import free_port
@@ -339,16 +340,15 @@ def _live_help(argv: list[str], *, prog: str = "qconnect") -> str:
 
 @functools.cache
 def _live_help_cached(argv: tuple[str, ...], prog: str) -> str:
-    module = "qconnect.client_cli" if prog == "qvm-connect-tcp" else "qconnect.cli"
-    result = subprocess.run(
-        [sys.executable, "-m", module, *argv, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=SOURCE,
-        timeout=RUN_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.replace(f"usage: {module.split('.')[-1]}", f"usage: {prog}")
+    # In process: the same parser objects and format_help() that --help prints.
+    if prog == "qvm-connect-tcp":
+        assert argv == ()
+        return client_cli.build_parser().format_help()
+    parser = cli.build_parser(list(argv))
+    for word in argv:
+        (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = subparsers.choices[word]
+    return parser.format_help()
 
 
 def _page_sections(page: str) -> dict[str, str]:
