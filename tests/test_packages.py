@@ -622,3 +622,17 @@ def test_bash_completion_of_qvm_connect_tcp_offers_its_options() -> None:
     options = _help_options(_live_help([], prog="qvm-connect-tcp"))
     expected = {option for option in options | {"--help"} if option.startswith("--")}
     assert _complete("_qvm_connect_tcp", ["qvm-connect-tcp", "--"]) == expected
+
+
+def test_packaged_units_pass_systemd_analyze_verify(deb_root: Path) -> None:
+    if _missing("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit_dir = deb_root / "lib/systemd/system"
+    # --man=no: Documentation=man:qconnect(1) is the package's page, not installed here.
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no",
+         "./qconnect-connecttcp.socket", "./qconnect-connecttcp.service"],
+        capture_output=True, text=True, cwd=unit_dir, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert "Documentation=man:qconnect(1)" in (unit_dir / "qconnect-connecttcp.service").read_text()
