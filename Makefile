@@ -82,3 +82,12 @@ debian-python-test: setup
 	cp -r $$($(BIN)/python -c 'import os, pytest_trio; print(os.path.dirname(pytest_trio.__file__))') "$$plugin"/ && \
 	PYTHONPATH="$(CURDIR):$$plugin" /usr/bin/python3 -m pytest -q -p no:cacheprovider -p pytest_trio.plugin \
 	  $$(grep -l trio tests/test_*.py)
+
+# Install the .deb with apt into freshly bootstrapped Debian 12 and 13 trees,
+# beside a stand-in for Qubes' qubes-core-agent-networking (root, debootstrap,
+# network; base trees cached in /var/tmp/qconnect-package-test).
+.PHONY: package-install-test
+package-install-test:
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	packaging/build.sh deb "$$out" >/dev/null && \
+	for suite in bookworm trixie; do packaging/apt-install-test.sh $$suite "$$out"/qconnect_*_all.deb || exit 1; done
