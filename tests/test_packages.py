@@ -39,7 +39,7 @@ RUN_TIMEOUT = 60
 
 #: What setup installs for these tests (one apt command).
 APT_HINT = (
-    "apt-get install dpkg-dev debhelper dh-python lintian rpm cpio mandoc "
+    "apt-get install dpkg-dev debhelper dh-python lintian rpm rpm2cpio cpio mandoc "
     "python3-trio python3-systemd"
 )
 
