@@ -59,3 +59,35 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Native packages into dist/, each built from a copy of the tree
+# (packaging/build.sh): `make deb` needs Debian's dpkg-dev, debhelper,
+# dh-python, python3-trio and python3-systemd; `make rpm` needs rpm
+# (rpmbuild) and cpio. The .deb is for templates and app qubes; the RPMs
+# are the Fedora template package and qconnect-dom0 (qconnect policy).
+.PHONY: deb rpm
+deb:
+	packaging/build.sh deb dist
+
+rpm:
+	packaging/build.sh rpm dist
+
+# The trio-using tests under Debian's own /usr/bin/python3 with Debian's
+# python3-trio (0.22 on Debian 12), python3-systemd, python3-pytest and
+# python3-hypothesis. Debian 12 has no python3-pytest-trio: the plugin (pure
+# Python) is borrowed from the venv, alone, from a temporary directory.
+.PHONY: debian-python-test
+debian-python-test: setup
+	@plugin=$$(mktemp -d) && trap 'rm -rf "$$plugin"' EXIT && \
+	cp -r $$($(BIN)/python -c 'import os, pytest_trio; print(os.path.dirname(pytest_trio.__file__))') "$$plugin"/ && \
+	PYTHONPATH="$(CURDIR):$$plugin" /usr/bin/python3 -m pytest -q -p no:cacheprovider -p pytest_trio.plugin \
+	  $$(grep -l trio tests/test_*.py)
+
+# Install the .deb with apt into freshly bootstrapped Debian 12 and 13 trees,
+# beside a stand-in for Qubes' qubes-core-agent-networking (root, debootstrap,
+# network; base trees cached in /var/tmp/qconnect-package-test).
+.PHONY: package-install-test
+package-install-test:
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	packaging/build.sh deb "$$out" >/dev/null && \
+	for suite in bookworm trixie; do packaging/apt-install-test.sh $$suite "$$out"/qconnect_*_all.deb || exit 1; done

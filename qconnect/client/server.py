@@ -500,8 +500,9 @@ class ClientServer:
             earlier = reading
             await trio.sleep(confirm)
 
+    # Quoted: trio's streams are generic only from trio 0.23; Debian 12's python3-trio is 0.22.
     async def _relay_then_close(
-        self, stream: trio.SocketStream, pipes: trio.StapledStream[Any, Any], stats: RelayStats
+        self, stream: trio.SocketStream, pipes: "trio.StapledStream[Any, Any]", stats: RelayStats
     ) -> None:
         """Relay, then end the call if the client broke off (its stdin closed, stdout dropped)."""
         await relay(stream, pipes, stats=stats)

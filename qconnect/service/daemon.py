@@ -500,7 +500,8 @@ async def serve(
     listen_sock: socket.socket,
     config: ServiceConfig,
     *,
-    task_status: trio.TaskStatus[ConnectTCPService] = trio.TASK_STATUS_IGNORED,
+    # Quoted: trio.TaskStatus exists from trio 0.23; Debian 12's python3-trio is 0.22.
+    task_status: "trio.TaskStatus[ConnectTCPService]" = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept calls on ``listen_sock`` until cancelled or SIGTERM/SIGINT.
 
