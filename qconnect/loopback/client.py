@@ -7,8 +7,8 @@ plays all of them for one call, each part in its own module:
 
 1. ``options``: reads the command line exactly as qrexec-client-vm does;
 2. ``dom0``: sanitises the names and evaluates the policy (deny: "Request
-   refused", exit 126); then a data channel is taken from the target's
-   table (``slots``);
+   refused", exit 126); then a data port is taken from the target's
+   table (``channels``), and given back when the call has ended;
 3. ``agent``: as the target's agent, reads the rpc-config, finds the service
    and starts it (executable), connects to it (socket service) or makes the
    built-in TCP connection (``/dev/tcp`` symlink);
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from qconnect.loopback import layout, localprogram, slots
+from qconnect.loopback import channels, layout, localprogram
 from qconnect.loopback.agent import (
     CallFailed,
     Request,
@@ -44,7 +44,10 @@ from qconnect.loopback.callrelay import CallRelay, Ends, shutdown_quietly
 from qconnect.loopback.dom0 import Refused, evaluate_policy, read_request
 from qconnect.loopback.journal import Logger
 from qconnect.loopback.options import PROG, Options, UsageError, parse_command_line, usage
-from qconnect.qrexec import EXIT_REFUSED, MAX_CALLS_IN_FLIGHT, is_valid_qube_name
+from qconnect.qrexec import EXIT_REFUSED, is_valid_qube_name
+
+#: What qrexec-daemon logs when a qube's port table has no free port for a call.
+CHANNELS_EXHAUSTED = "Failed to allocate new vchan port, too many clients?"
 
 
 class Call:
@@ -67,14 +70,20 @@ class Call:
             print("Request refused", file=sys.stderr, flush=True)
             return EXIT_REFUSED
         request = Request(draft.source, target, draft.service, draft.argument)
-        slot = slots.acquire(layout.calls_dir(self.machine, self.source))
-        if slot is None:
-            message = (
-                f"Failed to allocate new vchan port for source qube {self.source}: "
-                f"{MAX_CALLS_IN_FLIGHT} calls in flight"
+        port = channels.allocate(
+            self.machine,
+            target,
+            layout.domain_id(self.machine, target),
+            self.source,
+            layout.domain_id(self.machine, self.source),
+        )
+        if port is None:
+            # The target's daemon logs it; the caller sees what a denial shows.
+            self.log(f"qrexec-daemon[{target}]", CHANNELS_EXHAUSTED)
+            self.log(
+                "qrexec-daemon",
+                f"refused: {request.full_name} from {self.source}: {CHANNELS_EXHAUSTED}",
             )
-            self.log("qrexec-daemon", message)
-            print(f"qrexec-daemon (loopback): {message}", file=sys.stderr)
             print("Request refused", file=sys.stderr, flush=True)
             return EXIT_REFUSED
         try:
@@ -84,6 +93,8 @@ class Call:
                 f"qrexec-agent[{target}]", f"{request.full_name} from {self.source}: {failure}"
             )
             return failure.exit_code
+        finally:
+            channels.release(self.machine, target, port)
 
     def _serve(self, request: Request) -> int:
         """The target's side: connect or start the service, then relay until it has ended.
