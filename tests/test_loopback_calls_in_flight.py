@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from qconnect.loopback import channels
-from qconnect.loopback.machine import Machine
+from qconnect.loopback.machine import LoopbackError, Machine
 from qconnect.qrexec import EXIT_REFUSED
 from tests.conftest import BOTH_LOOPBACK_MODES
 
@@ -168,6 +168,24 @@ def test_a_port_outlives_its_call_by_the_release_lag(loopback_machine: MakeMachi
     assert time.monotonic() - ended >= lag * 0.9  # the lag is counted from just before the exit
 
 
+def test_by_default_a_port_outlives_its_call_by_about_as_long_as_the_call(
+    loopback_machine: MakeMachine,
+) -> None:
+    machine = machine_with_cat(loopback_machine)
+    machine.set_channel_release_lag(None)
+    process = machine.popen("work", ["qrexec-client-vm", "web", "my.Cat"], stdin=subprocess.PIPE)
+    started = time.monotonic()
+    wait_for(lambda: machine.calls_in_flight("work") == 1)
+    time.sleep(0.5)  # the call's lifetime is what this test is about
+    assert process.communicate(b"", timeout=TIMEOUT) == (None, None)
+    ended = time.monotonic()
+    assert machine.channels_held("web") == 1
+    wait_for(lambda: machine.channels_held("web") == 0)
+    # held after the call's end for at least its lifetime (0.5 s or more) times PER_CALL
+    assert time.monotonic() - ended >= 0.5 * channels.DEFAULT_RELEASE_PER_CALL * 0.9
+    assert process.returncode == 0 and ended - started >= 0.5
+
+
 def test_with_no_lag_the_port_is_free_when_the_caller_has_its_exit_code(
     loopback_machine: MakeMachine,
 ) -> None:
@@ -179,10 +197,14 @@ def test_with_no_lag_the_port_is_free_when_the_caller_has_its_exit_code(
 def test_a_bad_release_lag_is_refused_by_name(loopback_machine: MakeMachine) -> None:
     machine = machine_with_cat(loopback_machine)
     for bad in (-1.0, float("nan"), 1e9):
-        with pytest.raises(Exception, match="invalid channel release lag"):
+        with pytest.raises(LoopbackError, match="invalid channel release lag"):
             machine.set_channel_release_lag(bad)
-    channels.release_lag_file(machine.directory).write_text("junk\n")
-    assert channels.release_lag(machine.directory) == channels.DEFAULT_RELEASE_LAG
+        with pytest.raises(LoopbackError, match="invalid channel release lag per call"):
+            machine.set_channel_release_lag(0, bad)
+    default = (channels.DEFAULT_RELEASE_FIXED, channels.DEFAULT_RELEASE_PER_CALL)
+    for junk in ("junk\n", "1\n", "nan 1\n", "1 -1\n"):
+        channels.release_lag_file(machine.directory).write_text(junk)
+        assert channels.release_lag(machine.directory) == default
 
 
 def test_a_junk_table_line_frees_that_port_and_breaks_nothing(

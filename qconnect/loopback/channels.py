@@ -48,19 +48,26 @@ MAX_CLIENTS = 256
 #: Calls a qube can serve at once from the callers on one side of its domain id.
 HALF = MAX_CLIENTS // 2
 
-# Seconds between the end of a call (its process about to exit) and the
-# release of its port, when the machine does not say otherwise
-# (``Machine.set_channel_release_lag``). Sampled through real qrexec during
-# a 200-connection burst: 64 qrexec-client-vm alive, 117-125 ports held at
-# the target, so a port outlives its caller by about 0.9 of a call's
-# lifetime under that load; calls then live tens of milliseconds (dom0 forks
-# a policy evaluation and a qrexec-client per call). 50 ms is that order;
-# the tests set their own.
-DEFAULT_RELEASE_LAG = 0.05
+# When a port comes back, when the machine does not say otherwise
+# (``Machine.set_channel_release_lag``): FIXED seconds plus PER_CALL times
+# the caller's lifetime after the call ended (see ``release``). Sampled
+# through real qrexec during a 200-connection burst of short calls: 64
+# qrexec-client-vm alive, 117-125 calls still alive on the target's side
+# and 48-62 calls refused, so the half (128) was full: ports held were at
+# least twice the callers alive, i.e. a port outlived its caller by at
+# least the caller's own lifetime. Real calls took milliseconds there,
+# loopback calls take tens to hundreds (a Python start each on a shared
+# machine), so the lag is proportional to the caller's life, which keeps
+# that ratio on any machine: ports held = callers alive x (1 + PER_CALL).
+# PER_CALL = 1.0 is the sample's lower bound; FIXED = 5 ms is dom0 reading
+# the agent's message when nothing else is going on.
+DEFAULT_RELEASE_FIXED = 0.005
+DEFAULT_RELEASE_PER_CALL = 1.0
 
 # The largest lag a machine may set: a test's "the table stays full" needs
 # seconds, not hours (a typo would otherwise wedge every call).
 MAX_RELEASE_LAG = 600.0
+MAX_RELEASE_PER_CALL = 100.0
 
 
 def _table_dir(machine: Path) -> Path:
@@ -68,20 +75,22 @@ def _table_dir(machine: Path) -> Path:
 
 
 def release_lag_file(machine: Path) -> Path:
-    """``DIR/channel-release-lag``: seconds, one decimal number; absent means the default."""
+    """``DIR/channel-release-lag``: ``FIXED PER_CALL`` (seconds, factor); absent: the default."""
     return machine / "channel-release-lag"
 
 
-def release_lag(machine: Path) -> float:
-    """The machine's release lag; the default when the file is missing or not a number."""
+def release_lag(machine: Path) -> tuple[float, float]:
+    """The machine's (fixed seconds, per-call factor); the default when missing or malformed."""
+    default = (DEFAULT_RELEASE_FIXED, DEFAULT_RELEASE_PER_CALL)
     try:
-        text = release_lag_file(machine).read_text().strip()
-        value = float(text)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return DEFAULT_RELEASE_LAG
-    if not 0.0 <= value <= MAX_RELEASE_LAG:  # also refuses nan
-        return DEFAULT_RELEASE_LAG
-    return value
+        words = release_lag_file(machine).read_text().split()
+        fixed, per_call = float(words[0]), float(words[1])
+    except (OSError, ValueError, UnicodeDecodeError, IndexError):
+        return default
+    # "not <=" also refuses nan
+    if not (0.0 <= fixed <= MAX_RELEASE_LAG and 0.0 <= per_call <= MAX_RELEASE_PER_CALL):
+        return default
+    return fixed, per_call
 
 
 # One fixed-size text record per port, so a change is one pwrite() of its
@@ -244,17 +253,38 @@ def _free_index(table: Table, first: int, now: float) -> int | None:
     return None
 
 
-def release(machine: Path, target: str, index: int) -> None:
+def release(machine: Path, target: str, index: int, caller_lived: float, held: float) -> None:
     """The call on port ``index`` has ended: the port is free once the lag has passed.
 
-    Called by the call's process just before it exits; the port also stays
-    held until that process has gone.
+    Called by the call's process just before it exits. ``caller_lived`` is
+    how long the caller's qrexec-client-vm has lived, ``held`` how long this
+    port has been taken. A real caller takes its port right after the
+    policy, so its port is taken for nearly all its life; a loopback caller
+    spends most of its life starting Python before the policy is even
+    asked. The port is therefore held for the caller's whole life, then the
+    lag (FIXED + PER_CALL x that life), so the table holds as many ports for
+    as many callers alive as real qrexec's does. With PER_CALL = 0 the lag
+    is FIXED alone (a plain delay, for tests). The port also stays held
+    until this process has gone.
     """
-    lag = release_lag(machine)
+    fixed, per_call = release_lag(machine)
+    lived = max(0.0, caller_lived)
+    lag = fixed
+    if per_call > 0:
+        lag += per_call * lived + max(0.0, lived - held)
     with contextlib.suppress(OSError), Table(machine, target) as table:
         entry = table.entries.get(index)
         if entry is not None and entry.pid == os.getpid():
             table.put(Entry(index, entry.caller, entry.pid, entry.start, time.monotonic() + lag))
+
+
+def process_age(pid: int) -> float:
+    """Seconds since process ``pid`` started (0 when it has gone): /proc's start time."""
+    start = process_start(pid)
+    if start is None:
+        return 0.0
+    started = start / os.sysconf("SC_CLK_TCK")
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
 
 
 def held_ports(machine: Path, qube: str) -> list[Entry]:

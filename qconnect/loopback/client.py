@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,11 +54,15 @@ CHANNELS_EXHAUSTED = "Failed to allocate new vchan port, too many clients?"
 class Call:
     """One qrexec call from ``source``, from the command line to the exit code."""
 
-    def __init__(self, machine: Path, source: str, options: Options) -> None:
+    def __init__(
+        self, machine: Path, source: str, options: Options, caller_pid: int | None = None
+    ) -> None:
         self.machine = machine
         self.source = source
         self.options = options
         self.log = Logger(machine / "log" / "qrexec.log")
+        #: the qrexec-client-vm process: this one, or the fork-server's caller
+        self.caller_pid = os.getpid() if caller_pid is None else caller_pid
 
     def run(self) -> int:
         try:
@@ -86,6 +91,7 @@ class Call:
             )
             print("Request refused", file=sys.stderr, flush=True)
             return EXIT_REFUSED
+        taken = time.monotonic()
         try:
             return self._serve(request)
         except CallFailed as failure:
@@ -94,7 +100,10 @@ class Call:
             )
             return failure.exit_code
         finally:
-            channels.release(self.machine, target, port)
+            caller_lived = channels.process_age(self.caller_pid)
+            channels.release(
+                self.machine, target, port, caller_lived, held=time.monotonic() - taken
+            )
 
     def _serve(self, request: Request) -> int:
         """The target's side: connect or start the service, then relay until it has ended.
@@ -178,14 +187,18 @@ def _flush_and_exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None, *, machine: str | None = None) -> NoReturn:
+def main(
+    argv: list[str] | None = None, *, machine: str | None = None, caller_pid: int | None = None
+) -> NoReturn:
     """Run one call and exit the process with its exit code (never returns).
 
     ``machine`` is the machine directory baked into the generated launcher;
     QCONNECT_LOOPBACK_MACHINE overrides it. The calling qube comes from
     QCONNECT_LOOPBACK_QUBE (``Machine.env_for`` / ``qconnect loopback run``
-    set both). The process exits with os._exit once the call is over, so a
-    thread still blocked reading the caller's input cannot keep it alive.
+    set both). ``caller_pid`` is the qrexec-client-vm the fork-server runs
+    this call for (default: this process). The process exits with os._exit
+    once the call is over, so a thread still blocked reading the caller's
+    input cannot keep it alive.
     """
     # Like the C program, die of SIGINT (Ctrl-C) instead of a Python traceback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -215,4 +228,4 @@ def main(argv: list[str] | None = None, *, machine: str | None = None) -> NoRetu
     if not is_valid_qube_name(source) or not layout.qube_dir(machine_path, source).is_dir():
         print(f"{PROG}: no qube {source!r} in the loopback machine {machine_path}", file=sys.stderr)
         _flush_and_exit(1)
-    _flush_and_exit(Call(machine_path, source, options).run())
+    _flush_and_exit(Call(machine_path, source, options, caller_pid).run())

@@ -334,12 +334,13 @@ class Machine:
             raise LoopbackError(f"invalid domain id {domid} for {qube!r}: expected 1 to 32751")
         atomic.write_atomic(layout.domid_file(self.directory, qube), f"{domid}\n")
 
-    def set_channel_release_lag(self, seconds: float | None) -> None:
-        """How long a data port stays held after its call ended (None: the realistic default).
+    def set_channel_release_lag(self, seconds: float | None, per_call: float = 0.0) -> None:
+        """When a data port comes back: ``seconds`` plus ``per_call`` times the call's lifetime
+        after the call ended (None: the default, see ``qconnect.loopback.channels``).
 
         Real qrexec frees a port only when the target's agent reports the
         connection terminated, after the caller has exited, and dom0's
-        daemon has read that message; see ``qconnect.loopback.channels``.
+        daemon has read that message.
         """
         path = channels.release_lag_file(self.directory)
         if seconds is None:
@@ -350,7 +351,12 @@ class Machine:
                 f"invalid channel release lag {seconds!r}: expected 0 to "
                 f"{channels.MAX_RELEASE_LAG:g} seconds"
             )
-        atomic.write_atomic(path, f"{seconds!r}\n")
+        if not 0.0 <= per_call <= channels.MAX_RELEASE_PER_CALL:
+            raise LoopbackError(
+                f"invalid channel release lag per call {per_call!r}: expected 0 to "
+                f"{channels.MAX_RELEASE_PER_CALL:g} times the call's lifetime"
+            )
+        atomic.write_atomic(path, f"{seconds!r} {per_call!r}\n")
 
     # -- the fork-server -----------------------------------------------------
 
