@@ -431,9 +431,9 @@ class ClientServer:
         spec = binding.spec
         self._log_burst(
             ("no-channel", spec),
-            f"{spec.target}:{spec.remote_port}: a call was refused although this binding's "
-            "calls are allowed: dom0 had no free qrexec channel to the target (its 128 are "
-            "shared by every qube calling it); slowing down and calling again",
+            f"{spec.target}:{spec.remote_port}: dom0 had no free qrexec channel to the target "
+            "for a call this binding is allowed to make (a qube gets 128, shared by every qube "
+            "calling it on one side); slowing down and calling again",
             f"calls to {spec.target}:{spec.remote_port} made again for lack of a channel",
         )
         return True
