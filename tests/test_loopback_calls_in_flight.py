@@ -212,7 +212,14 @@ def test_a_junk_table_line_frees_that_port_and_breaks_nothing(
 ) -> None:
     machine = machine_with_cat(loopback_machine)
     table = machine.directory / "run" / "channels" / "web"
-    junk = [b"garbage", b"work 1 2", b"work -5 1 0.0", b"w\xff 1 1 0.0", b"work 1 1 nan"]
+    junk = [
+        b"garbage",
+        b"work 1 2",
+        b"work -5 1 0.0",
+        b"w\xff 1 1 0.0",
+        b"work 1 1 nan",
+        b"work 1 1 inf",
+    ]
     table.write_bytes(b"".join(line.ljust(channels.RECORD - 1) + b"\n" for line in junk) + b"x")
     assert call(machine).returncode == 0
     assert machine.channels_held("web") == 0

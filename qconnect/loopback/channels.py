@@ -37,6 +37,7 @@ someone looks: the real agent reports a broken vchan at once.
 
 import contextlib
 import fcntl
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class Entry:
             entry = cls(index, caller, int(words[1]), int(words[2]), float(words[3]))
         except (UnicodeDecodeError, ValueError):
             return None
-        if entry.pid <= 0 or not entry.release_at >= 0:
+        if entry.pid <= 0 or not 0 <= entry.release_at < math.inf:
             return None
         return entry
 
@@ -147,7 +148,7 @@ def process_start(pid: int) -> int | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
     fields = text[text.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+    if len(fields) < 20 or fields[0] in (b"Z", b"X") or not fields[19].isdigit():
         return None
     return int(fields[19])
 
