@@ -9,8 +9,11 @@ run the real client, the loopback qrexec (fork-server: a call costs a fork)
 with the modelled table, and the socket service, and count what each TCP
 client of the burst got.
 
-Budget (2 shared cores): ~10-25 s for the 1,000-connection burst, a few
-seconds for the others; each burst has its own deadline.
+Budget (2 cores, shared with others): 30-50 s for the 1,000-connection
+burst (the loopback's Python qrexec-client-vm start per call is most of it),
+15-30 s for 200 + 200 from two qubes, a few seconds for the denied burst; the
+2x-lag burst and 500 + 500 run with the slow tests. Each burst has its own
+deadline.
 """
 
 import contextlib
@@ -223,6 +226,7 @@ def report(name: str, tally: Tally, count: int) -> None:
     )
 
 
+@pytest.mark.slow
 async def test_a_burst_of_short_calls_with_a_slow_release_is_served_whole(
     world: BurstWorld,
 ) -> None:
@@ -256,7 +260,10 @@ async def test_a_thousand_connections_at_once_are_all_served(world: BurstWorld) 
         client.wait(30)
 
 
-async def test_two_qubes_bursting_at_one_target_are_both_served_whole(world: BurstWorld) -> None:
+@pytest.mark.parametrize("each", [200, pytest.param(500, marks=pytest.mark.slow)])
+async def test_two_qubes_bursting_at_one_target_are_both_served_whole(
+    world: BurstWorld, each: int
+) -> None:
     """Both callers sit below the target: they share one half (128 ports) of its table."""
     assert world.machine.domain_id(SOURCE) < world.machine.domain_id(TARGET)
     assert world.machine.domain_id(SECOND_SOURCE) < world.machine.domain_id(TARGET)
@@ -267,14 +274,14 @@ async def test_two_qubes_bursting_at_one_target_are_both_served_whole(world: Bur
         tallies: list[Tally] = []
 
         async def run(port: int, tag: str) -> None:
-            tallies.append(await burst(world.machine, port, 200, tag))
+            tallies.append(await burst(world.machine, port, each, tag))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, first_port, "a")
             nursery.start_soon(run, second_port, "b")
         for tally in tallies:
-            report("200 + 200 at once from two qubes", tally, 200)
-        assert [(t.served, t.reset, t.wrong) for t in tallies] == [(200, 0, [])] * 2, world.log_of(
+            report(f"{each} + {each} at once from two qubes", tally, each)
+        assert [(t.served, t.reset, t.wrong) for t in tallies] == [(each, 0, [])] * 2, world.log_of(
             first
         ) + world.log_of(second)
     finally:
@@ -288,11 +295,11 @@ async def test_a_denied_burst_is_refused_once_per_connection(world: BurstWorld) 
     port = free_port()
     client = world.start_client(SOURCE, f"{port}:{TARGET}:{world.denied_port}")
     try:
-        tally = await burst(world.machine, port, 200)
-        report("200 at once, denied by policy", tally, 200)
-        assert (tally.served, tally.reset, tally.wrong) == (0, 200, [])
+        tally = await burst(world.machine, port, 100)
+        report("100 at once, denied by policy", tally, 100)
+        assert (tally.served, tally.reset, tally.wrong) == (0, 100, [])
         decisions = world.policy_decisions(world.denied_port)
-        assert len(decisions) == 200
+        assert len(decisions) == 100
         assert all("denied" in line for line in decisions)
     finally:
         client.terminate()
