@@ -143,3 +143,16 @@ def test_the_count_never_goes_negative_and_the_window_stays_in_bounds(
         assert pacing.MIN_WINDOW <= pacer.window <= pacing.START_WINDOW
         assert 0.0 <= pacer.pause <= pacing.MAX_PAUSE
         assert pacer.wait(now) >= 0.0
+
+
+def test_only_qrexec_client_vms_own_refusal_counts_as_dom0s() -> None:
+    """126 with exactly "Request refused" is dom0's; a service's own 126 has its own words."""
+    from qconnect.client.server import _Call, _refused_by_dom0
+
+    def call(returncode: int, stderr: bytes) -> _Call:
+        return _Call(returncode=returncode, stderr=bytearray(stderr))
+
+    assert _refused_by_dom0(call(126, b"Request refused\n"))
+    assert not _refused_by_dom0(call(126, b"qubes.ConnectTCP: port 80 not served to work\n"))
+    assert not _refused_by_dom0(call(126, b""))
+    assert not _refused_by_dom0(call(125, b"Request refused\n"))

@@ -389,7 +389,7 @@ class ClientServer:
                 await self._run_relay(argv, conn, call, call.stats)
         finally:
             now = trio.current_time()
-            if call.returncode == EXIT_REFUSED:
+            if _refused_by_dom0(call):
                 pacer.refused(now, no_channel=binding.evidence.says_allowed(now))
             else:
                 if call.returncode is not None and call.returncode >= 0 and call.hung is None:
@@ -412,7 +412,7 @@ class ClientServer:
         user). The socket must be as the client left it: nothing read from
         it, nothing written to it.
         """
-        if call.returncode != EXIT_REFUSED or call.hung is not None or attempt >= MAX_ATTEMPTS:
+        if not _refused_by_dom0(call) or call.hung is not None or attempt >= MAX_ATTEMPTS:
             return False
         try:
             reading = tcp_progress(spare)
@@ -833,6 +833,18 @@ class _Call:
     stats: RelayStats | None = None  #: relay mode only
     hung: _Hang | None = None  #: set when the call was ended for not being accepted
     number: int = -1  #: the binding's count of calls when this one started
+
+
+#: What qrexec-client-vm prints, and all it prints, when dom0 refuses a call
+#: (qubes-core-qrexec, agent/qrexec-client-vm.c): the agent closed the trigger
+#: socket before sending the connection's parameters. A service's own exit
+#: code 126 comes after the call was connected, with the service's words.
+REQUEST_REFUSED = b"Request refused\n"
+
+
+def _refused_by_dom0(call: "_Call") -> bool:
+    """Whether dom0 refused the call (policy or no free port), not the service with 126."""
+    return call.returncode == EXIT_REFUSED and bytes(call.stderr) == REQUEST_REFUSED
 
 
 def _duplicate(conn: trio.socket.SocketType) -> socket.socket:
