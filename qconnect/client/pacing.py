@@ -27,7 +27,7 @@ What the client does about it, pure here (the caller passes the clock):
    served. Each served call widens the window by one.
 3. **Retry only what the evidence calls "no channel"** (:class:`Evidence`):
    dom0 decides a binding's calls all alike (same source, target, service
-   and argument), so once one of them was allowed (any outcome but 126),
+   and argument), so once one of them was allowed (exit 0, 125 or 127),
    a 126 within ``EVIDENCE_SECONDS`` is a lack of channel and the connection
    is called again. Without that evidence a 126 is a denial: the connection
    is refused once and never called again, because every evaluation of a

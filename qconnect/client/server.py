@@ -49,7 +49,7 @@ from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.errors import SpecError
-from qconnect.qrexec import EXIT_REFUSED
+from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from qconnect.relay import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
@@ -392,7 +392,7 @@ class ClientServer:
             if _refused_by_dom0(call):
                 pacer.refused(now, no_channel=binding.evidence.says_allowed(now))
             else:
-                if call.returncode is not None and call.returncode >= 0 and call.hung is None:
+                if call.returncode in ALLOWED_EXITS and call.hung is None:
                     binding.evidence.allowed(now)  # dom0 let it through: the policy allows it
                 pacer.ended(now, now - began)
             binding.undecided.discard(call.number)
@@ -840,6 +840,12 @@ class _Call:
 #: socket before sending the connection's parameters. A service's own exit
 #: code 126 comes after the call was connected, with the service's words.
 REQUEST_REFUSED = b"Request refused\n"
+
+
+#: Exit codes that prove dom0 allowed the call: served (0), or failed at the
+#: target (125: its connect failed, 127: no such service). Any other code may
+#: be qrexec-client-vm's own failure before dom0 was asked (1, 255).
+ALLOWED_EXITS = frozenset({0, EXIT_QREXEC_PROBLEM, EXIT_NO_SERVICE})
 
 
 def _refused_by_dom0(call: "_Call") -> bool:
