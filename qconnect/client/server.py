@@ -320,7 +320,11 @@ class ClientServer:
                 # A second descriptor of the socket, so a call refused for lack
                 # of a channel can be made again on it (handoff mode only: in
                 # relay mode the refused call may have taken bytes with it).
-                spare = _duplicate(conn) if self.options.mode is Mode.HANDOFF else None
+                # Out of descriptors: no retry for this connection, nothing worse.
+                spare = None
+                if self.options.mode is Mode.HANDOFF:
+                    with contextlib.suppress(OSError):
+                        spare = _duplicate(conn)
                 try:
                     await self._paced_call(binding, argv, conn, call)
                 except OSError as error:
