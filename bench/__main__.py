@@ -51,6 +51,18 @@ QUICK = {"size_mib": 2, "calls": 4, "burst": 20, "held": 2, "burst_timeout": 30.
 SETTLE_SECONDS = {False: 1.0, True: 0.1}
 
 
+def no_channel_refusals(log: Path) -> int:
+    """Calls the loopback's dom0 refused so far for lack of a data port (its log's count).
+
+    The loopback models dom0's per-qube port table (qconnect.loopback.channels):
+    a burst that overfills it shows here, whatever the chain did about it.
+    """
+    try:
+        return log.read_text(errors="replace").count("Failed to allocate new vchan port")
+    except FileNotFoundError:
+        return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a check, not a figure")
@@ -191,8 +203,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"memory and burst: {chain.name}")
                     measure_memory(chain, args.held, settle, figures[chain.name])
                     time.sleep(settle)
+                    refused_before = no_channel_refusals(machine.log_file)
                     result = load.burst(chain.port, args.burst, args.burst_timeout)
                     result["count"] = args.burst
+                    result["no_channel"] = no_channel_refusals(machine.log_file) - refused_before
                     figures[chain.name]["burst"] = result
                     log(
                         f"  {chain.name}: {result['served']}/{args.burst} served in "

@@ -128,6 +128,11 @@ def table(results: dict[str, Any]) -> str:
     notes = []
     for name, chain in results["chains"].items():
         burst = chain.get("burst")
+        if burst and burst.get("no_channel"):
+            notes.append(
+                f"{name}: {burst['no_channel']} calls of the burst refused by dom0 for lack of "
+                "a data port"
+            )
         if burst and burst.get("served") != burst.get("count"):
             notes.append(
                 f"{name}: burst served {burst['served']} of {burst['count']} "

@@ -17,9 +17,12 @@ EXIT_REFUSED = 126  #: dom0 policy refused the call (or no free data channel)
 EXIT_QREXEC_PROBLEM = 125  #: qrexec failed, e.g. the built-in TCP connect was refused
 EXIT_NO_SERVICE = 127  #: the target has no such service
 
-# qrexec-daemon shares one table of 256 vchan data ports between the calls a
-# qube starts and the calls it receives, so one qube can have at most 128
-# calls of its own in flight; the next is refused with EXIT_REFUSED.
+# Each qube's qrexec-daemon in dom0 has a table of 256 vchan data ports
+# (qubes-core-qrexec, daemon/qrexec-daemon.c, allocate_vchan_port): a call
+# takes a port of the *target's* table, from the half shared by every caller
+# whose domain id is on the same side of the target's, and frees it some
+# time after the caller has exited. So at most 128 calls from one side are
+# in flight at a target; the next is refused with EXIT_REFUSED.
 MAX_CALLS_IN_FLIGHT = 128
 
 # The built-in TCP service's port rule (qrexec's parse_port in the agent):

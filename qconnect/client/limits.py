@@ -13,11 +13,13 @@ logger = logging.getLogger(__name__)
 #: qube have in flight, so two busy bindings still fit without refusals.
 DEFAULT_MAX_CONNECTIONS = 64
 
-#: Cap on open connections of all bindings of one process. qrexec refuses a
-#: qube's 129th concurrent call (MAX_CALLS_IN_FLIGHT); the qube also starts
-#: calls of its own (clipboard, updates, notifications) from the same table,
-#: so we keep 16 channels free for them. At the cap we stop accepting and the
-#: kernel's listen backlog holds new connections until a call ends.
+#: Cap on open connections of all bindings of one process. A target qube
+#: serves at most MAX_CALLS_IN_FLIGHT calls at once from the qubes on one
+#: side of its domain id, this one among them; other qubes (and this qube's
+#: own calls, clipboard, updates) may share that half, so we keep 16 free.
+#: At the cap we stop accepting and the kernel's listen backlog holds new
+#: connections until a call ends. Ports outlive their calls in dom0: the
+#: per-target pacing of pacing.py counts that.
 PROCESS_MAX_CONNECTIONS = MAX_CALLS_IN_FLIGHT - 16
 
 #: Default seconds open connections may keep running after a stop request.
@@ -44,8 +46,8 @@ def check_max_connections(value: int) -> int:
     if not 1 <= value <= PROCESS_MAX_CONNECTIONS:
         raise ClientError(
             f"invalid --max-connections {value}: expected 1 to {PROCESS_MAX_CONNECTIONS} "
-            f"(qrexec allows a qube {MAX_CALLS_IN_FLIGHT} calls in flight, some kept for "
-            "the qube's own calls)"
+            f"(a target qube serves at most {MAX_CALLS_IN_FLIGHT} calls at once from the "
+            "qubes on one side of it, some kept for other callers)"
         )
     return value
 

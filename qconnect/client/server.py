@@ -46,10 +46,12 @@ from qconnect.client.bursts import BurstCounter
 from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
+from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.client.registry import peer_credentials
 from qconnect.errors import SpecError
 from qconnect.printable import printable
+from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from qconnect.relay.trio_streams import RelayStats, relay
 from qconnect.spec import BindingSpec, parse_spec
 
@@ -113,6 +115,11 @@ class Binding:
     stopping: bool = False
     done: bool = False  #: stopped and every connection closed: no longer listed
     idle: trio.Event = field(default_factory=trio.Event)
+    #: what this binding's calls showed of dom0's policy (see pacing.py)
+    evidence: Evidence = field(default_factory=Evidence)
+    next_call: int = 0  #: number of the next call started, in start order
+    undecided: set[int] = field(default_factory=set)  #: calls started, outcome not known yet
+    decided: trio.Event = field(default_factory=trio.Event)  #: set (and replaced) at each outcome
 
     def status(self) -> dict[str, Any]:
         return {
@@ -172,6 +179,8 @@ class ClientServer:
         self._changed = trio.Event()
         self._started = time.time()
         self._urgent = trio.CancelScope()  # cancelled by a second signal: no more grace
+        self._pacers: dict[str, TargetPacer] = {}  # by target qube, as the binding names it
+        self._pacing_changed = trio.Event()  # set (and replaced) when a call starts or ends
 
     # -- status and control ------------------------------------------------
 
@@ -309,23 +318,35 @@ class ClientServer:
         spec = binding.spec
         started = time.monotonic()
         call = _Call()
+        spare: socket.socket | None = None
         try:
             argv = call_argv(self.options.executable, spec, self.options.mode)
-            try:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                call = _Call()
+                # A second descriptor of the socket, so a call refused for lack
+                # of a channel can be made again on it (handoff mode only: in
+                # relay mode the refused call may have taken bytes with it).
+                # Out of descriptors: no retry for this connection, nothing worse.
+                spare = None
                 if self.options.mode is Mode.HANDOFF:
-                    await self._run_handoff(argv, conn, call)
-                else:
-                    call.stats = RelayStats()
-                    await self._run_relay(argv, conn, call, call.stats)
-            except OSError as error:
-                self._log_burst(
-                    ("start-failed", spec),
-                    f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: cannot start "
-                    f"qrexec-client-vm: {error.strerror or error}; connection closed",
-                    "connections closed because qrexec-client-vm could not start",
-                )
-                return
+                    with contextlib.suppress(OSError):
+                        spare = _duplicate(conn)
+                try:
+                    await self._paced_call(binding, argv, conn, call)
+                except OSError as error:
+                    self._log_burst(
+                        ("start-failed", spec),
+                        f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: cannot start "
+                        f"qrexec-client-vm: {error.strerror or error}; connection closed",
+                        "connections closed because qrexec-client-vm could not start",
+                    )
+                    return
+                if spare is None or not await self._call_again(binding, call, spare, attempt):
+                    break
+                conn, spare = trio.socket.from_stdlib_socket(spare), None
         finally:
+            if spare is not None:
+                spare.close()
             conn.close()
             binding.open -= 1
             if binding.open == 0:
@@ -338,6 +359,94 @@ class ClientServer:
         self._log_call(
             binding, peer, call.returncode, time.monotonic() - started, call.stats, call.stderr
         )
+
+    # -- dom0's data-port table: pacing and retries (see pacing.py) -----------------
+
+    def _pacer(self, target: str) -> TargetPacer:
+        pacer = self._pacers.get(target)
+        if pacer is None:
+            pacer = self._pacers[target] = TargetPacer()
+        return pacer
+
+    def _pacing_change(self) -> None:
+        self._pacing_changed.set()
+        self._pacing_changed = trio.Event()
+
+    async def _paced_call(
+        self, binding: Binding, argv: list[str], conn: trio.socket.SocketType, call: "_Call"
+    ) -> None:
+        """Make one call when the target's window and pause allow it; account for its outcome.
+
+        A call counts against its target until its port is likely back in
+        dom0's table, not only until qrexec-client-vm exits; a 126 counts as
+        a lack of channel only when the binding's calls were allowed lately.
+        """
+        pacer = self._pacer(binding.spec.target)
+        while (delay := pacer.wait(trio.current_time())) > 0:
+            changed = self._pacing_changed
+            with trio.move_on_after(delay):
+                await changed.wait()
+        call.number = binding.next_call
+        binding.next_call += 1
+        binding.undecided.add(call.number)
+        began = trio.current_time()
+        pacer.started(began)
+        try:
+            if self.options.mode is Mode.HANDOFF:
+                await self._run_handoff(argv, conn, call)
+            else:
+                call.stats = RelayStats()
+                await self._run_relay(argv, conn, call, call.stats)
+        finally:
+            now = trio.current_time()
+            if _refused_by_dom0(call):
+                pacer.refused(now, no_channel=binding.evidence.says_allowed(now))
+            else:
+                if call.returncode in ALLOWED_EXITS and call.hung is None:
+                    binding.evidence.allowed(now)  # dom0 let it through: the policy allows it
+                pacer.ended(now, now - began)
+            binding.undecided.discard(call.number)
+            binding.decided.set()
+            binding.decided = trio.Event()
+            self._pacing_change()
+
+    async def _call_again(
+        self, binding: Binding, call: "_Call", spare: socket.socket, attempt: int
+    ) -> bool:
+        """Whether a refused call is to be made again on the same connection.
+
+        Only a 126 the evidence calls "no free channel" is: a call of this
+        binding was allowed within EVIDENCE_SECONDS, or one that started
+        before this one is allowed within HOLD_SECONDS. Otherwise it is a
+        denial, refused once (each evaluation of a deny rule notifies dom0's
+        user). The socket must be as the client left it: nothing read from
+        it, nothing written to it.
+        """
+        if not _refused_by_dom0(call) or call.hung is not None or attempt >= MAX_ATTEMPTS:
+            return False
+        try:
+            reading = tcp_progress(spare)
+        except OSError:
+            return False
+        if reading.consumed or reading.returned:
+            return False
+        evidence = binding.evidence
+        with trio.move_on_after(HOLD_SECONDS):
+            while not evidence.says_allowed(trio.current_time()) and any(
+                number < call.number for number in binding.undecided
+            ):
+                await binding.decided.wait()
+        if not evidence.says_allowed(trio.current_time()):
+            return False
+        spec = binding.spec
+        self._log_burst(
+            ("no-channel", spec),
+            f"{spec.target}:{spec.remote_port}: dom0 had no free qrexec channel to the target "
+            "for a call this binding is allowed to make (a qube gets 128, shared by every qube "
+            "calling it on one side); slowing down and calling again",
+            f"calls to {spec.target}:{spec.remote_port} made again for lack of a channel",
+        )
+        return True
 
     async def _run_handoff(
         self, argv: list[str], conn: trio.socket.SocketType, call: "_Call"
@@ -741,6 +850,25 @@ class _Call:
     stderr: bytearray = field(default_factory=bytearray)
     stats: RelayStats | None = None  #: relay mode only
     hung: _Hang | None = None  #: set when the call was ended for not being accepted
+    number: int = -1  #: the binding's count of calls when this one started
+
+
+#: What qrexec-client-vm prints, and all it prints, when dom0 refuses a call
+#: (qubes-core-qrexec, agent/qrexec-client-vm.c): the agent closed the trigger
+#: socket before sending the connection's parameters. A service's own exit
+#: code 126 comes after the call was connected, with the service's words.
+REQUEST_REFUSED = b"Request refused\n"
+
+
+#: Exit codes that prove dom0 allowed the call: served (0), or failed at the
+#: target (125: its connect failed, 127: no such service). Any other code may
+#: be qrexec-client-vm's own failure before dom0 was asked (1, 255).
+ALLOWED_EXITS = frozenset({0, EXIT_QREXEC_PROBLEM, EXIT_NO_SERVICE})
+
+
+def _refused_by_dom0(call: "_Call") -> bool:
+    """Whether dom0 refused the call (policy or no free port), not the service with 126."""
+    return call.returncode == EXIT_REFUSED and bytes(call.stderr) == REQUEST_REFUSED
 
 
 def _duplicate(conn: trio.socket.SocketType) -> socket.socket:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Everything a call needs is imported here once, so a child starts with it:
-# select, subprocess and threading above, byterelay and the policy engine
+# select, subprocess and threading above, the blocking relay and the policy engine
 # (``client`` imports the latter lazily) below.
 from qconnect import unixpath
 from qconnect.loopback import client, forkcall
@@ -301,7 +301,10 @@ class ForkServer:
             conn.close()
             self._close_all(fds)
             return
-        self._fork(conn, argv, environ, fds)
+        caller, _uid, _gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        self._fork(conn, argv, environ, fds, caller)
 
     @staticmethod
     def _check(
@@ -325,8 +328,14 @@ class ForkServer:
     # -- calls ----------------------------------------------------------------
 
     def _fork(
-        self, conn: socket.socket, argv: list[bytes], environ: dict[bytes, bytes], fds: list[int]
+        self,
+        conn: socket.socket,
+        argv: list[bytes],
+        environ: dict[bytes, bytes],
+        fds: list[int],
+        caller: int,
     ) -> None:
+        """Fork the call's child; ``caller`` is the pid of the qrexec-client-vm that asked."""
         try:
             pid = os.fork()
         except OSError as error:
@@ -335,7 +344,7 @@ class ForkServer:
             self._close_all(fds)
             return
         if pid == 0:
-            self._child(argv, environ, fds)  # never returns
+            self._child(argv, environ, fds, caller)  # never returns
         self._close_all(fds)
         self.running[pid] = _Running(pid, conn)
         try:
@@ -389,7 +398,9 @@ class ForkServer:
                 running.conn.send(reply)
             running.conn.close()
 
-    def _child(self, argv: list[bytes], environ: dict[bytes, bytes], fds: list[int]) -> None:
+    def _child(
+        self, argv: list[bytes], environ: dict[bytes, bytes], fds: list[int], caller: int
+    ) -> None:
         """Become the call: the caller's descriptors, directory and environment, then client.main.
 
         Never returns. Every server descriptor is closed here by number; the
@@ -410,7 +421,9 @@ class ForkServer:
             os.environb.clear()
             os.environb.update(environ)
             _fresh_standard_streams()
-            client.main([os.fsdecode(word) for word in argv], machine=str(self.machine))
+            client.main(
+                [os.fsdecode(word) for word in argv], machine=str(self.machine), caller_pid=caller
+            )
         except SystemExit as exit:
             status = exit.code if isinstance(exit.code, int) else 1
         except BaseException:

@@ -12,7 +12,9 @@ must start fast and so imports only this, not ``machine``::
     DIR/qubes/NAME/rpc-config/     the qube's first rpc-config directory
     DIR/qubes/NAME/root/           the qube's root file system, for the rest
                                    of qrexec's search path (etc/qubes-rpc ...)
-    DIR/run/calls/NAME/            the qube's call slots (calls in flight)
+    DIR/qubes/NAME/domid           the qube's domain id (dom0 is 0)
+    DIR/channel-release-lag        if present: seconds a data port outlives its call
+    DIR/run/channels/NAME          the qube's qrexec-daemon port table (channels.py)
     DIR/log/qrexec.log             what qrexec-agent and -daemon would log
 """
 
@@ -60,8 +62,27 @@ def rpc_config_path(machine: Path, qube: str) -> list[Path]:
     return [rpc_config_dir(machine, qube), *(root / part for part in RPC_CONFIG_PATH)]
 
 
-def calls_dir(machine: Path, qube: str) -> Path:
-    return machine / "run" / "calls" / qube
+def domid_file(machine: Path, qube: str) -> Path:
+    return qube_dir(machine, qube) / "domid"
+
+
+def domain_id(machine: Path, qube: str) -> int:
+    """The qube's domain id: its ``domid`` file, else its place in qubes.json (dom0 first, 0).
+
+    Real domain ids are handed out by Xen as qubes start; qrexec compares
+    them to choose a half of the target's port table (see channels.py).
+    """
+    try:
+        return int(domid_file(machine, qube).read_text().strip())
+    except (OSError, ValueError):
+        pass
+    import json
+
+    try:
+        names = list(json.loads((machine / "qubes.json").read_text())["domains"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return names.index(qube) if qube in names else 0
 
 
 def old_client_flag(machine: Path) -> Path:

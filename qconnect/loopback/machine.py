@@ -32,7 +32,7 @@ from typing import Any
 import qconnect
 from qconnect import atomic
 from qconnect.errors import QconnectError
-from qconnect.loopback import forkcall, layout
+from qconnect.loopback import channels, forkcall, layout
 from qconnect.qrexec import SERVICE, is_valid_qube_name
 
 
@@ -182,14 +182,14 @@ class Machine:
             raise LoopbackError(f"cannot create a loopback machine in {path}: it is not empty")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            for sub in ("policy.d", "bin", "log", "run/calls"):
+            for sub in ("policy.d", "bin", "log", "run/channels"):
                 (path / sub).mkdir(parents=True, exist_ok=True)
             domains = {"dom0": _domain_info(QubeSpec("dom0", "AdminVM"))}
-            for spec in specs:
+            for domid, spec in enumerate(specs, start=1):
                 domains[spec.name] = _domain_info(spec)
                 layout.rpc_dir(path, spec.name).mkdir(parents=True)
                 layout.rpc_config_dir(path, spec.name).mkdir()
-                layout.calls_dir(path, spec.name).mkdir()
+                layout.domid_file(path, spec.name).write_text(f"{domid}\n")
                 if stock_connect_tcp:
                     cls._install_stock_connect_tcp(path, spec.name)
         except OSError as error:
@@ -312,11 +312,51 @@ class Machine:
             atomic.remove_file(flag)
 
     def calls_in_flight(self, qube: str) -> int:
-        """How many calls ``qube`` has in flight now (held call slots)."""
-        from qconnect.loopback import slots
-
+        """How many calls made by or to ``qube`` are running now (their processes alive)."""
         self._check_qube(qube)
-        return slots.count_busy(layout.calls_dir(self.directory, qube))
+        return channels.live_calls(self.directory, qube)
+
+    def channels_held(self, qube: str) -> int:
+        """Ports of ``qube``'s qrexec-daemon table held now: running calls, and ended ones
+        whose release has not come yet (see ``set_channel_release_lag``)."""
+        self._check_qube(qube)
+        return len(channels.held_ports(self.directory, qube))
+
+    def domain_id(self, qube: str) -> int:
+        """The qube's domain id (1, 2, ... in the order given to ``create``; dom0 is 0)."""
+        self._check_qube(qube)
+        return layout.domain_id(self.directory, qube)
+
+    def set_domain_id(self, qube: str, domid: int) -> None:
+        """Give ``qube`` another domain id: which half of a target's port table its calls take."""
+        self._check_qube(qube)
+        if not 1 <= domid < 0x7FF0:  # Xen's DOMID_FIRST_RESERVED
+            raise LoopbackError(f"invalid domain id {domid} for {qube!r}: expected 1 to 32751")
+        atomic.write_atomic(layout.domid_file(self.directory, qube), f"{domid}\n")
+
+    def set_channel_release_lag(self, seconds: float | None, per_call: float = 0.0) -> None:
+        """When a data port comes back: ``seconds`` plus ``per_call`` times the call's lifetime
+        after the call ended (None: the default, see ``qconnect.loopback.channels``).
+
+        Real qrexec frees a port only when the target's agent reports the
+        connection terminated, after the caller has exited, and dom0's
+        daemon has read that message.
+        """
+        path = channels.release_lag_file(self.directory)
+        if seconds is None:
+            atomic.remove_file(path)
+            return
+        if not 0.0 <= seconds <= channels.MAX_RELEASE_LAG:
+            raise LoopbackError(
+                f"invalid channel release lag {seconds!r}: expected 0 to "
+                f"{channels.MAX_RELEASE_LAG:g} seconds"
+            )
+        if not 0.0 <= per_call <= channels.MAX_RELEASE_PER_CALL:
+            raise LoopbackError(
+                f"invalid channel release lag per call {per_call!r}: expected 0 to "
+                f"{channels.MAX_RELEASE_PER_CALL:g} times the call's lifetime"
+            )
+        atomic.write_atomic(path, f"{seconds!r} {per_call!r}\n")
 
     # -- the fork-server -----------------------------------------------------
 
