@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import tree_pss_kib, wait_for_port
+from qconnect.core.spec import parse_spec
 from qconnect.loopback import layout
 from qconnect.loopback.machine import Machine
-from qconnect.spec import parse_spec
-from qconnect.units.render import (
+from qconnect.persist.render import (
     Binding,
     Mode,
     Scope,
@@ -194,7 +194,7 @@ def start_chain(
         argv = [
             sys.executable,
             "-m",
-            "qconnect.client_cli",
+            "qconnect.client.cli",
             "--foreground",
             *relay,
             f"{port}:{target}:{mux_port}",

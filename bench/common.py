@@ -87,7 +87,7 @@ def fd_kinds(pid: int) -> dict[str, int]:
     """``pid``'s open descriptors by kind ("socket", "pipe", "pipe_pair", "anon_inode", "file").
 
     A pipe whose both ends ``pid`` holds itself counts as "pipe_pair" (two
-    descriptors): that is a splice pipe of qconnect.relay's pool, kept on
+    descriptors): that is a splice pipe of qconnect.core.relay's pool, kept on
     purpose. A pipe with one end here ("pipe") leads to another process, and
     one left open after that process is gone is a leak.
     """

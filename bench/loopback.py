@@ -10,7 +10,7 @@ four paths:
   to the stock ``/dev/tcp/127.0.0.1`` service: one loopback process copies
   between the caller's socket and the server's;
 - ``socket``:  the same call to a socket service that is a minimal
-  standard-library relay (``qconnect.relay.blocking``, one process for all
+  standard-library relay (``qconnect.core.relay.blocking``, one process for all
   calls): the loopback copies caller <-> unix socket, the service copies
   unix socket <-> TCP;
 - ``exec``:    the same call to an executable service that relays with
@@ -53,7 +53,7 @@ TIMEOUT = 120
 SOCKET_RELAY = r"""
 import socket, sys, threading
 sys.path.insert(0, sys.argv[2])
-from qconnect.relay import blocking as byterelay
+from qconnect.core.relay import blocking as byterelay
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[1])
 listener.listen(1024)
@@ -77,7 +77,7 @@ while True:
 EXEC_RELAY = """#!{python} -IS
 import socket, sys
 sys.path.insert(0, {project!r})
-from qconnect.relay import blocking as byterelay
+from qconnect.core.relay import blocking as byterelay
 with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as peer:
     byterelay.relay_fds(0, 1, peer.fileno())
 """

@@ -15,7 +15,7 @@ distribution keeps Python modules and the Fedora client's directory)::
   (``/usr/bin`` on Debian, where Qubes' own is diverted away in the
   maintainer scripts);
 - ``/usr/share/qconnect/{rpc-services,systemd-units}``: what ``qconnect
-  service install`` and ``qconnect persist`` read (``qconnect/resources.py``);
+  service install`` and ``qconnect persist`` read (``qconnect/core/resources.py``);
 - the executable service ``/usr/lib/qconnect/qubes.ConnectTCP`` and the
   tmpfiles.d file that, at every boot, links it at ``/run/qubes-rpc`` and
   writes its rpc-config to ``/run/qubes/rpc-config`` (both searched before
@@ -63,7 +63,7 @@ CLIENT_SCRIPT = f"""#!{PYTHON}
 # qconnect's qvm-connect-tcp (Qubes' own, if installed, is diverted or later on PATH).
 import sys
 
-from qconnect.client_cli import main
+from qconnect.client.cli import main
 
 sys.exit(main())
 """
@@ -233,7 +233,7 @@ def man_page(name: str, parsers: list[tuple[tuple[str, ...], argparse.ArgumentPa
 def stage_template(
     dest: Path, site: Path, client_dir: Path, unit_dir: Path, search_dirs: list[str]
 ) -> None:
-    from qconnect import client_cli
+    from qconnect.client import cli as client_cli
 
     copy_modules(dest, site)
     write(dest, Path("usr/bin/qconnect"), QCONNECT_SCRIPT, 0o755)

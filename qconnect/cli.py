@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
 from qconnect import __version__
-from qconnect.errors import QconnectError
-from qconnect.printable import printable
+from qconnect.core.errors import QconnectError
+from qconnect.core.printable import printable
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("qconnect.client.list_command", "show the running qvm-connect-tcp bindings"),
     "stop": ("qconnect.client.stop_command", "stop running qvm-connect-tcp bindings"),
-    "persist": ("qconnect.units.cli", "permanent bindings as socket-activated systemd units"),
+    "persist": ("qconnect.persist.cli", "permanent bindings as socket-activated systemd units"),
     "service": ("qconnect.service.cli", "run, install or remove the qubes.ConnectTCP service"),
     "policy": (
         "qconnect.policy.cli",

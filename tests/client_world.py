@@ -81,7 +81,7 @@ class World:
         return env
 
     def client_argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "qconnect.client_cli", *args]
+        return [sys.executable, "-m", "qconnect.client.cli", *args]
 
     def qconnect(self, *args: str) -> "subprocess.CompletedProcess[str]":
         return subprocess.run(

@@ -126,7 +126,7 @@ class SoakChain:
         """Open descriptors of the binding and of the service, and the binding's child processes.
 
         Pipes whose both ends one process holds are left out: they are the
-        empty splice pipes qconnect.relay keeps for reuse (up to PIPES_KEPT,
+        empty splice pipes qconnect.core.relay keeps for reuse (up to PIPES_KEPT,
         in the service and in a relay-mode client), a bounded pool, not a
         leak; pooled_pipes() checks that bound. A pipe with one end here
         leads to a child (qrexec-client-vm) and must be gone with it.
@@ -190,7 +190,7 @@ def soak_chain(
         local = {name: _free_port() for name in remote}
         specs = [f"{local[name]}:{target}:{remote[name]}" for name in remote]
         client_log = directory / "client.log"
-        argv = [sys.executable, "-m", "qconnect.client_cli", "--foreground"]
+        argv = [sys.executable, "-m", "qconnect.client.cli", "--foreground"]
         if relay:
             argv.append("--relay")
         env = dict(os.environ)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.atomic import locked, remove_file, write_atomic
-from qconnect.errors import FileWriteError
+from qconnect.core.atomic import locked, remove_file, write_atomic
+from qconnect.core.errors import FileWriteError
 
 
 def test_new_file_gets_content_and_mode(tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ class BurstWorld:
         env = self.machine.env_for(qube)
         env.pop("NOTIFY_SOCKET", None)
         process = subprocess.Popen(
-            [sys.executable, "-m", "qconnect.client_cli", "--foreground", spec],
+            [sys.executable, "-m", "qconnect.client.cli", "--foreground", spec],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

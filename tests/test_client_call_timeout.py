@@ -94,7 +94,7 @@ class Scene:
             [
                 sys.executable,
                 "-m",
-                "qconnect.client_cli",
+                "qconnect.client.cli",
                 "--foreground",
                 *args,
                 f"{local}:{TARGET}:{remote_port}",
@@ -315,7 +315,7 @@ async def test_an_idle_connection_is_left_until_its_client_speaks(scene: Scene) 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_an_invalid_call_timeout_is_one_clear_line(value: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "qconnect.client_cli", "--call-timeout", value, "8080:web:80"],
+        [sys.executable, "-m", "qconnect.client.cli", "--call-timeout", value, "8080:web:80"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -330,7 +330,7 @@ def test_an_invalid_call_timeout_is_one_clear_line(value: str) -> None:
 
 def test_help_documents_the_call_timeout() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "qconnect.client_cli", "--help"],
+        [sys.executable, "-m", "qconnect.client.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=30,

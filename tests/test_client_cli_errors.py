@@ -8,7 +8,7 @@ import pytest
 
 def run_client(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "qconnect.client_cli", *args],
+        [sys.executable, "-m", "qconnect.client.cli", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -69,7 +69,7 @@ def test_invalid_options_are_one_clear_line(args: list[str], named: str) -> None
 
 def test_missing_qrexec_client_vm_says_where_to_run_it() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "qconnect.client_cli", "8080:web:80"],
+        [sys.executable, "-m", "qconnect.client.cli", "8080:web:80"],
         capture_output=True,
         text=True,
         timeout=30,

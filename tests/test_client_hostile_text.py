@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from qconnect.client.qrexec_call import Mode
 from qconnect.client.server import Binding, ClientServer, ServerOptions
+from qconnect.core.spec import BindingSpec
 from qconnect.loopback.machine import Machine
-from qconnect.spec import BindingSpec
 from tests.client_world import exchange, free_port
 from tests.conftest import write_executable
 
@@ -83,7 +83,7 @@ def test_a_failed_calls_log_line_is_printable_whatever_its_stderr(
 
 @given(st.text(max_size=300), st.text(max_size=50))
 def test_the_formatter_makes_every_record_one_printable_line(message: str, argument: str) -> None:
-    from qconnect.logs import PrintableFormatter
+    from qconnect.core.logs import PrintableFormatter
 
     record = logging.LogRecord(
         "x", logging.WARNING, __file__, 1, "%s %s", (message, argument), None
@@ -95,7 +95,7 @@ def test_the_formatter_makes_every_record_one_printable_line(message: str, argum
 
 
 def test_the_formatter_keeps_an_exception_on_the_same_line() -> None:
-    from qconnect.logs import PrintableFormatter
+    from qconnect.core.logs import PrintableFormatter
 
     try:
         raise ValueError("bad\nvalue\x1b[2J")
@@ -107,7 +107,7 @@ def test_the_formatter_keeps_an_exception_on_the_same_line() -> None:
 
 
 def test_journal_messages_and_fields_are_escaped_too() -> None:
-    from qconnect.logs import _JournalFieldsHandler
+    from qconnect.core.logs import _JournalFieldsHandler
 
     sent: list[tuple[str, dict[str, object]]] = []
     handler = _JournalFieldsHandler("qvm-connect-tcp")
@@ -123,7 +123,7 @@ def test_journal_messages_and_fields_are_escaped_too() -> None:
 
 
 def test_escape_controls_leaves_already_escaped_text_alone() -> None:
-    from qconnect.logs import escape_controls
+    from qconnect.core.logs import escape_controls
 
     assert escape_controls("a\\x1b b") == "a\\x1b b"
     assert escape_controls("a\x1bb\n") == "a\\x1bb\\n"
@@ -150,7 +150,7 @@ async def test_a_services_escape_sequences_reach_the_client_log_escaped(
     log_file = tmp_path / "client.log"
     env = machine.env_for("untrusted")
     env.pop("NOTIFY_SOCKET", None)
-    argv = [sys.executable, "-m", "qconnect.client_cli", "-f", f"{local_port}:web:{port}"]
+    argv = [sys.executable, "-m", "qconnect.client.cli", "-f", f"{local_port}:web:{port}"]
     if where == "log file":
         argv += ["--log-file", str(log_file)]
     client = subprocess.Popen(

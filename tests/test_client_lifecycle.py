@@ -224,7 +224,7 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
             f"--fdname={TARGET}+{world.ports['echo']}:@default+{world.ports['echo']}",
             sys.executable,
             "-m",
-            "qconnect.client_cli",
+            "qconnect.client.cli",
         ],
         env=env,
         stdout=subprocess.PIPE,

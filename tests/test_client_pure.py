@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 
 from qconnect.client.bursts import BurstCounter
+from qconnect.client.cli import parse_specs
 from qconnect.client.errors import ClientError
 from qconnect.client.limits import PROCESS_MAX_CONNECTIONS, check_max_connections
 from qconnect.client.outcome import Kind, describe_exit, policy_allow_command
-from qconnect.client_cli import parse_specs
-from qconnect.qrexec import MAX_CALLS_IN_FLIGHT
-from qconnect.spec import BindingSpec
+from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
+from qconnect.core.spec import BindingSpec
 
 
 def describe(code: int, target: str = "web") -> tuple[Kind, str]:
@@ -133,7 +133,7 @@ def test_max_connections_stays_under_qrexec_limit() -> None:
 def test_non_loopback_bind_warns_that_other_qubes_can_connect(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from qconnect.client_cli import _warn_exposed
+    from qconnect.client.cli import _warn_exposed
 
     _warn_exposed([BindingSpec("0.0.0.0", 8080, "web", 80), BindingSpec("::1", 8081, "web", 80)])
     err = capsys.readouterr().err.splitlines()

@@ -351,7 +351,7 @@ def test_a_client_process_ignores_requests_from_another_user(
     env.pop("NOTIFY_SOCKET", None)
     port = free_port()
     client = subprocess.Popen(
-        [sys.executable, "-m", "qconnect.client_cli", "-f", f"{port}:web:{echo_server}"],
+        [sys.executable, "-m", "qconnect.client.cli", "-f", f"{port}:web:{echo_server}"],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ import pytest
 
 from qconnect.client import daemon, qrexec_call
 from qconnect.client.errors import ClientError
+from qconnect.core import qrexec_client
 from qconnect.loopback.machine import Machine
 from tests.as_nobody import NOBODY, as_nobody_keeping_real_root, become_nobody, can_play_nobody
 from tests.conftest import recv_all, write_executable
@@ -162,7 +163,7 @@ def test_root_argv_names_programs_by_path_and_passes_only_the_loopback_variables
     assert argv[-1] == "80:web:80"
     # the entry runs from the directory qconnect really came from
     package_dir = Path(argv[-2])
-    assert (package_dir / "qconnect" / "client_cli.py").is_file()
+    assert (package_dir / "qconnect" / "client" / "cli.py").is_file()
 
 
 def test_root_rerun_skips_programs_others_could_have_planted(
@@ -171,11 +172,11 @@ def test_root_rerun_skips_programs_others_could_have_planted(
     planted = tmp_path / "bin"
     planted.mkdir()
     write_executable(planted / "qrexec-client-vm", "#!/bin/sh\nexit 0\n")
-    monkeypatch.delenv(qrexec_call.LOOPBACK_MACHINE_ENV, raising=False)
+    monkeypatch.delenv(qrexec_client.LOOPBACK_MACHINE_ENV, raising=False)
     monkeypatch.setenv(qrexec_call.SUDO_MARK_ENV, "1")
     monkeypatch.setenv("PATH", f"{planted}{os.pathsep}relative-dir")
     write_executable(planted / "qubesdb-read", f"#!/bin/sh\necho planted > {tmp_path}/ran\n")
-    monkeypatch.delenv(qrexec_call.LOOPBACK_QUBE_ENV, raising=False)
+    monkeypatch.delenv(qrexec_client.LOOPBACK_QUBE_ENV, raising=False)
     with pytest.raises(ClientError) as raised:
         qrexec_call.find_qrexec_client_vm()
     assert str(planted / "qrexec-client-vm") in str(raised.value)

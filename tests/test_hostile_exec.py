@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.qrexec import EXIT_QREXEC_PROBLEM
+from qconnect.core.qrexec import EXIT_QREXEC_PROBLEM
 from tests.conftest import ThreadedTCPServer
 
 SERVICE = Path(__file__).resolve().parent.parent / "rpc-services" / "qubes.ConnectTCP"

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qconnect.errors import PersistError
-from qconnect.install import engine
-from qconnect.install.tree import Tree, TreeError
+from qconnect.core.errors import PersistError
+from qconnect.core.install import engine
+from qconnect.core.install.tree import Tree, TreeError
 from tests.persist_tree import snapshot
 
 PATHS = ["f", "a/f", "a/b/f", "c/link", "d/e/new"]

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qconnect.errors import PersistError, ServiceError
-from qconnect.install import rclocal
-from qconnect.install.rclocal import BLOCK_BEGIN, add_block, remove_block
+from qconnect.core.errors import PersistError, ServiceError
+from qconnect.core.install import rclocal
+from qconnect.core.install.rclocal import BLOCK_BEGIN, add_block, remove_block
 from qconnect.service.install import RC_LOCAL, install, uninstall
 
 SOCKET_A = "qconnect-bind-127.0.0.1-444-\\x40default-444.socket"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from qconnect.loopback.machine import Machine
-from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from tests.conftest import BOTH_LOOPBACK_MODES, HttpServer, write_executable
 
 MakeMachine = Callable[..., Machine]

@@ -411,5 +411,5 @@ def test_the_per_call_entry_imports_almost_nothing() -> None:
         "qconnect",
         "qconnect.loopback",
         "qconnect.loopback.forkcall",
-        "qconnect.unixpath",
+        "qconnect.core.unixpath",
     }

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from qconnect import __version__, cli, client_cli
+from qconnect import __version__, cli
+from qconnect.client import cli as client_cli
 from qconnect.client.outcome import policy_allow_command
 from qconnect.loopback.machine import Machine
 from tests.client_world import free_port
@@ -127,7 +128,7 @@ def test_deb_holds_commands_service_units_man_pages_and_completion(deb_root: Pat
         "usr/share/bash-completion/completions/qvm-connect-tcp",
         "usr/share/qconnect/rpc-services/qubes.ConnectTCP",
         f"{DEB_SITE}/qconnect/service/daemon.py",
-        f"{DEB_SITE}/qconnect/client_cli.py",
+        f"{DEB_SITE}/qconnect/client/cli.py",
     }
     assert expected <= files
     # Never the stock service's paths: those are qubes-core-agent-networking's.
@@ -577,7 +578,7 @@ def test_dom0_man_page_lists_exactly_the_policy_options(
 def test_package_versions_match_the_source() -> None:
     changelog = (SOURCE / "debian/changelog").read_text().split("\n", 1)[0]
     assert changelog.startswith(f"qconnect ({__version__})")
-    for spec in ("qconnect.spec", "qconnect-dom0.spec"):
+    for spec in ("qconnect.core.spec", "qconnect-dom0.spec"):
         text = (SOURCE / "packaging/rpm" / spec).read_text()
         assert re.search(rf"^Version:\s+{re.escape(__version__)}$", text, re.MULTILINE), spec
 

@@ -24,8 +24,8 @@ import pytest
 
 from qconnect.loopback import layout
 from qconnect.loopback.machine import Machine
+from qconnect.persist.render import exec_start_of, listen_of
 from qconnect.service.install import install_into_rpc_dir
-from qconnect.units.render import exec_start_of, listen_of
 from tests.conftest import HalfCloseServer
 from tests.persist_tree import make_qube_tree, run_persist
 

@@ -5,9 +5,9 @@ import subprocess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qconnect.spec import BindingSpec, parse_spec
-from qconnect.units.escape import escape, is_valid_unit_name, unescape
-from qconnect.units.render import spec_from_unit_name, unit_prefix
+from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.persist.escape import escape, is_valid_unit_name, unescape
+from qconnect.persist.render import spec_from_unit_name, unit_prefix
 
 # argv cannot carry NUL or lone surrogates; everything else is fair game.
 _ARGV_TEXT = st.text(

@@ -6,7 +6,7 @@ gives hostile text to one option of ``persist add`` at a time (the spec,
 every option, and the spec with one hostile character slipped into a valid
 one) and asks of every run: refused with one line, no traceback, nothing
 written; or every unit file written is printable ASCII, reads back (with
-systemd's own syntax, :mod:`qconnect.units.unitfile`, itself checked
+systemd's own syntax, :mod:`qconnect.persist.unitfile`, itself checked
 against systemd in ``test_unit_syntax.py``) to exactly the directives the
 options ask for, ``persist list`` shows the binding, and the real
 ``systemd-analyze verify`` accepts every unit without a word. The verify
@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qconnect import cli
-from qconnect.spec import BindingSpec, parse_spec
-from qconnect.units.unitfile import Directive, directives
+from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.persist.unitfile import Directive, directives
 from tests.persist_tree import (
     QUBE_HOME,
     fake_executable,

@@ -10,12 +10,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from qconnect.install import rclocal
-from qconnect.install.tree import Tree, TreeError
-from qconnect.spec import parse_spec
-from qconnect.units.cli import install_and_start
-from qconnect.units.install import AddRequest, Persistence, UnitPaths
-from qconnect.units.render import Binding, Mode, Scope, load_templates
+from qconnect.core.install import rclocal
+from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.spec import parse_spec
+from qconnect.persist.cli import install_and_start
+from qconnect.persist.install import AddRequest, Persistence, UnitPaths
+from qconnect.persist.render import Binding, Mode, Scope, load_templates
 from tests.persist_tree import (
     RC_LOCAL_OF_THE_USER,
     fake_executable,

@@ -2,9 +2,9 @@
 
 import pytest
 
-from qconnect.errors import PersistError
-from qconnect.spec import parse_spec
-from qconnect.units.render import (
+from qconnect.core.errors import PersistError
+from qconnect.core.spec import parse_spec
+from qconnect.persist.render import (
     DAEMON_SERVICE,
     GENERATED_MARK,
     Binding,

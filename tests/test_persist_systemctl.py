@@ -12,12 +12,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from qconnect.errors import PersistError
-from qconnect.install.systemctl import Systemd
-from qconnect.spec import parse_spec
-from qconnect.units.cli import install_and_start, remove_and_stop
-from qconnect.units.install import AddRequest, Persistence, UnitPaths
-from qconnect.units.render import Binding, Mode, Scope, load_templates
+from qconnect.core.errors import PersistError
+from qconnect.core.install.systemctl import Systemd
+from qconnect.core.spec import parse_spec
+from qconnect.persist.cli import install_and_start, remove_and_stop
+from qconnect.persist.install import AddRequest, Persistence, UnitPaths
+from qconnect.persist.render import Binding, Mode, Scope, load_templates
 from tests.persist_tree import make_qube_tree, run_persist, snapshot
 
 SOCKET = "qconnect-bind-127.0.0.1-8080-web-80.socket"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.evaluate import Call, Resolution, evaluate, evaluate_call
 from qconnect.policy.loader import Policy
 from qconnect.policy.parser import parse_text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.evaluate import evaluate_call, evaluate_legacy_call
 from qconnect.policy.loader import load_legacy_policy, load_policy
 from qconnect.policy.system_info import SystemInfo

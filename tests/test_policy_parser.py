@@ -2,7 +2,7 @@
 
 import pytest
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.legacy import parse_legacy_text, translate_line
 from qconnect.policy.parser import (
     Compat40,

@@ -6,7 +6,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy import fence
 from qconnect.policy.editor import NewFormat, PolicyEditor
 from qconnect.policy.evaluate import Call, evaluate

@@ -5,7 +5,7 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.printable import printable
+from qconnect.core.printable import printable
 
 
 def test_terminal_escapes_and_newlines_are_shown_not_obeyed() -> None:

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import ArgumentError, SpecError
-from qconnect.qrexec import (
+from qconnect.core.errors import ArgumentError, SpecError
+from qconnect.core.qrexec import (
     parse_port,
     sanitize_service,
     sanitize_target,

@@ -1,4 +1,4 @@
-"""qconnect.relay.blocking: the standard-library relay the per-call processes copy with."""
+"""qconnect.core.relay.blocking: the standard-library relay the per-call processes copy with."""
 
 import errno
 import os
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qconnect.relay import blocking
+from qconnect.core.relay import blocking
 from tests.conftest import recv_all, tcp_pair
 
 TIMEOUT = 20
@@ -69,7 +69,7 @@ def test_two_sockets_server_half_close_lets_the_client_keep_sending(
 
 RELAY_PROGRAM = """
 import socket, sys
-from qconnect.relay import blocking
+from qconnect.core.relay import blocking
 peer = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 counts = blocking.relay_fds(0, 1, peer.fileno())
 print(counts.outbound, counts.inbound, counts.error, file=sys.stderr)
@@ -238,7 +238,7 @@ def test_shut_write_closes_a_pipe_and_shuts_down_a_socket(pairs: list[socket.soc
 def test_blocking_relay_imports_neither_trio_nor_dataclasses() -> None:
     """Every per-call executable pays for what the blocking relay imports (inspect: ~10 ms)."""
     probe = (
-        "import sys, qconnect.relay.blocking; "
+        "import sys, qconnect.core.relay.blocking; "
         "print('trio' in sys.modules or 'dataclasses' in sys.modules)"
     )
     result = subprocess.run(

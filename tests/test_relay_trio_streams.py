@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from qconnect.relay.trio_streams import RelayStats, relay
+from qconnect.core.relay.trio_streams import RelayStats, relay
 
 
 def _stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -179,7 +179,7 @@ async def test_stapled_socket_streams_are_spliced_and_half_closed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The client's relay mode staples two socketpairs: both directions may still splice."""
-    import qconnect.relay.trio_streams as relay_module
+    import qconnect.core.relay.trio_streams as relay_module
 
     spliced: list[bool] = []
     real = relay_module._splice_copy

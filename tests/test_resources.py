@@ -5,7 +5,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from qconnect.resources import SOURCE_ROOT, data_path
+from qconnect.core.resources import SOURCE_ROOT, data_path
 
 
 def test_source_tree_files_are_found_first() -> None:

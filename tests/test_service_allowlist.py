@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import ServiceError
+from qconnect.core.errors import ServiceError
 from qconnect.service.allowlist import (
     AllowlistCache,
     AllowRule,

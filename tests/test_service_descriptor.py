@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import ServiceError
+from qconnect.core.errors import ServiceError
 from qconnect.service.descriptor import (
     MAX_DESCRIPTOR,
     CallDescriptor,

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import trio
 
-import qconnect.relay.trio_streams as trio_streams
-from qconnect.relay.splice import SPLICE_UNSUPPORTED
+import qconnect.core.relay.trio_streams as trio_streams
+from qconnect.core.relay.splice import SPLICE_UNSUPPORTED
 from qconnect.service.daemon import ConnectTCPService
 from tests.service_helpers import call, echo, receive_all, socket_service, tcp_server
 

@@ -229,7 +229,7 @@ def test_service_help_and_the_installers_import_no_trio(tmp_path: Path) -> None:
         "import sys\n"
         "from qconnect.cli import build_parser\n"
         "build_parser(['service', '--help'])\n"
-        "import qconnect.service.cli, qconnect.service.install, qconnect.units.cli\n"
+        "import qconnect.service.cli, qconnect.service.install, qconnect.persist.cli\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'outcome')))\n"
     )
     result = subprocess.run(

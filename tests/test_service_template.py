@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from qconnect.cli import main
-from qconnect.errors import ServiceError
+from qconnect.core.errors import ServiceError
+from qconnect.core.persistence import Persistence, detect_persistence
 from qconnect.loopback.machine import Machine
-from qconnect.persistence import Persistence, detect_persistence
 from qconnect.service.install import (
     RPC_CONFIG,
     RUN_RPC_CONFIG,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import ServiceError
+from qconnect.core.errors import ServiceError
+from qconnect.persist.unitfile import directives
 from qconnect.service.install import Layout, render_tmpfiles, render_units
-from qconnect.units.unitfile import directives
 
 BENIGN = render_units("qconnect service install --socket", " --root /img")
 HOSTILE_ROOT = " --root '/img\r[Service]\rExecStartPre=/bin/touch /pwned\r#'"

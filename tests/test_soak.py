@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from qconnect.relay.trio_streams import PIPES_KEPT
+from qconnect.core.relay.trio_streams import PIPES_KEPT
 from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_chain
 
 SOAK_DEFAULT = 60

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import SpecError
-from qconnect.spec import BindingSpec, parse_fd_name, parse_spec
+from qconnect.core.errors import SpecError
+from qconnect.core.spec import BindingSpec, parse_fd_name, parse_spec
 
 
 @pytest.mark.parametrize(

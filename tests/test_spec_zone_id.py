@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import SpecError
-from qconnect.spec import parse_bind_address, parse_spec
+from qconnect.core.errors import SpecError
+from qconnect.core.spec import parse_bind_address, parse_spec
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.errors import PersistError
-from qconnect.units.render import load_templates
-from qconnect.units.unitfile import Directive, check_line, directives, exec_line
+from qconnect.core.errors import PersistError
+from qconnect.persist.render import load_templates
+from qconnect.persist.unitfile import Directive, check_line, directives, exec_line
 from tests.persist_tree import fake_executable, install_analyze_support
 
 HEAD = "[Socket]\nListenStream=127.0.0.1:1\n"

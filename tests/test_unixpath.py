@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.unixpath import SUN_PATH_MAX, bind_unix, connect_unix
+from qconnect.core.unixpath import SUN_PATH_MAX, bind_unix, connect_unix
 
 
 @pytest.mark.parametrize("depth", [1, 12])

@@ -23,16 +23,15 @@ from qconnect.client import qrexec_call
 from qconnect.client.errors import ClientError
 from qconnect.client.listeners import Listener, PrivilegedPortError
 from qconnect.client.registry import (
-    LOOPBACK_MACHINE_ENV,
-    LOOPBACK_QUBE_ENV,
     control_socket_path,
     ensure_runtime_dir,
     log_file_path,
 )
 from qconnect.client.server import ClientServer, ServerOptions
-from qconnect.logs import PrintableFormatter, setup_logging
-from qconnect.printable import printable
-from qconnect.unixpath import bind_unix
+from qconnect.core.logs import PrintableFormatter, setup_logging
+from qconnect.core.printable import printable
+from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
+from qconnect.core.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.client")
 
@@ -91,7 +90,7 @@ ENV_PROGRAMS = ("/usr/bin/env", "/bin/env")
 #: directory sudo was started in.
 ROOT_ENTRY = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from qconnect.client_cli import main; sys.exit(main())"
+    "from qconnect.client.cli import main; sys.exit(main())"
 )
 
 #: Variables the root copy keeps from the user's environment (sudo drops the

@@ -1,6 +1,6 @@
-"""The client's exception type (one per area, see :mod:`qconnect.errors`)."""
+"""The client's exception type (one per area, see :mod:`qconnect.core.errors`)."""
 
-from qconnect.errors import QconnectError
+from qconnect.core.errors import QconnectError
 
 
 class ClientError(QconnectError):

@@ -5,7 +5,7 @@ import math
 import resource
 
 from qconnect.client.errors import ClientError
-from qconnect.qrexec import MAX_CALLS_IN_FLIGHT
+from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from qconnect.client.registry import ask_all, runtime_dir
-from qconnect.printable import printable
+from qconnect.core.printable import printable
 
 ROOT_REGISTRY = "/run/qconnect/client"
 

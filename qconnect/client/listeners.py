@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from qconnect.client.errors import ClientError
 from qconnect.client.limits import LISTEN_BACKLOG
-from qconnect.errors import SpecError
-from qconnect.spec import BindingSpec, parse_fd_name
+from qconnect.core.errors import SpecError
+from qconnect.core.spec import BindingSpec, parse_fd_name
 
 #: Where Linux keeps the first port an unprivileged process may bind.
 UNPRIVILEGED_PORT_START_FILE = "/proc/sys/net/ipv4/ip_unprivileged_port_start"

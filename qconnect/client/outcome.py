@@ -1,6 +1,6 @@
 """What a ``qrexec-client-vm`` exit code means, in words a user can act on.
 
-Pure: the codes are qrexec's (see :mod:`qconnect.qrexec`); the words name the
+Pure: the codes are qrexec's (see :mod:`qconnect.core.qrexec`); the words name the
 binding and, for a refusal, the dom0 command that would allow the call.
 """
 
@@ -9,7 +9,7 @@ import shlex
 import signal
 from dataclasses import dataclass
 
-from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE
+from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE
 
 
 class Kind(enum.Enum):

@@ -12,29 +12,20 @@ import subprocess
 from pathlib import Path
 
 from qconnect.client.errors import ClientError
-from qconnect.printable import printable
-from qconnect.qrexec import service_call
-from qconnect.spec import BindingSpec
-
-QREXEC_CLIENT_VM = "qrexec-client-vm"
-
-#: The option that lets qrexec-client-vm use an accepted socket as its only
-#: stream (qubes-core-qrexec >= 4.2, agent/qrexec-client-vm.c). Older agents
-#: do not list it in their usage text.
-STDIN_SOCKET_OPTION = "--use-stdin-socket"
-
-#: Set by the loopback machine in the processes "inside" one of its qubes
-#: (qconnect.loopback.layout.QUBE_ENV): that qube's name.
-LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
-LOOPBACK_MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import service_call
+from qconnect.core.qrexec_client import (
+    LOOPBACK_MACHINE_ENV,
+    LOOPBACK_QUBE_ENV,
+    QREXEC_CLIENT_VM,
+    STDIN_SOCKET_OPTION,
+    supports_stdin_socket,
+)
+from qconnect.core.spec import BindingSpec
 
 #: Set by daemon.bind_or_sudo in the environment of the copy of us that sudo
 #: runs as root (defined here, the lowest module that reads it).
 SUDO_MARK_ENV = "QCONNECT_VIA_SUDO"
-
-#: How long ``qrexec-client-vm --help`` may take before we give up and use
-#: the relay, which works with every version.
-PROBE_TIMEOUT = 5.0
 
 
 class Mode(enum.Enum):
@@ -130,25 +121,6 @@ def _only_root_can_change(path: str) -> bool:
         if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return False
     return True
-
-
-def supports_stdin_socket(executable: str) -> bool:
-    """Whether this ``qrexec-client-vm`` accepts ``--use-stdin-socket`` (asked once, via --help).
-
-    Its usage text goes partly to stdout and partly to stderr, and older
-    versions print it on stderr for an unknown option, so both are read.
-    """
-    try:
-        probe = subprocess.run(
-            [executable, "--help"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return STDIN_SOCKET_OPTION.encode() in probe.stdout + probe.stderr
 
 
 def choose_mode(executable: str, *, force_relay: bool) -> Mode:

@@ -10,7 +10,7 @@ removed. Standard library only: ``qconnect list`` does not import trio.
 Trust: the directory chain is checked before use (:func:`registry_dir`),
 each side checks the other's uid with SO_PEERCRED (a process answers only
 its own user or root; ``list``/``stop`` believe only their own user), and
-whatever a peer says is printed through qconnect.printable.
+whatever a peer says is printed through qconnect.core.printable.
 
 Requests: ``status``, ``stop`` (every binding of the process), ``stop SPEC``
 (one binding; the process exits when it has none left). The answer to each
@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from qconnect.client.errors import ClientError
-from qconnect.printable import printable
-from qconnect.unixpath import connect_unix
+from qconnect.core.printable import printable
+from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
+from qconnect.core.unixpath import connect_unix
 
 #: Environment variable that moves the runtime directory (tests, loopback qubes).
 RUNTIME_DIR_ENV = "QCONNECT_RUNTIME_DIR"
@@ -49,12 +50,8 @@ QUERY_TIMEOUT = 3.0
 
 SOCKET_SUFFIX = ".sock"
 
-
-#: Set by a loopback machine in the processes "inside" one of its qubes
-#: (qconnect.loopback.layout): each loopback qube gets its own /run, so
-#: ``qconnect list`` in one qube does not show another qube's bindings.
-LOOPBACK_MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
-LOOPBACK_QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+# In a loopback qube (LOOPBACK_*_ENV set) each qube gets its own /run, so
+# ``qconnect list`` in one qube does not show another qube's bindings.
 
 
 def _location() -> tuple[Path, int]:

@@ -49,11 +49,11 @@ from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.client.registry import peer_credentials
-from qconnect.errors import SpecError
-from qconnect.printable import printable
-from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
-from qconnect.relay.trio_streams import RelayStats, relay
-from qconnect.spec import BindingSpec, parse_spec
+from qconnect.core.errors import SpecError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
+from qconnect.core.relay.trio_streams import RelayStats, relay
+from qconnect.core.spec import BindingSpec, parse_spec
 
 logger = logging.getLogger("qconnect.client")
 
@@ -908,7 +908,7 @@ def stderr_detail(stderr: bytes) -> str:
 
     The bytes come from the target qube (a service's stderr is forwarded to
     the caller) and may hold anything: runs of whitespace become one space,
-    every other non-printable character is escaped (qconnect.printable).
+    every other non-printable character is escaped (qconnect.core.printable).
     """
     text = " ".join(stderr.decode("utf-8", errors="surrogateescape").split())
     return printable(text[:STDERR_DETAIL_CHARS])

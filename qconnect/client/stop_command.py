@@ -5,9 +5,9 @@ import time
 
 from qconnect.client.errors import ClientError
 from qconnect.client.registry import ask_all
-from qconnect.errors import SpecError
-from qconnect.printable import printable
-from qconnect.spec import BindingSpec, parse_spec
+from qconnect.core.errors import SpecError
+from qconnect.core.printable import printable
+from qconnect.core.spec import BindingSpec, parse_spec
 
 #: How often ``stop`` looks whether the bindings it stopped are gone. The
 #: wait is normally the grace period of their open connections (seconds).

@@ -16,10 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconnect import unixpath
+from qconnect.core import unixpath
+from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM
 from qconnect.loopback import layout
 from qconnect.loopback.rpcconfig import RpcConfig, RpcConfigError, parse_rpc_config
-from qconnect.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM
 
 # Linux's limit on a file name (NAME_MAX): a longer service name cannot exist.
 _NAME_MAX = 255

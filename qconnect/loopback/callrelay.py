@@ -8,7 +8,7 @@ libqrexec/process_io.c). The loopback has both ends in one process, so one
 the service sends goes back, an executable's stderr reaches the caller's
 stderr, and the exit code is decided when the service side has ended.
 
-Standard library only (it runs in every call): ``qconnect.relay.blocking``
+Standard library only (it runs in every call): ``qconnect.core.relay.blocking``
 copies with splice, one thread per direction.
 """
 
@@ -20,7 +20,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from qconnect.relay.blocking import ReadFailed, WriteFailed, pump, write_all
+from qconnect.core.relay.blocking import ReadFailed, WriteFailed, pump, write_all
 
 # How long, after the service side has ended, the relay of its last bytes to
 # the caller may take before the call ends anyway (a caller that does not read

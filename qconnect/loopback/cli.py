@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from qconnect.logs import setup_logging
+    from qconnect.core.logs import setup_logging
     from qconnect.loopback import forkserver
 
     setup_logging("qconnect-loopback-serve")

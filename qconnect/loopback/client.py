@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from qconnect.core.qrexec import EXIT_REFUSED, is_valid_qube_name
 from qconnect.loopback import channels, layout, localprogram
 from qconnect.loopback.agent import (
     CallFailed,
@@ -45,7 +46,6 @@ from qconnect.loopback.callrelay import CallRelay, Ends, shutdown_quietly
 from qconnect.loopback.dom0 import Refused, evaluate_policy, read_request
 from qconnect.loopback.journal import Logger
 from qconnect.loopback.options import PROG, Options, UsageError, parse_command_line, usage
-from qconnect.qrexec import EXIT_REFUSED, is_valid_qube_name
 
 #: What qrexec-daemon logs when a qube's port table has no free port for a call.
 CHANNELS_EXHAUSTED = "Failed to allocate new vchan port, too many clients?"

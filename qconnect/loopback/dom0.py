@@ -10,10 +10,10 @@ lazily: a call refused earlier never pays for it.
 
 from pathlib import Path
 
+from qconnect.core.qrexec import sanitize_service, sanitize_target
 from qconnect.loopback import layout
 from qconnect.loopback.agent import Request
 from qconnect.loopback.journal import Logger
-from qconnect.qrexec import sanitize_service, sanitize_target
 
 
 class Refused(Exception):
@@ -53,7 +53,7 @@ def evaluate_policy(machine: Path, log: Logger, request: Request, requested_targ
         from qconnect.policy.system_info import SystemInfo
     except ImportError as error:
         raise Refused(f"the policy engine is not available: {error}") from None
-    from qconnect.errors import QconnectError
+    from qconnect.core.errors import QconnectError
 
     try:
         system = SystemInfo.load(machine / "qubes.json")

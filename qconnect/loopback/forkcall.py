@@ -28,7 +28,7 @@ import _socket
 import os
 import sys
 
-from qconnect import unixpath
+from qconnect.core import unixpath
 
 #: The fork-server's socket, relative to the machine directory.
 SOCKET_PATH = ("run", "qrexec.sock")

@@ -50,7 +50,7 @@ from pathlib import Path
 # Everything a call needs is imported here once, so a child starts with it:
 # select, subprocess and threading above, the blocking relay and the policy engine
 # (``client`` imports the latter lazily) below.
-from qconnect import unixpath
+from qconnect.core import unixpath
 from qconnect.loopback import client, forkcall
 from qconnect.loopback.forkcall import REQUEST_FDS, BadRequest
 from qconnect.loopback.machine import LoopbackError

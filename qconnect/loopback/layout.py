@@ -21,9 +21,11 @@ must start fast and so imports only this, not ``machine``::
 import os
 from pathlib import Path
 
+from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
+
 #: Environment variables that tell the loopback client which machine and qube it runs in.
-MACHINE_ENV = "QCONNECT_LOOPBACK_MACHINE"
-QUBE_ENV = "QCONNECT_LOOPBACK_QUBE"
+MACHINE_ENV = LOOPBACK_MACHINE_ENV
+QUBE_ENV = LOOPBACK_QUBE_ENV
 
 CLIENT_NAME = "qrexec-client-vm"
 

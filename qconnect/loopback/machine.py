@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import qconnect
-from qconnect import atomic
-from qconnect.errors import QconnectError
+from qconnect.core import atomic
+from qconnect.core.errors import QconnectError
+from qconnect.core.qrexec import SERVICE, is_valid_qube_name
 from qconnect.loopback import channels, forkcall, layout
-from qconnect.qrexec import SERVICE, is_valid_qube_name
 
 
 class LoopbackError(QconnectError):

@@ -11,7 +11,7 @@ behaves here exactly as in a qube.
 
 from dataclasses import dataclass, field
 
-from qconnect.errors import QconnectError
+from qconnect.core.errors import QconnectError
 
 
 class RpcConfigError(QconnectError):

@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import SERVICE, is_valid_qube_name, parse_port
 from qconnect.policy.editor import (
     QCONNECT_FILE,
     EditResult,
@@ -51,8 +53,6 @@ from qconnect.policy.tokens import (
     TokenError,
     parse_token,
 )
-from qconnect.printable import printable
-from qconnect.qrexec import SERVICE, is_valid_qube_name, parse_port
 
 PROG = "qconnect policy"
 

@@ -3,7 +3,7 @@
 An edit is planned in memory (new text per file), the whole policy
 directory is parsed *as it would be* after it, and only then written: a
 change that would make dom0 refuse every call is refused instead. Writes
-are atomic and serialized by a lock in the directory (``qconnect.atomic``).
+are atomic and serialized by a lock in the directory (``qconnect.core.atomic``).
 
 Our rules live in our block (``fence``) of ``30-qconnect.policy`` (new
 format) or of ``/etc/qubes-rpc/policy/qubes.ConnectTCP+PORT`` (R4.0). In the
@@ -20,17 +20,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconnect.atomic import locked, remove_file, write_atomic
-from qconnect.errors import PolicyError
-from qconnect.fence import Fenced
+from qconnect.core.atomic import locked, remove_file, write_atomic
+from qconnect.core.errors import PolicyError
+from qconnect.core.fence import Fenced
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import SERVICE
 from qconnect.policy import fence, legacy
 from qconnect.policy.lint import shadowing_rule
 from qconnect.policy.loader import Overrides, Policy, load_legacy_policy, load_policy
 from qconnect.policy.parser import parse_line
 from qconnect.policy.rules import Location, Rule
 from qconnect.policy.system_info import SystemInfo
-from qconnect.printable import printable
-from qconnect.qrexec import SERVICE
 
 #: The file our new-format rules go to: sorts before 35-compat and 90-default.
 QCONNECT_FILE = "30-qconnect.policy"

@@ -21,11 +21,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from qconnect.core.qrexec import sanitize_target
 from qconnect.policy.loader import Policy, load_legacy_policy, load_policy
 from qconnect.policy.rules import Allow, Ask, Deny, Rule
 from qconnect.policy.system_info import SystemInfo, is_dom0
 from qconnect.policy.tokens import EvaluationFailure, Token
-from qconnect.qrexec import sanitize_target
 
 # qrexec-client-vm copies TARGET into a 64-byte field with strncpy and a
 # NUL kept at the end (qubes-core-qrexec agent/qrexec-client-vm.c,

@@ -3,15 +3,15 @@
 A policy file may hold the user's own lines around ours. Everything we
 write sits between two marker comments; an edit swaps that block and keeps
 every other byte of the file, so a user's comment or rule is never lost.
-The finding and keeping is ``qconnect.fence``'s, with dom0's line ends;
+The finding and keeping is ``qconnect.core.fence``'s, with dom0's line ends;
 this module adds our markers, the block's text and the policy's messages.
 Pure: text in, text out.
 """
 
 from collections.abc import Sequence
 
-from qconnect.errors import PolicyError
-from qconnect.fence import DOM0_LINE_ENDS, Fenced, FenceError, Markers
+from qconnect.core.errors import PolicyError
+from qconnect.core.fence import DOM0_LINE_ENDS, Fenced, FenceError, Markers
 
 BEGIN_MARKER = "# --- BEGIN qconnect: rules managed by `qconnect policy` ---"
 END_MARKER = "# --- END qconnect ---"

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.parser import (
     SERVICE_CHARS,
     ErrorSink,

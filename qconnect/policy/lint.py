@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
+from qconnect.core.printable import printable
 from qconnect.policy import legacy
 from qconnect.policy.loader import (
     POLICY_SUFFIX,
@@ -41,7 +42,6 @@ from qconnect.policy.tokens import (
     Wildcard,
     check_value,
 )
-from qconnect.printable import printable
 
 # Tokens @anyvm always covers: they never designate dom0.
 _NEVER_DOM0 = (DefaultVM, DispVM, DispVMTemplate, DispVMTag, AnyVM)

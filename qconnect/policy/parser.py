@@ -11,7 +11,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.rules import Action, Allow, Ask, Deny, Location, Rule
 from qconnect.policy.tokens import DefaultVM, Place, Token, TokenError, parse_token
 

@@ -9,7 +9,7 @@ autostart is on).
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 from qconnect.policy.tokens import Token
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from qconnect.errors import PolicyError
+from qconnect.core.errors import PolicyError
 
 # qubesd's internal socket and the dom0 client that talks to it
 # (qubes-core-admin): the same call the policy daemon makes.

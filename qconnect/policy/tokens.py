@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+from qconnect.core.qrexec import is_valid_qube_name
 from qconnect.policy.system_info import QubeInfo, SystemInfo, is_dom0
-from qconnect.qrexec import is_valid_qube_name
 
 # What qubesd accepts in a tag (qubes-core-admin, qubes/vm/__init__.py,
 # Tags.validate_tag: letters, digits, '-' and '_', not empty). A qube's type is

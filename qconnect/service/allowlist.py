@@ -31,9 +31,9 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from qconnect.errors import QconnectError, ServiceError
-from qconnect.printable import printable
-from qconnect.qrexec import is_valid_qube_name, parse_port
+from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import is_valid_qube_name, parse_port
 
 #: Where the allowlist is looked for, first existing wins. /usr/local survives
 #: an app qube's reboot (it lives on the qube's private volume, /rw/usrlocal);

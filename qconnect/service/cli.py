@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qconnect.errors import ServiceError
+from qconnect.core.errors import ServiceError
 
 if TYPE_CHECKING:
     from qconnect.service.install import Layout
@@ -143,7 +143,7 @@ def _positive_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qconnect.logs import setup_logging
+    from qconnect.core.logs import setup_logging
     from qconnect.service import daemon
 
     setup_logging("qconnect-service", verbose=args.verbose)
@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from qconnect.install.systemctl import Systemd
+    from qconnect.core.install.systemctl import Systemd
     from qconnect.service import install
 
     if args.rpc_dir is not None and args.layout is not None:
@@ -204,7 +204,7 @@ def _layout(option: str | None, live: bool) -> "Layout":
     the user may know better (testing in a disposable, say), but should hear
     what will not last.
     """
-    from qconnect.persistence import Persistence, detect_persistence
+    from qconnect.core.persistence import Persistence, detect_persistence
     from qconnect.service import install
 
     if not live:
@@ -234,8 +234,8 @@ def _layout(option: str | None, live: bool) -> "Layout":
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    from qconnect.install.systemctl import Systemd
-    from qconnect.persistence import detect_persistence
+    from qconnect.core.install.systemctl import Systemd
+    from qconnect.core.persistence import detect_persistence
     from qconnect.service import install
 
     live = args.root == Path("/")

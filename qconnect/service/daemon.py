@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from qconnect.errors import QconnectError, ServiceError
-from qconnect.printable import printable
-from qconnect.qrexec import SERVICE, parse_port
-from qconnect.relay.trio_streams import RelayStats, relay
+from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import SERVICE, parse_port
+from qconnect.core.relay.trio_streams import RelayStats, relay
+from qconnect.core.unixpath import bind_unix
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
@@ -50,7 +51,6 @@ from qconnect.service.descriptor import (
     parse_descriptor,
     split_descriptor,
 )
-from qconnect.unixpath import bind_unix
 
 logger = logging.getLogger("qconnect.service")
 

@@ -5,7 +5,7 @@ socket path into units; neither may import the daemon (and trio with it)
 for a constant: ``--help`` must start in tens of milliseconds.
 """
 
-from qconnect.qrexec import SERVICE
+from qconnect.core.qrexec import SERVICE
 
 #: Where qrexec-agent looks first for services (DESIGN.md §2: /run/qubes-rpc
 #: comes before /usr/local/etc/qubes-rpc and /etc/qubes-rpc).

@@ -9,9 +9,9 @@ NUL in the same read, so splitting returns them too.
 
 from dataclasses import dataclass
 
-from qconnect.errors import ServiceError
-from qconnect.printable import printable
-from qconnect.qrexec import SERVICE, is_valid_qube_name
+from qconnect.core.errors import ServiceError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import SERVICE, is_valid_qube_name
 
 # Longest descriptor we wait for before calling the peer hostile. A valid one
 # is at most ~60 bytes ("qubes.ConnectTCP+65535 " plus a 31-character qube

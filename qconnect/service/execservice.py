@@ -10,7 +10,7 @@ trustworthy); stdin/stdout are the caller's stream (one socket, or two pipes);
 stderr reaches the caller. A failure prints one line there and exits non-zero,
 whatever happened: never a traceback, which would show the caller the
 target's installation paths; the details go to the target's journal.
-The bytes are relayed by ``qconnect.relay.blocking`` (splice, one thread per
+The bytes are relayed by ``qconnect.core.relay.blocking`` (splice, one thread per
 direction, half-close with shutdown when stdin and stdout share a socket).
 """
 
@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
-from qconnect.errors import QconnectError
-from qconnect.printable import printable
-from qconnect.qrexec import EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE, parse_port
-from qconnect.relay.blocking import relay_fds
+from qconnect.core.errors import QconnectError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE, parse_port
+from qconnect.core.relay.blocking import relay_fds
 from qconnect.service import allowlist
 from qconnect.service.allowlist import DEFAULT_ALLOW_FILES, AnyPath
 

@@ -1,7 +1,7 @@
 """Install and uninstall qubes.ConnectTCP (socket service or executable) in a qube.
 
 Where things go depends on what the qube keeps across a reboot (DESIGN.md
-§2; qubesdb's ``/qubes-vm-persistence``, see :mod:`qconnect.persistence`).
+§2; qubesdb's ``/qubes-vm-persistence``, see :mod:`qconnect.core.persistence`).
 
 **App qube** (``rw-only``). The root file system is reset at every boot from
 the template; only /rw, /home and /usr/local (which is /rw/usrlocal) survive.
@@ -49,7 +49,7 @@ manifest is read as hostile: every path in it must be one this installer
 writes (relative, without ``..``), else nothing is removed.
 
 This module only describes *what* to install; the install engine
-(:mod:`qconnect.install`) plans it against the tree, applies it all or
+(:mod:`qconnect.core.install`) plans it against the tree, applies it all or
 nothing (undone from snapshots), under one lock, confined to ``--root``.
 """
 
@@ -65,29 +65,33 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from qconnect.atomic import write_atomic
-from qconnect.errors import ServiceError
-from qconnect.install import engine
-from qconnect.install.header import SERVICE_RPC_CONFIG_MARK, is_service_generated, service_header
-from qconnect.install.rclocal import (
+from qconnect.core.atomic import write_atomic
+from qconnect.core.errors import ServiceError
+from qconnect.core.install import engine
+from qconnect.core.install.header import (
+    SERVICE_RPC_CONFIG_MARK,
+    is_service_generated,
+    service_header,
+)
+from qconnect.core.install.rclocal import (
     BLOCK_BEGIN as BLOCK_BEGIN,
 )
-from qconnect.install.rclocal import (
+from qconnect.core.install.rclocal import (
     BLOCK_END as BLOCK_END,
 )
-from qconnect.install.rclocal import (
+from qconnect.core.install.rclocal import (
     RC_LOCAL_BLOCK,
     RC_LOCAL_MODE,
     SERVICE_SOCKET_UNIT,
     SHEBANG,
 )
-from qconnect.install.rclocal import add_block as add_block
-from qconnect.install.rclocal import remove_block as remove_block
-from qconnect.install.tree import Tree, TreeError
-from qconnect.persistence import Persistence
-from qconnect.printable import printable
-from qconnect.qrexec import SERVICE
-from qconnect.resources import SOURCE_ROOT, data_path
+from qconnect.core.install.rclocal import add_block as add_block
+from qconnect.core.install.rclocal import remove_block as remove_block
+from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.persistence import Persistence
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import SERVICE
+from qconnect.core.resources import SOURCE_ROOT, data_path
 from qconnect.service.defaults import DEFAULT_SOCKET
 
 SOCKET_UNIT = SERVICE_SOCKET_UNIT

@@ -13,13 +13,13 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from qconnect.client.qrexec_call import supports_stdin_socket
-from qconnect.errors import PersistError
-from qconnect.install.systemctl import SystemctlError, Systemd
-from qconnect.spec import BindingSpec, parse_spec
-from qconnect.units import install
-from qconnect.units.install import AddRequest, Installed, Persistence, Plan, UnitPaths
-from qconnect.units.render import (
+from qconnect.core.errors import PersistError
+from qconnect.core.install.systemctl import SystemctlError, Systemd
+from qconnect.core.qrexec_client import supports_stdin_socket
+from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.persist import install
+from qconnect.persist.install import AddRequest, Installed, Persistence, Plan, UnitPaths
+from qconnect.persist.render import (
     DAEMON_SERVICE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_QREXEC_CLIENT_VM,
@@ -38,7 +38,7 @@ from qconnect.units.render import (
 PRIVILEGED_PORT_LIMIT = 1024
 
 # A console script that pip generated for qconnect's client contains this.
-_OUR_CLIENT_MARK = b"qconnect.client_cli"
+_OUR_CLIENT_MARK = b"qconnect.client.cli"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ them into journal fields (``QCONNECT_CALLER=...``) so ``journalctl`` can filter
 on them, and the stderr handler prints just the message.
 
 Every line either handler writes, and every journal field, goes through
-:func:`escape_controls` (qconnect.printable's escapes for each non-printable
+:func:`escape_controls` (qconnect.core.printable's escapes for each non-printable
 character): messages carry text from outside (a target's stderr, a caller's name, a
 peer's answer), and a log line must stay one line of printable text whatever
 a caller put in it, so no escape sequence reaches the terminal of whoever
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from qconnect.printable import printable
+from qconnect.core.printable import printable
 
 FIELD_PREFIX = "QCONNECT_"
 

@@ -26,10 +26,10 @@ from qconnect.client.limits import (
 )
 from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
-from qconnect.errors import QconnectError
-from qconnect.logs import setup_logging
-from qconnect.printable import printable
-from qconnect.spec import BindingSpec, parse_bind_address, parse_spec
+from qconnect.core.errors import QconnectError
+from qconnect.core.logs import setup_logging
+from qconnect.core.printable import printable
+from qconnect.core.spec import BindingSpec, parse_bind_address, parse_spec
 
 if TYPE_CHECKING:
     from qconnect.client.server import ServerOptions

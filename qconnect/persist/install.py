@@ -1,6 +1,6 @@
 """What ``persist`` installs: permanent bindings as units in a file tree (``/`` or ``--root``).
 
-A description for the one install engine (:mod:`qconnect.install`): this
+A description for the one install engine (:mod:`qconnect.core.install`): this
 module reads what is installed and plans every change (pure decisions over
 what is on disk); :func:`apply` carries the plan out all or nothing, undone
 from snapshots, confined to the tree. A file is only ever overwritten or
@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from qconnect.errors import FileWriteError, PersistError
-from qconnect.install import engine, rclocal
-from qconnect.install.engine import Applied, Delete, Link, Step, Write
-from qconnect.install.tree import Tree
-from qconnect.persistence import Persistence as Persistence  # re-exported for persist's CLI
-from qconnect.persistence import detect_persistence as detect_persistence  # likewise
-from qconnect.spec import BindingSpec
-from qconnect.units.render import (
+from qconnect.core.errors import FileWriteError, PersistError
+from qconnect.core.install import engine, rclocal
+from qconnect.core.install.engine import Applied, Delete, Link, Step, Write
+from qconnect.core.install.tree import Tree
+from qconnect.core.persistence import Persistence as Persistence  # re-exported for persist's CLI
+from qconnect.core.persistence import detect_persistence as detect_persistence  # likewise
+from qconnect.core.spec import BindingSpec
+from qconnect.persist.render import (
     DAEMON_SERVICE,
     UNIT_PREFIX,
     Binding,

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from qconnect.errors import PersistError, QconnectError
-from qconnect.install.header import PERSIST_MARK, persist_header, read_persist_header
-from qconnect.printable import printable
-from qconnect.qrexec import MAX_CALLS_IN_FLIGHT, service_call
-from qconnect.resources import data_path
-from qconnect.spec import BindingSpec, parse_spec
-from qconnect.units.escape import escape, is_valid_unit_name, unescape
-from qconnect.units.unitfile import check_comment_block, check_line, directives, exec_line
+from qconnect.core.errors import PersistError, QconnectError
+from qconnect.core.install.header import PERSIST_MARK, persist_header, read_persist_header
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT, service_call
+from qconnect.core.resources import data_path
+from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.persist.escape import escape, is_valid_unit_name, unescape
+from qconnect.persist.unitfile import check_comment_block, check_line, directives, exec_line
 
 #: Every unit of a binding starts with this; the rest is the escaped spec.
 UNIT_PREFIX = "qconnect-bind-"
@@ -43,7 +43,7 @@ DAEMON_SERVICE = "qconnect-bindings.service"
 
 #: First line of every unit file this tool generates: the mark by which it
 #: recognises its own files and refuses to touch anyone else's
-#: (written and read by :mod:`qconnect.install.header`).
+#: (written and read by :mod:`qconnect.core.install.header`).
 GENERATED_MARK = PERSIST_MARK
 
 # systemd's own default for MaxConnections=. Below MAX_CALLS_IN_FLIGHT (the

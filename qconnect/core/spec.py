@@ -10,9 +10,9 @@ empty vmname = ``@default``), extended with an ssh ``-L`` style bind address
 import ipaddress
 from dataclasses import dataclass
 
-from qconnect.errors import QconnectError, SpecError
-from qconnect.printable import printable
-from qconnect.qrexec import parse_port, validate_target
+from qconnect.core.errors import QconnectError, SpecError
+from qconnect.core.printable import printable
+from qconnect.core.qrexec import parse_port, validate_target
 
 #: Where a binding listens unless told otherwise. The original listened on
 #: 0.0.0.0 while printing "localhost", exposing the port to every qube on the

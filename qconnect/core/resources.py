@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 #: The directory that holds the ``qconnect`` package in a source checkout.
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def data_path(*parts: str, prefix: str | None = None) -> Path:

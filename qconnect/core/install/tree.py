@@ -35,7 +35,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from qconnect.errors import FileWriteError
+from qconnect.core.errors import FileWriteError
 
 # Links followed in one walk before giving up, as the kernel does (MAXSYMLINKS).
 _MAX_LINKS = 40

@@ -9,7 +9,7 @@ created, so a failed command leaves the tree as it found it. The returned
 :class:`Applied` can undo the whole plan later still, e.g. when systemd then
 refuses to start what was installed.
 
-Every path goes through a :class:`~qconnect.install.tree.Tree`, so nothing
+Every path goes through a :class:`~qconnect.core.install.tree.Tree`, so nothing
 outside the root is ever read, created, replaced or removed; the whole
 read-plan-apply sequence runs under :meth:`Tree.locked`.
 """
@@ -19,8 +19,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconnect.errors import QconnectError
-from qconnect.install.tree import Tree, TreeError
+from qconnect.core.errors import QconnectError
+from qconnect.core.install.tree import Tree, TreeError
 
 #: Said after every failure of a plan: the undo has run.
 _UNDONE = "; nothing was changed"

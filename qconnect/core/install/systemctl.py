@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconnect.errors import QconnectError
+from qconnect.core.errors import QconnectError
 
 # How long one systemctl call may take. Starting a socket or reloading is
 # quick; a manager that does not answer within this is treated as broken

@@ -8,7 +8,7 @@ thread per direction. Each direction ends on its own EOF and hands that EOF on
 direction keeps flowing: a client that has finished sending still gets its
 reply, and a server that has finished replying can still be sent to.
 
-The copying follows the rules of :mod:`qconnect.relay.splice`: ``os.splice``
+The copying follows the rules of :mod:`qconnect.core.relay.splice`: ``os.splice``
 through a kernel pipe when both ends allow it, so the bytes never enter
 Python; ``read``/``write`` is the fallback (terminals, O_APPEND files, old
 kernels, no pipe to be had).
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 
-from qconnect.relay.splice import (
+from qconnect.core.relay.splice import (
     CHUNK_SIZE,
     PIPE_SIZE,
     SpliceUnsupported,

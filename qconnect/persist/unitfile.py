@@ -27,8 +27,8 @@ reader of the file cannot trust to be what it looks like.
 import re
 from typing import NamedTuple
 
-from qconnect.errors import PersistError
-from qconnect.printable import printable
+from qconnect.core.errors import PersistError
+from qconnect.core.printable import printable
 
 # systemd's line ends (read_line() in its fileio.c): "\r\n" is one end.
 _LINE_END_RE = re.compile(r"\r\n|[\n\r\0]")

@@ -24,9 +24,9 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from qconnect.errors import PersistError, QconnectError, ServiceError
-from qconnect.fence import Fenced, FenceError, Markers
-from qconnect.printable import printable
+from qconnect.core.errors import PersistError, QconnectError, ServiceError
+from qconnect.core.fence import Fenced, FenceError, Markers
+from qconnect.core.printable import printable
 
 SHEBANG = "#!/bin/sh\n"
 

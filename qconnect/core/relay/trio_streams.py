@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from qconnect.relay.splice import (
+from qconnect.core.relay.splice import (
     CHUNK_SIZE,
     HAVE_SPLICE,
     PIPE_SIZE,
@@ -31,7 +31,7 @@ from qconnect.relay.splice import (
 )
 
 # Between two sockets the bytes move with splice(2) through a kernel pipe
-# (qconnect.relay.splice): three to four times the throughput of
+# (qconnect.core.relay.splice): three to four times the throughput of
 # receive/send on loopback. Streams that are not plain sockets use
 # receive_some(CHUNK_SIZE)/send_all.
 

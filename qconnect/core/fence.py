@@ -16,7 +16,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from qconnect.errors import QconnectError
+from qconnect.core.errors import QconnectError
 
 #: Line ends as sh reads a script: only "\n" ends a line.
 SHELL_LINE_ENDS = ("\n",)

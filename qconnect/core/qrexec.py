@@ -6,7 +6,7 @@ Pure and standard-library only: the per-call executables, the loopback
 
 import re
 
-from qconnect.errors import ArgumentError, SpecError
+from qconnect.core.errors import ArgumentError, SpecError
 
 #: The RPC service this project implements and calls.
 SERVICE = "qubes.ConnectTCP"

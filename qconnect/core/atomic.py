@@ -13,8 +13,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from qconnect.errors import FileWriteError
-from qconnect.install.tree import Tree
+from qconnect.core.errors import FileWriteError
+from qconnect.core.install.tree import Tree
 
 
 def _describe(error: OSError) -> str:
@@ -44,7 +44,7 @@ def locked(directory: Path) -> Iterator[None]:
 def write_atomic(path: Path, content: str | bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``content`` so readers see the old or the new file, never a mix.
 
-    The install engine's writer (:meth:`qconnect.install.tree.Tree.write`)
+    The install engine's writer (:meth:`qconnect.core.install.tree.Tree.write`)
     does it, in ``path``'s directory: written next to the old file, fsynced,
     given the old file's mode and owner (or ``mode`` for a new file), renamed
     over it, the directory fsynced. A symlink at ``path`` is refused, never
