@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from qconnect.client import exposure
 from qconnect.client.acceptance import (
     Progress,
     Verdict,
@@ -304,7 +305,19 @@ class ClientServer:
         started = time.monotonic()
         call = _Call()
         try:
+            # An exposed listener (qconnect expose): --from checked again here.
+            admission = exposure.admit(conn.getsockname(), peer)
+            if admission.refusal is not None:
+                self._log_burst(
+                    ("not-admitted", spec),
+                    f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: "
+                    f"closed, never forwarded: {admission.refusal}",
+                    "connections closed because their source is not admitted",
+                    {"PEER": _peer_text(peer), "BINDING": str(spec), "OUTCOME": "not-admitted"},
+                )
+                return
             argv = call_argv(self.options.executable, spec, self.options.mode)
+            argv = admission.call_argv(argv)
             try:
                 if self.options.mode is Mode.HANDOFF:
                     await self._run_handoff(argv, conn, call)

@@ -1,0 +1,248 @@
+"""``qconnect expose``: a qube's port reachable from the outside world, the qrexec way.
+
+Run in dom0, it acts on two qubes: the via qube (``qvm-run --pass-io --user
+root VIA 'qconnect expose --here ...'``, which listens on the outside
+address and hands each connection to qrexec) and dom0's policy (the via
+qube may call that one port of the target, through ``qconnect policy``).
+Run in the via qube (or with ``--here``), it does the via qube's part and
+prints the one dom0 command left to type.
+
+The dom0 side uses the standard library only (dom0 has no trio): this
+module imports :mod:`.via` (which does not import trio either) only when it
+acts here.
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from qconnect.client.exposure import ROOT_ENV, ExposureError, parse_networks
+from qconnect.expose import model
+from qconnect.expose.model import ExposeError, ExposeFailure, Request
+from qconnect.qrexec import parse_port, validate_target
+
+DEFAULT_VIA = "sys-net"
+
+#: dom0's tool to run a command in a qube (qubes-core-admin-client).
+QVM_RUN = "qvm-run"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Make TARGET's port reachable from the outside world: the via qube (sys-net) "
+        "listens on its outside address and sends each connection over qrexec."
+    )
+    parser.add_argument("target", metavar="QUBE:PORT", nargs="?", help="the server: qube and port")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument(
+        "--list", action="store_true", help="show the exposed ports of the via qube"
+    )
+    actions.add_argument(
+        "--remove", metavar="QUBE:PORT", help="undo the exposure of QUBE:PORT (in via and dom0)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="allow_from",
+        metavar="CIDR[,CIDR...]",
+        help="who may connect (required; 'any' for everyone, with a warning); enforced by "
+        "the via qube's firewall and again by its listener",
+    )
+    parser.add_argument(
+        "--via", default=DEFAULT_VIA, metavar="QUBE",
+        help=f"the qube with the outside network (default {DEFAULT_VIA})",
+    )  # fmt: skip
+    parser.add_argument("--listen-port", metavar="PORT", help="the port outside (default: PORT)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--listen", action="append", default=[], metavar="ADDRESS",
+        help="an address of the via qube to listen on (repeatable)",
+    )  # fmt: skip
+    where.add_argument(
+        "--interface", metavar="IFACE",
+        help="listen on every global address of IFACE (default: the default route's interface)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-qube-facing", action="store_true",
+        help="allow listening on an interface facing the via qube's client qubes (vif*)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--proxy-protocol", choices=["v1"],
+        help="send each call a PROXY protocol v1 header with the outside client's address",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="say every change; change nothing")
+    parser.add_argument(
+        "--here", action="store_true",
+        help="act in this qube (the via qube); the default when qvm-run is not on PATH",
+    )  # fmt: skip
+    parser.add_argument(
+        "--root", metavar="DIR",
+        help="with --here: prefix every file path with DIR (an image of the qube)",
+    )  # fmt: skip
+    parser.add_argument("--policy-dir", metavar="DIR", help="dom0: the policy directory")
+    parser.add_argument(
+        "--qubes", metavar="FILE", help="dom0: the qubes as JSON (see qconnect policy)"
+    )
+
+
+def _in_dom0(args: argparse.Namespace) -> bool:
+    """dom0 has qvm-run and no qrexec-client-vm; a qube the other way round."""
+    if args.here:
+        return False
+    return shutil.which(QVM_RUN) is not None and shutil.which("qrexec-client-vm") is None
+
+
+def _request(args: argparse.Namespace) -> Request:
+    if args.target is None:
+        raise ExposeError("say what to expose: QUBE:PORT, or --list, or --remove QUBE:PORT")
+    target = model.parse_target(args.target)
+    if args.allow_from is None:
+        raise ExposeError(
+            "--from is required: the networks that may connect, such as 192.0.2.0/24 "
+            "(write --from any to let everyone connect)"
+        )
+    try:
+        allow_from = parse_networks(args.allow_from)
+    except ExposureError as error:
+        raise ExposeError(f"--from: {error}") from None
+    if args.allow_from == "any":
+        print(
+            "qconnect expose: warning: --from any: every host that can reach the via qube's "
+            f"address can reach {target}",
+            file=sys.stderr,
+        )
+    listen_port = (
+        target.port
+        if args.listen_port is None
+        else parse_port(args.listen_port, what="--listen-port")
+    )
+    interface = None if args.interface is None else model.parse_interface(args.interface)
+    listen = tuple(model.parse_listen_address(address) for address in args.listen)
+    return Request(
+        target, listen_port, listen, interface, allow_from, args.proxy_protocol,
+        args.allow_qube_facing,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list and (args.target or args.allow_from):
+        raise ExposeError("--list takes no QUBE:PORT or --from")
+    if args.remove is not None and (args.target or args.allow_from):
+        raise ExposeError("--remove QUBE:PORT takes no other QUBE:PORT or --from")
+    if _in_dom0(args):
+        if args.root is not None:
+            raise ExposeError("--root applies with --here only (in the via qube)")
+        return _run_dom0(args)
+    return _run_here(args)
+
+
+# --- in the via qube -----------------------------------------------------------------
+
+
+def _run_here(args: argparse.Namespace) -> int:
+    from qconnect.expose import via
+
+    root = Path(args.root or os.environ.get(ROOT_ENV) or "/")
+    if not root.is_dir():
+        raise ExposeError(f"invalid --root {str(root)!r}: expected an existing directory")
+    context = via.Context(root=root, dry_run=args.dry_run)
+    if args.list:
+        rows = via.listing(context)
+        for row in rows:
+            print(row)
+        if not rows:
+            print("no port of this qube is exposed")
+        return 0
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        if via.remove(target, context) == 0:
+            raise ExposeFailure(
+                f"{target} is not exposed by this qube; see: qconnect expose --list"
+            )
+        print(f"{'would remove' if args.dry_run else 'removed'} the exposure of {target} here")
+        if not args.here:
+            from qconnect.client.qrexec_call import this_qube_name
+
+            command = shlex.join(
+                ["qconnect", "policy", "remove", this_qube_name(), "--port", str(target.port),
+                 "--target", target.qube]
+            )  # fmt: skip
+            print(f"one step is left, in dom0: {command}")
+        return 0
+    request = _request(args)
+    via.add(request, context)
+    verb = "would expose" if args.dry_run else "exposed"
+    print(f"{verb} {request.target} on port {request.listen_port} of this qube")
+    if not args.here:
+        from qconnect.client.qrexec_call import this_qube_name
+
+        print("one step is left, in dom0 (the via qube may call that one port of the target):")
+        print(f"  {model.dom0_policy_command(this_qube_name(), request.target)}")
+    return 0
+
+
+# --- in dom0 -----------------------------------------------------------------------------
+
+
+def _qvm_run(via: str, words: list[str]) -> int:
+    """Run ``qconnect WORDS`` as root in ``via``; its output is ours (--pass-io)."""
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", via, shlex.join(words)]
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, check=False).returncode
+    except OSError as error:
+        raise ExposeFailure(f"cannot run {QVM_RUN}: {error.strerror}") from None
+
+
+def _policy(args: argparse.Namespace, *words: str) -> int:
+    """``qconnect policy WORDS`` in this process (standard library only)."""
+    from qconnect import cli
+
+    options = []
+    if args.policy_dir is not None:
+        options += ["--policy-dir", args.policy_dir]
+    if args.qubes is not None:
+        options += ["--qubes", args.qubes]
+    if args.dry_run:
+        options.append("--dry-run")
+    argv = ["policy", *words, *options]
+    return cli.run_command("qconnect policy", cli.build_parser(argv), argv)
+
+
+def _run_dom0(args: argparse.Namespace) -> int:
+    via = validate_target(args.via)
+    dry = ["--dry-run"] if args.dry_run else []
+    if args.list:
+        print(f"# {via}:")
+        return _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        print(f"# {via}:")
+        code = _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(target), *dry])
+        print("# dom0:")
+        policy_code = _policy(
+            args, "remove", via, "--port", str(target.port), "--target", target.qube
+        )
+        return code or policy_code
+    request = _request(args)
+    print(f"# {via}:")
+    code = _qvm_run(via, [*request.command(), *dry])
+    if code != 0:
+        raise ExposeFailure(
+            f"the via qube {via} did not make its part (exit {code}, see above); "
+            "dom0's policy was not changed"
+        )
+    print("# dom0:")
+    policy_code = _policy(
+        args, "allow", via, "--port", str(request.target.port), "--target", request.target.qube
+    )
+    if policy_code != 0:
+        _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(request.target), *dry])
+        raise ExposeFailure("dom0's policy could not be changed; the via qube's part was undone")
+    print(
+        f"# {request.target.qube}: its qubes.ConnectTCP service answers the call (Qubes 4.2 "
+        f"ships one; qconnect's own: qconnect service install in {request.target.qube})"
+    )
+    return 0
