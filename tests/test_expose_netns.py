@@ -208,3 +208,41 @@ def test_dry_run_changes_nothing_on_any_qube(machine: Machine, world: World) -> 
     assert world.ruleset() == ruleset_before
     assert snapshot(root) == files_before
     assert snapshot(machine.policy_dir) == policy_before
+
+
+def test_qube_facing_interfaces_are_refused_unless_asked(machine: Machine, world: World) -> None:
+    world.in_sys_net("ip", "link", "add", "vif5.0", "type", "veth", "peer", "name", "qube5")
+    world.in_sys_net("ip", "address", "add", "198.51.100.1/24", "dev", "vif5.0")
+    world.in_sys_net("ip", "link", "set", "vif5.0", "up")
+    root = machine.root_dir("sys-net")
+    files_before = snapshot(root)
+    ruleset_before = world.ruleset()
+    for where in (["--interface", "vif5.0"], ["--listen", "198.51.100.1"]):
+        refused = dom0_expose(machine, "web:80", *where, "--from", "198.51.100.0/24")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "faces this qube's client qubes" in refused.stderr or "faces" in refused.stdout
+        assert "--allow-qube-facing" in refused.stderr + refused.stdout
+    asked = dom0_expose(
+        machine, "web:80", "--listen", "198.51.100.1", "--from", "198.51.100.0/24",
+        "--allow-qube-facing", "--dry-run",
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    assert "would run: qconnect persist add 198.51.100.1:80:web:80" in asked.stdout
+    assert world.ruleset() == ruleset_before
+    assert snapshot(root) == files_before
+    assert not (machine.policy_dir / "30-qconnect.policy").exists()
+
+
+def test_run_in_the_via_qube_alone_it_prints_the_dom0_command(
+    machine: Machine, world: World
+) -> None:
+    qvm_run = str(qvmrun.dom0_bin(machine.directory) / "qvm-run")
+    result = subprocess.run(
+        [qvm_run, "--pass-io", "--user", "root", "sys-net",
+         "qconnect expose web:443 --from 192.0.2.0/24 --dry-run"],
+        env=qvmrun.dom0_env(machine.directory), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would run: qconnect persist add 192.0.2.1:443:web:443" in result.stdout
+    assert "qconnect policy allow sys-net --port 443 --target web" in result.stdout
+    assert not (machine.policy_dir / "30-qconnect.policy").exists()
