@@ -11,6 +11,7 @@ The kernel judges the firewall: the tests only connect.
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -135,6 +136,15 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
         assert made.returncode == 0, made.stdout + made.stderr
         policy = (machine.policy_dir / "30-qconnect.policy").read_text()
         assert f"qubes.ConnectTCP +{server.port} sys-net web allow" in policy
+        # A reboot of sys-net: Qubes rebuilds its tables empty; rc.local's line loads the file.
+        exposed_ruleset = world.ruleset()
+        rc_local = (root / "rw/config/rc.local").read_text()
+        nft_line = next(line for line in rc_local.splitlines() if line.startswith("nft -f "))
+        rules_file = root / shlex.split(nft_line)[2].lstrip("/")
+        for table in ("ip", "ip6"):
+            world.in_sys_net("nft", "flush", "chain", table, "qubes", "custom-input")
+        world.in_sys_net("nft", "-f", str(rules_file))
+        assert world.ruleset() == exposed_ruleset
         with machine.server(), units_running(machine, world) as log:
             for source, address in ((ALLOWED_V4, SYS_NET_V4), (ALLOWED_V6, SYS_NET_V6)):
                 answer = world.connect(source, address, 443, REQUEST)
