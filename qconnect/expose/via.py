@@ -12,6 +12,7 @@ Any failure undoes what was done, in reverse. Remove goes the other way:
 bindings first (no listener is left without its check), then the rest.
 """
 
+import contextlib
 import functools
 import ipaddress
 import json
@@ -19,14 +20,14 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconnect import atomic
 from qconnect.client import exposure
 from qconnect.client.exposure import Exposure, ExposureError
-from qconnect.errors import QconnectError
+from qconnect.errors import FileWriteError, QconnectError
 from qconnect.expose import model
 from qconnect.expose.model import ExposeError, ExposeFailure, Request, Target
 from qconnect.fence import FenceError
@@ -340,10 +341,31 @@ def find_exposed(context: Context) -> list[Exposed]:
     return found
 
 
+@contextlib.contextmanager
+def serialised(context: Context) -> Iterator[None]:
+    """One expose command at a time per qube: rc.local and the settings are read-modify-write.
+
+    The lock is on ``/usr/local`` (every qube has it; persist locks ``/``, so
+    the two never wait for each other).
+    """
+    try:
+        with atomic.locked(context.root / "usr/local"):
+            yield
+    except FileWriteError as error:
+        raise ExposeFailure(str(error)) from None
+
+
 def add(request: Request, context: Context) -> None:
     """Make the exposure in this qube (or, with dry_run, say every change)."""
+    with serialised(context):
+        _add(request, context)
+
+
+def _add(request: Request, context: Context) -> None:
     addresses, interface = listen_addresses(request)
     families = model.families_needed(addresses, request.allow_from)
+    # A listener of a family no --from network is of could never be reached.
+    addresses = tuple(a for a in addresses if ipaddress.ip_address(a).version in families)
     if not families:
         raise ExposeError(
             f"no --from network is of the family of the listen addresses {', '.join(addresses)}: "
@@ -426,6 +448,11 @@ def _persist_remove_quietly(context: Context, spec: str) -> None:
 
 def remove(target: Target, context: Context) -> int:
     """Undo every exposure of ``target`` here; how many listen ports were exposing it."""
+    with serialised(context):
+        return _remove_exposure(target, context)
+
+
+def _remove_exposure(target: Target, context: Context) -> int:
     mine = [
         item
         for item in find_exposed(context)
