@@ -134,6 +134,7 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
             "--from", f"{ALLOWED_V4}/32,{ALLOWED_V6}/128", "--proxy-protocol", "v1",
         )  # fmt: skip
         assert made.returncode == 0, made.stdout + made.stderr
+        assert "web answers with /etc/qubes-rpc/qubes.ConnectTCP" in made.stdout
         policy = (machine.policy_dir / "30-qconnect.policy").read_text()
         assert f"qubes.ConnectTCP +{server.port} sys-net web allow" in policy
         # A reboot of sys-net: Qubes rebuilds its tables empty; rc.local's line loads the file.
@@ -201,6 +202,7 @@ def test_dry_run_changes_nothing_on_any_qube(machine: Machine, world: World) -> 
     files_before = snapshot(root)
     policy_before = snapshot(machine.policy_dir)
     ruleset_before = world.ruleset()
+    (machine.root_dir("web") / "etc/qubes-rpc/qubes.ConnectTCP").unlink()
     shown = dom0_expose(
         machine, "web:8443", "--listen-port", "443", "--from", "192.0.2.0/24,2001:db8::/32",
         "--dry-run",
@@ -215,6 +217,7 @@ def test_dry_run_changes_nothing_on_any_qube(machine: Machine, world: World) -> 
     assert "would write /rw/config/rc.local:" in out
     assert "would run: qconnect persist add 192.0.2.1:443:web:8443" in out
     assert "qubes.ConnectTCP +8443 sys-net web allow" in out
+    assert "warning: web has no qubes.ConnectTCP service" in out
     assert world.ruleset() == ruleset_before
     assert snapshot(root) == files_before
     assert snapshot(machine.policy_dir) == policy_before
