@@ -137,15 +137,20 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
         assert "web answers with /etc/qubes-rpc/qubes.ConnectTCP" in made.stdout
         policy = (machine.policy_dir / "30-qconnect.policy").read_text()
         assert f"qubes.ConnectTCP +{server.port} sys-net web allow" in policy
-        # A reboot of sys-net: Qubes rebuilds its tables empty; rc.local's line loads the file.
+        # A reboot of sys-net: Qubes rebuilds its tables empty; rc.local's block runs.
         exposed_ruleset = world.ruleset()
-        rc_local = (root / "rw/config/rc.local").read_text()
-        nft_line = next(line for line in rc_local.splitlines() if line.startswith("nft -f "))
-        rules_file = root / shlex.split(nft_line)[2].lstrip("/")
         for table in ("ip", "ip6"):
             world.in_sys_net("nft", "flush", "chain", table, "qubes", "custom-input")
-        world.in_sys_net("nft", "-f", str(rules_file))
+        rc_local = (root / "rw/config/rc.local").read_text()
+        block = rc_local.partition("# BEGIN qconnect expose")[2].partition("# END")[0]
+        for line in block.splitlines()[1:]:
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["nft", "-f"]:  # the qube's path, under the loopback qube's root
+                words[2] = str(root / words[2].lstrip("/"))
+            if words:
+                world.in_sys_net(*words)
         assert world.ruleset() == exposed_ruleset
+        assert world.in_sys_net("sysctl", "-n", "net.ipv4.ip_nonlocal_bind").strip() == "1"
         with machine.server(), units_running(machine, world) as log:
             for source, address in ((ALLOWED_V4, SYS_NET_V4), (ALLOWED_V6, SYS_NET_V6)):
                 answer = world.connect(source, address, 443, REQUEST)
