@@ -249,3 +249,147 @@ http {{
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# --- the NAT way: outside -> sys-net -> sys-firewall -> web, each a namespace -------------
+
+#: sys-net <-> sys-firewall and sys-firewall <-> web, halves of 198.51.100.0/24.
+FIREWALL_IP, WEB_IP = "198.51.100.2", "198.51.100.130"
+SYS_NET_DOWN, FIREWALL_DOWN = "198.51.100.1", "198.51.100.129"
+
+QUBES_LIKE_NETVM_RULESET = """
+table ip qubes {
+    chain custom-input {
+    }
+    chain custom-forward {
+    }
+    chain input {
+        type filter hook input priority filter; policy drop;
+        jump custom-input
+        ct state invalid counter drop
+        ct state related,established accept
+        meta l4proto icmp accept
+        iif lo accept
+        meta l4proto tcp counter reject with tcp reset
+        counter reject
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        jump custom-forward
+        ct state invalid counter drop
+        ct state related,established accept
+        oifname "eth0" accept
+        meta l4proto tcp counter reject with tcp reset
+        counter reject
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class NatWorld:
+    outside: str
+    sys_net: str
+    sys_firewall: str
+    web: str
+
+    def ns(self, qube: str) -> str:
+        return {"sys-net": self.sys_net, "sys-firewall": self.sys_firewall, "web": self.web}[qube]
+
+    def run_in(self, qube: str, *argv: str) -> str:
+        return _sh("ip", "netns", "exec", self.ns(qube), *argv)
+
+    def rulesets(self) -> dict[str, str]:
+        return {
+            qube: self.run_in(qube, "nft", "--stateless", "list", "ruleset")
+            for qube in ("sys-net", "sys-firewall", "web")
+        }
+
+
+def _link(upper: str, upper_name: str, upper_ip: str, lower: str, lower_ip: str, tag: str) -> None:
+    """A veth pair: ``upper_name`` in ``upper``, eth0 in ``lower`` (a netvm and its client)."""
+    _sh("ip", "link", "add", f"qxa{tag}", "type", "veth", "peer", "name", f"qxb{tag}")
+    _sh("ip", "link", "set", f"qxa{tag}", "netns", upper)
+    _sh("ip", "link", "set", f"qxb{tag}", "netns", lower)
+    up = ("ip", "netns", "exec", upper, "ip")
+    low = ("ip", "netns", "exec", lower, "ip")
+    _sh(*up, "link", "set", f"qxa{tag}", "name", upper_name)
+    _sh(*low, "link", "set", f"qxb{tag}", "name", "eth0")
+    _sh(*up, "address", "add", f"{upper_ip}/25", "dev", upper_name)
+    _sh(*low, "address", "add", f"{lower_ip}/25", "dev", "eth0")
+    _sh(*up, "link", "set", upper_name, "up")
+    _sh(*low, "link", "set", "eth0", "up")
+    _sh(*low, "link", "set", "lo", "up")
+    _sh(*low, "route", "add", "default", "via", upper_ip)
+
+
+@contextlib.contextmanager
+def nat_namespaces() -> Iterator[NatWorld]:
+    number = f"{os.getpid() % 100000}{next(_numbers)}"
+    world = NatWorld(*(f"qx{kind}{number}" for kind in ("out", "net", "fw", "web")))
+    try:
+        for name in (world.outside, world.sys_net, world.sys_firewall, world.web):
+            _sh("ip", "netns", "add", name)
+        # outside <-> sys-net: the outside network (sys-net's uplink is called eth0 too).
+        _sh("ip", "link", "add", f"qxo{number}", "type", "veth", "peer", "name", f"qxn{number}")
+        _sh("ip", "link", "set", f"qxo{number}", "netns", world.outside)
+        _sh("ip", "link", "set", f"qxn{number}", "netns", world.sys_net)
+        out = ("ip", "netns", "exec", world.outside, "ip")
+        net = ("ip", "netns", "exec", world.sys_net, "ip")
+        _sh(*net, "link", "set", f"qxn{number}", "name", "eth0")
+        for address in (f"{ALLOWED_V4}/24", f"{OTHER_V4}/24"):
+            _sh(*out, "address", "add", address, "dev", f"qxo{number}")
+        _sh(*net, "address", "add", f"{SYS_NET_V4}/24", "dev", "eth0")
+        for prefix, device in ((out, f"qxo{number}"), (out, "lo"), (net, "eth0"), (net, "lo")):
+            _sh(*prefix, "link", "set", device, "up")
+        _link(world.sys_net, "vif2.0", SYS_NET_DOWN, world.sys_firewall, FIREWALL_IP, f"{number}1")
+        _link(world.sys_firewall, "vif3.0", FIREWALL_DOWN, world.web, WEB_IP, f"{number}2")
+        _sh(*net, "route", "add", "198.51.100.128/25", "via", FIREWALL_IP)
+        for name in (world.sys_net, world.sys_firewall):
+            _sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        for name in (world.sys_net, world.sys_firewall, world.web):
+            subprocess.run(
+                ["ip", "netns", "exec", name, "nft", "-f", "-"],
+                input=QUBES_LIKE_NETVM_RULESET, text=True, check=True,
+            )  # fmt: skip
+        yield world
+    finally:
+        for name in (world.outside, world.sys_net, world.sys_firewall, world.web):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+# Run in web's namespace: echo servers that answer with the peer's address.
+ECHO_SERVERS = """
+import socket, sys, threading
+port = int(sys.argv[1])
+tcp = socket.socket(); tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", port)); tcp.listen(8)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", port))
+def serve_udp():
+    while True:
+        data, peer = udp.recvfrom(2048)
+        udp.sendto(b"udp from " + peer[0].encode() + b": " + data, peer)
+threading.Thread(target=serve_udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    conn, peer = tcp.accept()
+    conn.sendall(b"tcp from " + peer[0].encode())
+    conn.close()
+"""
+
+# Run in the outside namespace: one UDP exchange; its outcome as JSON.
+UDP_CLIENT = """
+import json, socket, sys
+source, destination, port, wait = sys.argv[1:]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(float(wait))
+sock.bind((source, 0))
+sock.connect((destination, int(port)))
+sock.send(b"ping")
+try:
+    print(json.dumps({"outcome": "answered", "data": sock.recv(2048).decode()}))
+except ConnectionRefusedError:
+    print(json.dumps({"outcome": "refused"}))
+except socket.timeout:
+    print(json.dumps({"outcome": "timeout"}))
+"""

@@ -73,6 +73,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--proxy-protocol", choices=["v1"],
         help="send each call a PROXY protocol v1 header with the outside client's address",
     )  # fmt: skip
+    parser.add_argument(
+        "--nat", action="store_true",
+        help="the NAT way: route the packets down the netvm chain (DNAT in every qube on it) "
+        "instead of qrexec; IPv4; needs --interface",
+    )  # fmt: skip
+    parser.add_argument("--udp", action="store_true", help="with --nat: UDP instead of TCP")
+    parser.add_argument("--nat-apply", metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="say every change; change nothing")
     parser.add_argument(
         "--here", action="store_true",
@@ -149,6 +156,20 @@ def _run_here(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise ExposeError(f"invalid --root {str(root)!r}: expected an existing directory")
     context = via.Context(root=root, dry_run=args.dry_run)
+    if args.nat_apply is not None:
+        # One qube's part of a NAT exposure; dom0 sends the nft file on stdin.
+        port = parse_port(args.nat_apply, what="--nat-apply")
+        via.nat_apply(context, port, sys.stdin.read(1 << 20))
+        return 0
+    if args.nat and args.remove is not None:
+        target = model.parse_target(args.remove)
+        count = via.nat_remove(context, target)
+        print(
+            f"{'would remove' if args.dry_run else 'removed'} {count} NAT exposure(s) of {target}"
+        )
+        return 0
+    if args.nat:
+        raise ExposeError("--nat is made from dom0 (it reads the netvm chain there)")
     if args.list:
         rows = via.listing(context)
         for row in rows:
@@ -214,6 +235,8 @@ def _policy(args: argparse.Namespace, *words: str) -> int:
 def _run_dom0(args: argparse.Namespace) -> int:
     via = validate_target(args.via)
     dry = ["--dry-run"] if args.dry_run else []
+    if args.nat and not args.list:
+        return _run_dom0_nat(args, via)
     if args.list:
         print(f"# {via}:")
         return _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
@@ -226,6 +249,8 @@ def _run_dom0(args: argparse.Namespace) -> int:
             args, "remove", via, "--port", str(target.port), "--target", target.qube
         )
         return code or policy_code
+    if args.udp:
+        raise ExposeError("--udp needs --nat (qrexec carries TCP only)")
     request = _request(args)
     print(f"# {via}:")
     code = _qvm_run(via, [*request.command(), *dry])
@@ -279,3 +304,98 @@ def _check_target(qube: str) -> None:
         )
     else:
         print(f"{qube}'s qubes.ConnectTCP service not checked ({qube} is not running?)")
+
+
+# --- the NAT way, from dom0 ------------------------------------------------------------
+
+QVM_PREFS = "qvm-prefs"
+
+
+def _pref(qube: str, name: str) -> str:
+    try:
+        result = subprocess.run(
+            [QVM_PREFS, "--get", qube, name], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ExposeFailure(f"cannot run {QVM_PREFS}: {error}") from None
+    if result.returncode != 0:
+        raise ExposeFailure(f"{QVM_PREFS} {qube} {name}: {result.stderr.strip()}")
+    value = result.stdout.strip()
+    return "" if value in ("None", "-") else value
+
+
+def _netvm_chain(via: str, target: model.Target) -> list[str]:
+    """The qubes from ``via`` down to the target, read from dom0 (via first)."""
+    chain = [target.qube]
+    while chain[-1] != via:
+        netvm = _pref(chain[-1], "netvm")
+        if not netvm:
+            raise ExposeFailure(
+                f"{chain[-1]} has no netvm, so {target.qube}'s packets never pass {via}: "
+                "the NAT way needs a netvm chain (the qrexec way does not)"
+            )
+        if netvm in chain or len(chain) > 16:
+            raise ExposeFailure(f"the netvm chain of {target.qube} loops at {netvm}")
+        chain.append(validate_target(netvm))
+    return list(reversed(chain))
+
+
+def _qvm_run_input(qube: str, words: list[str], text: str) -> int:
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", qube, shlex.join(words)]
+    try:
+        return subprocess.run(argv, input=text, text=True, check=False).returncode
+    except OSError as error:
+        raise ExposeFailure(f"cannot run {QVM_RUN}: {error.strerror}") from None
+
+
+def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
+    dry = ["--dry-run"] if args.dry_run else []
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        codes = []
+        for qube in _netvm_chain(via, target):
+            print(f"# {qube}:")
+            words = ["qconnect", "expose", "--here", "--nat", "--remove", str(target), *dry]
+            codes.append(_qvm_run(qube, words))
+        return max(codes)
+    if args.proxy_protocol is not None:
+        raise ExposeError("--proxy-protocol needs the qrexec way: NAT keeps the client's address")
+    if args.interface is None:
+        raise ExposeError("--nat needs --interface IFACE: the via qube's outside interface")
+    request = _request(args)
+    if request.listen:
+        raise ExposeError("--nat takes --interface, not --listen")
+    chain = _netvm_chain(via, request.target)
+    addresses = {}
+    for qube in chain[1:]:
+        address = _pref(qube, "ip")
+        try:
+            addresses[qube] = model.parse_listen_address(address)
+        except ExposeError:
+            raise ExposeFailure(f"{qube}'s ip {address!r} is not an IPv4 address") from None
+    protocol = "udp" if args.udp else "tcp"
+    command = shlex.join([*request.command(here=False), "--nat", *(["--udp"] if args.udp else [])])
+    hops = model.nat_chain(
+        via, request.target, request.listen_port, request.interface or "", chain, addresses
+    )
+    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, IPv4)")
+    print("  it breaks when an IP address on it changes or a disposable netvm restarts: "
+          "run this command again then")  # fmt: skip
+    done: list[str] = []
+    # The target first, the via qube last: the door opens when the path is complete.
+    for hop in reversed(hops):
+        text = model.render_nat_hop(
+            hop, protocol, request.allow_from, request.listen_port, request.target, command
+        )
+        print(f"# {hop.qube}:")
+        words = ["qconnect", "expose", "--here", "--nat-apply", str(request.listen_port), *dry]
+        if _qvm_run_input(hop.qube, words, text) != 0:
+            for qube in done:
+                _qvm_run(qube, ["qconnect", "expose", "--here", "--nat", "--remove",
+                                str(request.target)])  # fmt: skip
+            raise ExposeFailure(
+                f"{hop.qube} did not take its part (see above); the others were undone"
+            )
+        done.append(hop.qube)
+    return 0

@@ -161,11 +161,11 @@ def check_chains(families: list[int]) -> None:
             ) from None
 
 
-def tagged_handles(version: int, listen_port: int) -> list[int]:
-    """The handles of our rules of one exposure in one family's custom-input chain."""
+def tagged_handles(version: int, listen_port: int, chain: str = model.NFT_CHAIN) -> list[int]:
+    """The handles of our rules of one exposure in one chain of a family's ``qubes`` table."""
     table = model.NFT_TABLES[version].split()
     try:
-        text = _run(["nft", "-j", "-a", "list", "chain", *table, model.NFT_CHAIN], "nft list chain")
+        text = _run(["nft", "-j", "-a", "list", "chain", *table, chain], "nft list chain")
     except ExposeFailure:
         return []
     handles = []
@@ -178,13 +178,14 @@ def tagged_handles(version: int, listen_port: int) -> list[int]:
 
 def delete_rules(context: Context, listen_port: int) -> None:
     for version, table in model.NFT_TABLES.items():
-        for handle in tagged_handles(version, listen_port):
-            argv = ["nft", "delete", "rule", *table.split(), model.NFT_CHAIN, "handle", str(handle)]
-            if context.dry_run:
-                context.say(f"would run: {shlex.join(argv)}")
-            else:
-                _run(argv, "nft delete rule")
-                context.say(f"deleted the firewall rule {table} {model.NFT_CHAIN} handle {handle}")
+        for chain in (model.NFT_CHAIN, model.NFT_FORWARD_CHAIN):
+            for handle in tagged_handles(version, listen_port, chain):
+                argv = ["nft", "delete", "rule", *table.split(), chain, "handle", str(handle)]
+                if context.dry_run:
+                    context.say(f"would run: {shlex.join(argv)}")
+                else:
+                    _run(argv, "nft delete rule")
+                    context.say(f"deleted the firewall rule {table} {chain} handle {handle}")
 
 
 # --- files ---------------------------------------------------------------------------
@@ -485,6 +486,15 @@ def _remove_exposure(target: Target, context: Context) -> int:
 
 def listing(context: Context) -> list[str]:
     rows = []
+    try:
+        names = sorted(os.listdir(context.config_dir))
+    except OSError:
+        names = []
+    for name in names:
+        stem = name.removeprefix("nat-").removesuffix(".nft")
+        if name.startswith("nat-") and name.endswith(".nft") and stem.isdigit():
+            text = (context.config_dir / name).read_text(errors="replace")
+            rows.append(f"port {stem}: this qube's NAT part of {model.nat_exposes(text)}")
     for item in find_exposed(context):
         host = f"[{item.address}]" if ":" in item.address else item.address
         settings = item.settings
@@ -494,3 +504,71 @@ def listing(context: Context) -> list[str]:
             f"(from {exposure.render_networks(settings.allow_from)}{proxy})"
         )
     return rows
+
+
+# --- the NAT way: one hop's part ------------------------------------------------------
+
+
+def nat_apply(context: Context, listen_port: int, text: str) -> None:
+    """Load a hop's nft file (made by dom0) now and at every boot of this qube."""
+    if model.nat_exposes(text) is None or not text.startswith("#!/usr/sbin/nft -f\n"):
+        raise ExposeError("--nat-apply: standard input is not a file made by qconnect expose --nat")
+    with serialised(context):
+        try:
+            path = context.config_dir / model.nat_file_name(listen_port)
+            _write(context, path, text)
+            delete_rules(context, listen_port)
+            if context.dry_run:
+                context.say(f"would run: nft -f {context.seen(path)}")
+            else:
+                _run(["nft", "-f", str(path)], "nft -f")
+                context.say(f"loaded the firewall and NAT rules of {context.seen(path)}")
+                context.undo.append(lambda: _nat_unload(context, listen_port))
+            update_rc_local(
+                context, listen_port, model.rc_local_line(context.seen(path), listen_port)
+            )
+        except QconnectError:
+            _undo(context)
+            raise
+
+
+def _nat_unload(context: Context, listen_port: int) -> None:
+    delete_rules(context, listen_port)
+    table = ["ip", model.nat_table(listen_port)]
+    try:
+        _run(["nft", "list", "table", *table], "nft list table")
+    except ExposeFailure:
+        return
+    if context.dry_run:
+        context.say(f"would run: nft delete table {' '.join(table)}")
+    else:
+        _run(["nft", "delete", "table", *table], "nft delete table")
+        context.say(f"deleted the nftables table {' '.join(table)}")
+
+
+def nat_remove(context: Context, target: Target) -> int:
+    """Undo this hop's part of every NAT exposure of ``target``; how many there were."""
+    with serialised(context):
+        try:
+            names = sorted(os.listdir(context.config_dir))
+        except FileNotFoundError:
+            names = []
+        ports = []
+        for name in names:
+            stem = name.removeprefix("nat-").removesuffix(".nft")
+            if not name.startswith("nat-") or not name.endswith(".nft") or not stem.isdigit():
+                continue
+            text = (context.config_dir / name).read_text(errors="replace")
+            if model.nat_exposes(text) == str(target):
+                ports.append(int(stem))
+        for port in ports:
+            _nat_unload(context, port)
+            update_rc_local(context, port, None)
+            _remove(context, context.config_dir / model.nat_file_name(port))
+        if ports and not context.dry_run:
+            for directory in (context.config_dir, context.config_dir.parent):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+        return len(ports)

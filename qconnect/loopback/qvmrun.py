@@ -66,21 +66,68 @@ def set_netns(machine: Path, qube: str, netns: str | None) -> None:
 
 
 def install(machine: Path) -> Path:
-    """Write ``DIR/dom0/bin/qvm-run`` (this interpreter, this project); return its path."""
+    """Write ``DIR/dom0/bin/qvm-run`` and ``qvm-prefs``; return qvm-run's path."""
     project = Path(__file__).resolve().parent.parent.parent
-    script = (
-        f"#!{sys.executable} -I\n"
-        "# The loopback machine's qvm-run (dom0 runs a command in a qube).\n"
-        f"# Machine {machine}; remove the machine directory to remove it.\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(project)!r})\n"
-        "from qconnect.loopback.qvmrun import main\n"
-        f"main(machine={str(machine)!r})\n"
-    )
-    path = dom0_bin(machine) / PROG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_atomic(path, script, mode=0o755)
-    return path
+    for name, entry in ((PROG, "main"), (PREFS_PROG, "prefs_main")):
+        script = (
+            f"#!{sys.executable} -I\n"
+            f"# The loopback machine's {name} (dom0's tool).\n"
+            f"# Machine {machine}; remove the machine directory to remove it.\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(project)!r})\n"
+            f"from qconnect.loopback.qvmrun import {entry}\n"
+            f"{entry}(machine={str(machine)!r})\n"
+        )
+        path = dom0_bin(machine) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_atomic(path, script, mode=0o755)
+    return dom0_bin(machine) / PROG
+
+
+# --- qvm-prefs: a qube's properties, read-only --------------------------------------
+
+PREFS_PROG = "qvm-prefs"
+
+#: The properties the loopback keeps (qubes-core-admin's names): a qube's
+#: netvm (empty: none) and its IPv4 address as its netvm sees it.
+PROPERTIES = ("netvm", "ip")
+
+
+def set_pref(machine: Path, qube: str, name: str, value: str) -> None:
+    if name not in PROPERTIES:
+        raise ValueError(f"the loopback keeps only {', '.join(PROPERTIES)}")
+    directory = layout.qube_dir(machine, qube) / "prefs"
+    directory.mkdir(exist_ok=True)
+    atomic.write_atomic(directory / name, value + "\n")
+
+
+def prefs_main(argv: list[str] | None = None, *, machine: str) -> NoReturn:
+    """``qvm-prefs [--get] VMNAME PROPERTY``: print one property (a qube without netvm: empty)."""
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--get"]
+    if len(words) != 2 or words[0].startswith("-"):
+        print(
+            f"usage: {PREFS_PROG} [--get] VMNAME PROPERTY (the loopback reads only)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    qube, name = words
+    directory = Path(machine)
+    try:
+        validate_target(qube)
+    except QconnectError:
+        qube = ""
+    if not qube or not layout.qube_dir(directory, qube).is_dir():
+        print(f"{PREFS_PROG}: error: no such domain: {words[0]!r}", file=sys.stderr)
+        sys.exit(2)
+    if name not in PROPERTIES:
+        print(f"{PREFS_PROG}: error: no such property: {name!r}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        value = (layout.qube_dir(directory, qube) / "prefs" / name).read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    print(value)
+    sys.exit(0)
 
 
 def dom0_env(machine: Path, base: dict[str, str] | None = None) -> dict[str, str]:
