@@ -130,3 +130,23 @@ def test_nat_needs_a_netvm_chain_through_via(machine: Machine, world: NatWorld) 
     assert refused.returncode == 1
     assert "web has no netvm" in refused.stderr and "qrexec way" in refused.stderr
     assert world.rulesets() == rulesets_before
+
+
+def test_nat_dry_run_says_each_qubes_part_and_changes_nothing(
+    machine: Machine, world: NatWorld
+) -> None:
+    files_before = {qube: snapshot(machine.root_dir(qube)) for qube in QUBES}
+    rulesets_before = world.rulesets()
+    shown = dom0_expose(
+        machine, "web:8080", "--listen-port", "80", "--interface", "eth0", "--from", "any",
+        "--dry-run",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    out = shown.stdout
+    assert out.index("# web:") < out.index("# sys-firewall:") < out.index("# sys-net:")
+    assert f'iifname "eth0" tcp dport 80 dnat to {FIREWALL_IP}:8080' in out
+    assert f'iifname "eth0" tcp dport 8080 dnat to {WEB_IP}:8080' in out
+    assert 'add rule ip qubes custom-input iifname "eth0" tcp dport 8080 counter accept' in out
+    assert out.count("would run: nft -f /usr/local/etc/qconnect/expose/nat-80.nft") == 3
+    assert world.rulesets() == rulesets_before
+    assert {qube: snapshot(machine.root_dir(qube)) for qube in QUBES} == files_before

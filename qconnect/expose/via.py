@@ -388,6 +388,11 @@ def _add(request: Request, context: Context) -> None:
                 f"port {request.listen_port} already exposes {old}: remove it first "
                 f"(qconnect expose --remove {old}) or give another --listen-port"
             )
+    if (context.config_dir / model.nat_file_name(request.listen_port)).exists():
+        raise ExposeError(
+            f"port {request.listen_port} of this qube is part of a NAT exposure: "
+            "give another --listen-port, or remove that one first"
+        )
     check_chains(families)
     command = shlex.join(request.command())
     remove = shlex.join(["qconnect", "expose", "--remove", str(request.target)])
@@ -514,6 +519,11 @@ def nat_apply(context: Context, listen_port: int, text: str) -> None:
     if model.nat_exposes(text) is None or not text.startswith("#!/usr/sbin/nft -f\n"):
         raise ExposeError("--nat-apply: standard input is not a file made by qconnect expose --nat")
     with serialised(context):
+        if any(item.listen_port == listen_port for item in find_exposed(context)):
+            raise ExposeError(
+                f"port {listen_port} of this qube already exposes a port the qrexec way: "
+                "give another --listen-port, or remove that one first"
+            )
         try:
             path = context.config_dir / model.nat_file_name(listen_port)
             _write(context, path, text)
