@@ -186,3 +186,12 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
         lines = [line for line in result.stderr.splitlines() if "warning" not in line]
         assert len(lines) == 1 and message in lines[0], (words, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_dom0_side_needs_no_trio() -> None:
+    """dom0 has no trio: the whole command, both sides, runs on the standard library."""
+    code = (
+        "import sys; import qconnect.expose.cli, qconnect.expose.via, qconnect.loopback.qvmrun; "
+        "sys.exit('trio' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
