@@ -33,7 +33,7 @@ QVM_RUN = "qvm-run"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Make TARGET's port reachable from the outside world: the via qube (sys-net) "
+        "Make QUBE:PORT reachable from the outside world: the via qube (sys-net) "
         "listens on its outside address and sends each connection over qrexec."
     )
     parser.add_argument("target", metavar="QUBE:PORT", nargs="?", help="the server: qube and port")
