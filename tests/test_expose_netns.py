@@ -157,6 +157,10 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
                 assert answer["outcome"] == "answered", (answer, log.read_text())
                 assert "hello from web" in answer["data"], (answer, log.read_text())
             logged = server.wait_logged(2)
+            # One line per outside connection in sys-net's journal: peer, target, outcome
+            # (written when the call has ended, which may be just after the client saw EOF).
+            for peer in (f"{ALLOWED_V4}:", f"[{ALLOWED_V6}]:"):
+                wait_for_line(log, peer, f"-> web:{server.port}")
             assert logged[0].split()[0] == ALLOWED_V4, logged
             assert logged[1].split()[0] == ALLOWED_V6, logged
             assert all(line.split()[2] == "127.0.0.1" for line in logged), logged
@@ -170,11 +174,7 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
             # (It sends nothing, so the close is an orderly one, not a reset for unread data.)
             answer = world.connect(OTHER_V4, SYS_NET_V4, 443, b"")
             assert answer == {"outcome": "answered", "data": ""}, answer
-            deadline = time.monotonic() + WAIT
-            while "not in allow-from" not in log.read_text():
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.02)
-            assert f"{OTHER_V4}:" in log.read_text()
+            wait_for_line(log, f"{OTHER_V4}:", "closed, never forwarded: not in allow-from")
             handle = next(
                 line.rpartition("# handle ")[2]
                 for line in world.in_sys_net(
@@ -196,6 +196,17 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
     # /run is a tmpfs in a qube: the client's registry there is the running client's.
     assert without_run(snapshot(root)) == without_run(files_before)
     assert snapshot(machine.policy_dir) == policy_before
+
+
+def wait_for_line(log: Path, *parts: str) -> str:
+    """The first line of ``log`` holding every one of ``parts``, once it is written."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        for line in log.read_text().splitlines():
+            if all(part in line for part in parts):
+                return line
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
 
 
 def without_run(files: Snapshot) -> Snapshot:
