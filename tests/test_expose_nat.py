@@ -76,6 +76,7 @@ def servers(world: NatWorld) -> Iterator[None]:
 
 def dom0_expose(machine: Machine, *words: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "qconnect", "expose", "--nat", *words, "--via", "sys-net"]
+    argv += ["--state-dir", str(machine.directory / "dom0" / "state")]
     return subprocess.run(
         argv, env=qvmrun.dom0_env(machine.directory), capture_output=True, text=True,
         timeout=120, check=False,
@@ -116,11 +117,27 @@ def test_nat_chain_carries_tcp_and_udp_with_the_client_address_and_removes_clean
     }
     assert tcp(world, OTHER_V4, 80)["outcome"] == "refused"
     assert udp(world, OTHER_V4, 5353)["outcome"] == "refused"
+    # web gets another address: the chain's rules are stale until dom0 re-applies them.
+    moved = "198.51.100.131"
+    world.run_in("web", "ip", "address", "del", f"{WEB_IP}/25", "dev", "eth0")
+    world.run_in("web", "ip", "address", "add", f"{moved}/25", "dev", "eth0")
+    world.run_in("web", "ip", "route", "replace", "default", "via", "198.51.100.129")
+    qvmrun.set_pref(machine.directory, "web", "ip", moved)
+    reapplied = subprocess.run(
+        [sys.executable, "-m", "qconnect", "expose", "--reapply",
+         "--state-dir", str(machine.directory / "dom0" / "state")],
+        env=qvmrun.dom0_env(machine.directory), capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert reapplied.returncode == 0, reapplied.stdout + reapplied.stderr
+    assert reapplied.stdout.count("NAT chain: sys-net -> sys-firewall -> web") == 2
+    assert tcp(world, ALLOWED_V4, 80) == {"outcome": "answered", "data": f"tcp from {ALLOWED_V4}"}
     removed = dom0_expose(machine, "--remove", f"web:{SERVER_PORT}")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert world.rulesets() == rulesets_before
     assert {qube: snapshot(machine.root_dir(qube)) for qube in QUBES} == files_before
     assert tcp(world, ALLOWED_V4, 80)["outcome"] == "refused"
+    assert not (machine.directory / "dom0" / "state").exists()  # dom0's records went too
 
 
 def test_nat_needs_a_netvm_chain_through_via(machine: Machine, world: NatWorld) -> None:

@@ -13,6 +13,8 @@ acts here.
 """
 
 import argparse
+import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -20,12 +22,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qconnect import atomic
 from qconnect.client.exposure import ROOT_ENV, ExposureError, parse_networks
 from qconnect.expose import model
 from qconnect.expose.model import ExposeError, ExposeFailure, Request
 from qconnect.qrexec import parse_port, validate_target
 
 DEFAULT_VIA = "sys-net"
+
+#: dom0's record of the NAT exposures it made, read by --reapply. dom0 keeps
+#: it (a NAT exposure's rules depend on facts only dom0 knows); nothing read
+#: from a qube ever decides what dom0 runs.
+DEFAULT_STATE_DIR = "/var/lib/qconnect/expose"
 
 #: dom0's tool to run a command in a qube (qubes-core-admin-client).
 QVM_RUN = "qvm-run"
@@ -89,6 +97,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--root", metavar="DIR",
         help="with --here: prefix every file path with DIR (an image of the qube)",
     )  # fmt: skip
+    parser.add_argument(
+        "--reapply", action="store_true",
+        help="dom0: apply every NAT exposure again (after an IP or netvm change)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+        help=f"dom0: where the NAT exposures are recorded for --reapply "
+        f"(default {DEFAULT_STATE_DIR})",
+    )  # fmt: skip
     parser.add_argument("--policy-dir", metavar="DIR", help="dom0: the policy directory")
     parser.add_argument(
         "--qubes", metavar="FILE", help="dom0: the qubes as JSON (see qconnect policy)"
@@ -135,6 +152,8 @@ def _request(args: argparse.Namespace) -> Request:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.reapply and (args.target or args.allow_from or args.list or args.remove):
+        raise ExposeError("--reapply takes nothing else: it applies every recorded NAT exposure")
     if args.list and (args.target or args.allow_from):
         raise ExposeError("--list takes no QUBE:PORT or --from")
     if args.remove is not None and (args.target or args.allow_from):
@@ -156,6 +175,8 @@ def _run_here(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise ExposeError(f"invalid --root {str(root)!r}: expected an existing directory")
     context = via.Context(root=root, dry_run=args.dry_run)
+    if args.reapply:
+        raise ExposeError("--reapply runs in dom0 (it reads the netvm chain there)")
     if args.nat_apply is not None:
         # One qube's part of a NAT exposure; dom0 sends the nft file on stdin.
         port = parse_port(args.nat_apply, what="--nat-apply")
@@ -235,6 +256,8 @@ def _policy(args: argparse.Namespace, *words: str) -> int:
 def _run_dom0(args: argparse.Namespace) -> int:
     via = validate_target(args.via)
     dry = ["--dry-run"] if args.dry_run else []
+    if args.reapply:
+        return _reapply(args)
     if args.nat and not args.list:
         return _run_dom0_nat(args, via)
     if args.list:
@@ -349,6 +372,47 @@ def _qvm_run_input(qube: str, words: list[str], text: str) -> int:
         raise ExposeFailure(f"cannot run {QVM_RUN}: {error.strerror}") from None
 
 
+def _record_path(args: argparse.Namespace, via: str, listen_port: int) -> Path:
+    return Path(args.state_dir) / f"nat-{via}-{listen_port}.json"
+
+
+def _records(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
+    """dom0's recorded NAT exposures: (file, the words after ``qconnect expose``)."""
+    directory = Path(args.state_dir)
+    found = []
+    for path in sorted(directory.glob("nat-*.json")) if directory.is_dir() else []:
+        try:
+            words = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ExposeFailure(f"cannot read the record {path}: {error}") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ExposeFailure(f"{path}: not a record of qconnect expose --nat")
+        found.append((path, words))
+    return found
+
+
+def _reapply(args: argparse.Namespace) -> int:
+    """Run every recorded NAT exposure again (each re-reads the chain and the addresses)."""
+    from qconnect import cli
+
+    records = _records(args)
+    if not records:
+        print(f"no NAT exposure recorded in {args.state_dir}; nothing to re-apply")
+        return 0
+    worst = 0
+    for _path, words in records:
+        argv = [
+            "expose",
+            *words,
+            "--state-dir",
+            args.state_dir,
+            *(["--dry-run"] if args.dry_run else []),
+        ]
+        print(f"## qconnect {shlex.join(argv)}")
+        worst = max(worst, cli.run_command("qconnect expose", cli.build_parser(argv), argv))
+    return worst
+
+
 def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
     dry = ["--dry-run"] if args.dry_run else []
     if args.remove is not None:
@@ -358,6 +422,12 @@ def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
             print(f"# {qube}:")
             words = ["qconnect", "expose", "--here", "--nat", "--remove", str(target), *dry]
             codes.append(_qvm_run(qube, words))
+        for path, words in _records(args):
+            recorded_via = words[words.index("--via") + 1] if "--via" in words[:-1] else None
+            if words[:1] == [str(target)] and recorded_via == via and not args.dry_run:
+                atomic.remove_file(path)
+        with contextlib.suppress(OSError):
+            Path(args.state_dir).rmdir()
         return max(codes)
     if args.proxy_protocol is not None:
         raise ExposeError("--proxy-protocol needs the qrexec way: NAT keeps the client's address")
@@ -398,4 +468,11 @@ def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
                 f"{hop.qube} did not take its part (see above); the others were undone"
             )
         done.append(hop.qube)
+    if not args.dry_run:
+        words = [*request.command(here=False)[2:], "--nat", "--via", via]
+        if args.udp:
+            words.append("--udp")
+        path = _record_path(args, via, request.listen_port)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_atomic(path, json.dumps(words) + "\n")
     return 0
