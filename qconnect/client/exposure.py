@@ -222,3 +222,27 @@ def admit(local: tuple[str, int], peer: tuple[str, int]) -> Admission:
     if exposure.proxy_protocol == "v1":
         return Admission(None, proxy_v1_header(peer, local))
     return Admission(None)
+
+
+def exposed_lines(specs: list[str]) -> list[str]:
+    """For ``qconnect list``: one line per running binding that ``qconnect expose`` made."""
+    from qconnect.spec import parse_spec
+
+    lines = []
+    for text in specs:
+        try:
+            spec = parse_spec(text)
+            settings = read_exposure(spec.bind_address, spec.local_port)
+        except (QconnectError, ValueError) as error:
+            lines.append(
+                f"exposed: {text}: settings unreadable, every connection refused ({error})"
+            )
+            continue
+        if settings is not None:
+            proxy = f", PROXY {settings.proxy_protocol} header" if settings.proxy_protocol else ""
+            sources = render_networks(settings.allow_from)
+            lines.append(
+                f"exposed: {text} to the outside world, from {sources} only{proxy} "
+                "(qconnect expose)"
+            )
+    return lines

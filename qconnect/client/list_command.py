@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from qconnect.client import exposure
 from qconnect.client.registry import ask_all, runtime_dir
 
 ROOT_REGISTRY = "/run/qconnect/client"
@@ -63,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"no running bindings (registry: {runtime_dir()})")
     else:
         for line in format_table(answers):
+            print(line)
+        specs = [str(b.get("spec")) for answer in answers for b in answer.get("bindings", [])]
+        for line in exposure.exposed_lines(specs):
             print(line)
         logs = sorted({str(answer["log"]) for answer in answers if answer.get("log")})
         for log in logs:
