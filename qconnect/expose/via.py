@@ -10,6 +10,9 @@ Order (add): settings files first, so the listener never exists without
 its ``--from`` check; then the firewall; then rc.local; then the bindings.
 Any failure undoes what was done, in reverse. Remove goes the other way:
 bindings first (no listener is left without its check), then the rest.
+
+The NAT way (``--nat``) gives each qube on the netvm chain one nft file made
+by dom0 (:func:`nat_apply`), loaded now and by rc.local at boot.
 """
 
 import contextlib
@@ -65,10 +68,11 @@ class Context:
         return "/" + str(path.relative_to(self.root)).lstrip("/")
 
 
-def _run(argv: list[str], what: str, *, input_text: str | None = None) -> str:
+def _run(argv: list[str], what: str) -> str:
+    """Run a tool to completion; its stdout, or ExposeFailure with its own words."""
     try:
         result = subprocess.run(
-            argv, input=input_text, capture_output=True, text=True,
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
             timeout=_COMMAND_TIMEOUT, check=False,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as error:
