@@ -121,8 +121,9 @@ def units_running(machine: Machine, world: World) -> Iterator[Path]:
             process.wait()
 
 
+@pytest.mark.parametrize("proxy", ["v1", "v2"])
 def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
-    machine: Machine, world: World, tmp_path: Path
+    machine: Machine, world: World, tmp_path: Path, proxy: str
 ) -> None:
     root = machine.root_dir("sys-net")
     files_before = snapshot(root)
@@ -131,7 +132,7 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
     with expose_world.nginx(tmp_path / "nginx") as server:
         made = dom0_expose(
             machine, f"web:{server.port}", "--listen-port", "443", "--interface", "eth0",
-            "--from", f"{ALLOWED_V4}/32,{ALLOWED_V6}/128", "--proxy-protocol", "v1",
+            "--from", f"{ALLOWED_V4}/32,{ALLOWED_V6}/128", "--proxy-protocol", proxy,
         )  # fmt: skip
         assert made.returncode == 0, made.stdout + made.stderr
         assert "web answers with /etc/qubes-rpc/qubes.ConnectTCP" in made.stdout
@@ -174,7 +175,7 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
             assert listed.returncode == 0, listed.stdout + listed.stderr
             assert (
                 f"exposed: {SYS_NET_V4}:443:web:{server.port} to the outside world, from "
-                f"{ALLOWED_V4}/32,{ALLOWED_V6}/128 only, PROXY v1 header" in listed.stdout
+                f"{ALLOWED_V4}/32,{ALLOWED_V6}/128 only, PROXY {proxy} header" in listed.stdout
             ), listed.stdout
             # The firewall refuses the other host (IPv4 and IPv6) before any listener sees it.
             for source, address in ((OTHER_V4, SYS_NET_V4), (OTHER_V6, SYS_NET_V6)):

@@ -32,7 +32,7 @@ networks = st.one_of(
 @given(
     allow=st.lists(networks, min_size=1, max_size=5).map(tuple),
     port=st.integers(1, 65535),
-    proxy=st.sampled_from([None, "v1"]),
+    proxy=st.sampled_from([None, "v1", "v2"]),
 )
 def test_settings_file_reads_back_as_written(allow: tuple, port: int, proxy: str | None) -> None:
     settings = Exposure("web", port, allow, proxy)
@@ -51,7 +51,7 @@ def test_settings_file_reads_back_as_written(allow: tuple, port: int, proxy: str
         "target @default\nport 443\nallow-from 192.0.2.0/24\n".replace("@default", "we b"),
         "target web\nport 443\nallow-from 192.0.2.1/24\n",  # host bits set
         "target web\nport 443\nallow-from 192.0.2.0/24 \n",
-        "target web\nport 443\nallow-from 192.0.2.0/24\nproxy-protocol v2\n",
+        "target web\nport 443\nallow-from 192.0.2.0/24\nproxy-protocol v3\n",
         "target web\nport 443\nallow-from 192.0.2.0/24\nallow_from any\n",
     ],
 )
@@ -195,3 +195,28 @@ def test_dom0_side_needs_no_trio() -> None:
         "sys.exit('trio' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_proxy_v2_header_is_haproxys_binary_format() -> None:
+    header = exposure.proxy_v2_header(("192.0.2.10", 40000), ("192.0.2.1", 443))
+    assert header == (
+        b"\r\n\r\n\x00\r\nQUIT\n"  # the signature
+        + bytes([0x21, 0x11, 0, 12])  # v2 PROXY, TCP over IPv4, 12 address bytes
+        + bytes([192, 0, 2, 10, 192, 0, 2, 1])
+        + (40000).to_bytes(2, "big")
+        + (443).to_bytes(2, "big")
+    )
+    six = exposure.proxy_v2_header(("2001:db8::10", 1, 0, 0), ("2001:db8::1", 2, 0, 0))
+    assert six[12:16] == bytes([0x21, 0x21, 0, 36]) and len(six) == 16 + 36
+    assert six[16:32] == ipaddress.ip_address("2001:db8::10").packed
+
+
+def test_v2_connections_are_relayed_with_the_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(exposure.ROOT_ENV, str(tmp_path))
+    settings = Exposure("web", 8443, (V4("192.0.2.0/24"),), "v2")
+    write_settings(tmp_path, "192.0.2.1-443", exposure.render_exposure(settings, "x").encode())
+    decision = exposure.admit(("192.0.2.1", 443), ("192.0.2.10", 40000))
+    assert decision.prefix == b"" and decision.relay_prefix.startswith(b"\r\n\r\n\x00")
+    assert decision.call_argv(["q", "web", "s"]) == ["q", "web", "s"]

@@ -316,14 +316,16 @@ class ClientServer:
                     {"PEER": _peer_text(peer), "BINDING": str(spec), "OUTCOME": "not-admitted"},
                 )
                 return
-            argv = call_argv(self.options.executable, spec, self.options.mode)
+            # A binary PROXY header is written by the relay: such a call is relayed.
+            mode = Mode.RELAY if admission.relay_prefix else self.options.mode
+            argv = call_argv(self.options.executable, spec, mode)
             argv = admission.call_argv(argv)
             try:
-                if self.options.mode is Mode.HANDOFF:
+                if mode is Mode.HANDOFF:
                     await self._run_handoff(argv, conn, call)
                 else:
                     call.stats = RelayStats()
-                    await self._run_relay(argv, conn, call, call.stats)
+                    await self._run_relay(argv, conn, call, call.stats, admission.relay_prefix)
             except OSError as error:
                 self._log_burst(
                     ("start-failed", spec),
@@ -393,8 +395,11 @@ class ClientServer:
         conn: trio.socket.SocketType,
         call: "_Call",
         stats: RelayStats,
+        prefix: bytes = b"",
     ) -> None:
         """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
+
+        ``prefix`` (an exposed listener's binary PROXY header) goes first.
 
         Its stdin and stdout are two socketpairs, not pipes and not one
         socket: qrexec-client-vm passes the remote EOF on by closing fd 1,
@@ -429,6 +434,8 @@ class ClientServer:
                 returned = stats.b_to_a + len(call.stderr) + int(stats.b_eof)
                 return relay_progress(stats.a_to_b, watched, returned)
 
+            if prefix:
+                await to_call.send_all(prefix)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_then_close, stream, pipes, stats)
                 await self._wait_call(process, errors_ours, call, progress, watched)

@@ -78,8 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="allow listening on an interface facing the via qube's client qubes (vif*)",
     )  # fmt: skip
     parser.add_argument(
-        "--proxy-protocol", choices=["v1"],
-        help="send each call a PROXY protocol v1 header with the outside client's address",
+        "--proxy-protocol", choices=["v1", "v2"],
+        help="start each call with a PROXY protocol header (v1: text; v2: binary, relayed) "
+        "carrying the outside client's address",
     )  # fmt: skip
     parser.add_argument(
         "--nat", action="store_true",
