@@ -12,12 +12,18 @@ APT_PACKAGES := libsystemd-dev pkg-config socat
 all: test
 
 # System packages: systemd-python compiles against libsystemd's headers, and the
-# benchmarks and compatibility tests run the socat original side by side.
+# benchmarks and compatibility tests run the socat original side by side; the
+# qconnect expose tests build network namespaces (iproute2), a firewall
+# (nftables) and check the PROXY header with a real nginx.
 system-deps:
 	@missing=""; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="libsystemd-dev pkg-config"; \
 	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
 	command -v systemd-socket-activate >/dev/null 2>&1 || missing="$$missing systemd"; \
+	PATH="$$PATH:/usr/sbin:/sbin"; \
+	command -v nginx >/dev/null 2>&1 || missing="$$missing nginx"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qconnect.policy.cli",
         "dom0 policy for qubes.ConnectTCP: allow, deny, list, explain, lint",
     ),
+    "expose": (
+        "qconnect.expose.cli",
+        "make a qube's port reachable from the outside world through sys-net, over qrexec",
+    ),
     "loopback": (
         "qconnect.loopback.cli",
         "a whole Qubes machine (qubes, policy, qrexec) on one host",

@@ -19,7 +19,7 @@ ENTRY_POINTS = {"qconnect.__main__", "qconnect.cli", "qconnect.demo"}
 #: Feature -> the other features it may import, each with its reason (see the document).
 ALLOWED_BETWEEN_FEATURES = {
     "loopback": {"policy"},  # plays dom0 with dom0's own evaluator
-    "expose": {"policy", "persist"},  # writes dom0's rule and the via qube's binding
+    "expose": {"policy", "persist", "client"},  # dom0's rule, via's binding, this qube's name
 }
 
 

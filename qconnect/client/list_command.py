@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from qconnect.client.registry import ask_all, runtime_dir
+from qconnect.core import exposure
 from qconnect.core.printable import printable
 
 ROOT_REGISTRY = "/run/qconnect/client"
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for line in format_table(answers):
             print(line)
+        specs = [str(b.get("spec")) for answer in answers for b in answer.get("bindings", [])]
+        for line in exposure.exposed_lines(specs):
+            print(printable(line))
         logs = sorted({printable(str(answer["log"])) for answer in answers if answer.get("log")})
         for log in logs:
             print(f"log: {log}")

@@ -49,6 +49,7 @@ from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
 from qconnect.client.registry import peer_credentials
+from qconnect.core import exposure
 from qconnect.core.errors import SpecError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
@@ -320,7 +321,20 @@ class ClientServer:
         call = _Call()
         spare: socket.socket | None = None
         try:
-            argv = call_argv(self.options.executable, spec, self.options.mode)
+            # An exposed listener (qconnect expose): --from checked again here.
+            admission = exposure.admit(conn.getsockname(), peer)
+            if admission.refusal is not None:
+                self._log_burst(
+                    ("not-admitted", spec),
+                    f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: "
+                    f"closed, never forwarded: {admission.refusal}",
+                    "connections closed because their source is not admitted",
+                    {"PEER": _peer_text(peer), "BINDING": str(spec), "OUTCOME": "not-admitted"},
+                )
+                return
+            # A binary PROXY header is written by the relay: such a call is relayed.
+            mode = Mode.RELAY if admission.relay_prefix else self.options.mode
+            argv = admission.call_argv(call_argv(self.options.executable, spec, mode))
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 call = _Call()
                 # A second descriptor of the socket, so a call refused for lack
@@ -328,11 +342,11 @@ class ClientServer:
                 # relay mode the refused call may have taken bytes with it).
                 # Out of descriptors: no retry for this connection, nothing worse.
                 spare = None
-                if self.options.mode is Mode.HANDOFF:
+                if mode is Mode.HANDOFF:
                     with contextlib.suppress(OSError):
                         spare = _duplicate(conn)
                 try:
-                    await self._paced_call(binding, argv, conn, call)
+                    await self._paced_call(binding, argv, conn, call, mode, admission.relay_prefix)
                 except OSError as error:
                     self._log_burst(
                         ("start-failed", spec),
@@ -373,7 +387,13 @@ class ClientServer:
         self._pacing_changed = trio.Event()
 
     async def _paced_call(
-        self, binding: Binding, argv: list[str], conn: trio.socket.SocketType, call: "_Call"
+        self,
+        binding: Binding,
+        argv: list[str],
+        conn: trio.socket.SocketType,
+        call: "_Call",
+        mode: Mode,
+        relay_prefix: bytes = b"",
     ) -> None:
         """Make one call when the target's window and pause allow it; account for its outcome.
 
@@ -392,11 +412,11 @@ class ClientServer:
         began = trio.current_time()
         pacer.started(began)
         try:
-            if self.options.mode is Mode.HANDOFF:
+            if mode is Mode.HANDOFF:
                 await self._run_handoff(argv, conn, call)
             else:
                 call.stats = RelayStats()
-                await self._run_relay(argv, conn, call, call.stats)
+                await self._run_relay(argv, conn, call, call.stats, relay_prefix)
         finally:
             now = trio.current_time()
             if _refused_by_dom0(call):
@@ -495,8 +515,11 @@ class ClientServer:
         conn: trio.socket.SocketType,
         call: "_Call",
         stats: RelayStats,
+        prefix: bytes = b"",
     ) -> None:
         """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
+
+        ``prefix`` (an exposed listener's binary PROXY header) goes first.
 
         Its stdin and stdout are two socketpairs, not pipes and not one
         socket: qrexec-client-vm passes the remote EOF on by closing fd 1,
@@ -531,6 +554,8 @@ class ClientServer:
                 returned = stats.b_to_a + len(call.stderr) + int(stats.b_eof)
                 return relay_progress(stats.a_to_b, watched, returned)
 
+            if prefix:
+                await to_call.send_all(prefix)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_then_close, stream, pipes, stats)
                 await self._wait_call(process, errors_ours, call, progress, watched)

@@ -1,0 +1,479 @@
+"""``qconnect expose``: a qube's port reachable from the outside world, the qrexec way.
+
+Run in dom0, it acts on two qubes: the via qube (``qvm-run --pass-io --user
+root VIA 'qconnect expose --here ...'``, which listens on the outside
+address and hands each connection to qrexec) and dom0's policy (the via
+qube may call that one port of the target, through ``qconnect policy``).
+Run in the via qube (or with ``--here``), it does the via qube's part and
+prints the one dom0 command left to type.
+
+The dom0 side uses the standard library only (dom0 has no trio): this
+module imports :mod:`.via` (which does not import trio either) only when it
+acts here.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from qconnect.core import atomic
+from qconnect.core.exposure import ROOT_ENV, ExposureError, parse_networks
+from qconnect.core.qrexec import parse_port, validate_target
+from qconnect.expose import model
+from qconnect.expose.model import ExposeError, ExposeFailure, Request
+
+DEFAULT_VIA = "sys-net"
+
+#: dom0's record of the NAT exposures it made, read by --reapply. dom0 keeps
+#: it (a NAT exposure's rules depend on facts only dom0 knows); nothing read
+#: from a qube ever decides what dom0 runs.
+DEFAULT_STATE_DIR = "/var/lib/qconnect/expose"
+
+#: dom0's tool to run a command in a qube (qubes-core-admin-client).
+QVM_RUN = "qvm-run"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Make QUBE:PORT reachable from the outside world: the via qube (sys-net) "
+        "listens on its outside address and sends each connection over qrexec."
+    )
+    parser.add_argument("target", metavar="QUBE:PORT", nargs="?", help="the server: qube and port")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument(
+        "--list", action="store_true", help="show the exposed ports of the via qube"
+    )
+    actions.add_argument(
+        "--remove", metavar="QUBE:PORT", help="undo the exposure of QUBE:PORT (in via and dom0)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="allow_from",
+        metavar="CIDR[,CIDR...]",
+        help="who may connect (required; 'any' for everyone, with a warning); enforced by "
+        "the via qube's firewall and again by its listener",
+    )
+    parser.add_argument(
+        "--via", default=DEFAULT_VIA, metavar="QUBE",
+        help=f"the qube with the outside network (default {DEFAULT_VIA})",
+    )  # fmt: skip
+    parser.add_argument("--listen-port", metavar="PORT", help="the port outside (default: PORT)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--listen", action="append", default=[], metavar="ADDRESS",
+        help="an address of the via qube to listen on (repeatable)",
+    )  # fmt: skip
+    where.add_argument(
+        "--interface", metavar="IFACE",
+        help="listen on every global address of IFACE (default: the default route's interface)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-qube-facing", action="store_true",
+        help="allow listening on an interface facing the via qube's client qubes (vif*)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--proxy-protocol", choices=["v1", "v2"],
+        help="start each call with a PROXY protocol header (v1: text; v2: binary, relayed) "
+        "carrying the outside client's address",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nat", action="store_true",
+        help="the NAT way: route the packets down the netvm chain (DNAT in every qube on it) "
+        "instead of qrexec; IPv4; needs --interface",
+    )  # fmt: skip
+    parser.add_argument("--udp", action="store_true", help="with --nat: UDP instead of TCP")
+    parser.add_argument("--nat-apply", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true", help="say every change; change nothing")
+    parser.add_argument(
+        "--here", action="store_true",
+        help="act in this qube (the via qube); the default when qvm-run is not on PATH",
+    )  # fmt: skip
+    parser.add_argument(
+        "--root", metavar="DIR",
+        help="with --here: prefix every file path with DIR (an image of the qube)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reapply", action="store_true",
+        help="dom0: apply every NAT exposure again (after an IP or netvm change)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+        help=f"dom0: where the NAT exposures are recorded for --reapply "
+        f"(default {DEFAULT_STATE_DIR})",
+    )  # fmt: skip
+    parser.add_argument("--policy-dir", metavar="DIR", help="dom0: the policy directory")
+    parser.add_argument(
+        "--qubes", metavar="FILE", help="dom0: the qubes as JSON (see qconnect policy)"
+    )
+
+
+def _in_dom0(args: argparse.Namespace) -> bool:
+    """dom0 has qvm-run and no qrexec-client-vm; a qube the other way round."""
+    if args.here:
+        return False
+    return shutil.which(QVM_RUN) is not None and shutil.which("qrexec-client-vm") is None
+
+
+def _request(args: argparse.Namespace) -> Request:
+    if args.target is None:
+        raise ExposeError("say what to expose: QUBE:PORT, or --list, or --remove QUBE:PORT")
+    target = model.parse_target(args.target)
+    if args.allow_from is None:
+        raise ExposeError(
+            "--from is required: the networks that may connect, such as 192.0.2.0/24 "
+            "(write --from any to let everyone connect)"
+        )
+    try:
+        allow_from = parse_networks(args.allow_from)
+    except ExposureError as error:
+        raise ExposeError(f"--from: {error}") from None
+    if args.allow_from == "any":
+        print(
+            "qconnect expose: warning: --from any: every host that can reach the via qube's "
+            f"address can reach {target}",
+            file=sys.stderr,
+        )
+    listen_port = (
+        target.port
+        if args.listen_port is None
+        else parse_port(args.listen_port, what="--listen-port")
+    )
+    interface = None if args.interface is None else model.parse_interface(args.interface)
+    listen = tuple(model.parse_listen_address(address) for address in args.listen)
+    return Request(
+        target, listen_port, listen, interface, allow_from, args.proxy_protocol,
+        args.allow_qube_facing,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.reapply and (args.target or args.allow_from or args.list or args.remove):
+        raise ExposeError("--reapply takes nothing else: it applies every recorded NAT exposure")
+    if args.list and (args.target or args.allow_from):
+        raise ExposeError("--list takes no QUBE:PORT or --from")
+    if args.remove is not None and (args.target or args.allow_from):
+        raise ExposeError("--remove QUBE:PORT takes no other QUBE:PORT or --from")
+    if _in_dom0(args):
+        if args.root is not None:
+            raise ExposeError("--root applies with --here only (in the via qube)")
+        return _run_dom0(args)
+    return _run_here(args)
+
+
+# --- in the via qube -----------------------------------------------------------------
+
+
+def _run_here(args: argparse.Namespace) -> int:
+    from qconnect.expose import via
+
+    root = Path(args.root or os.environ.get(ROOT_ENV) or "/")
+    if not root.is_dir():
+        raise ExposeError(f"invalid --root {str(root)!r}: expected an existing directory")
+    context = via.Context(root=root, dry_run=args.dry_run)
+    if args.reapply:
+        raise ExposeError("--reapply runs in dom0 (it reads the netvm chain there)")
+    if args.nat_apply is not None:
+        # One qube's part of a NAT exposure; dom0 sends the nft file on stdin.
+        port = parse_port(args.nat_apply, what="--nat-apply")
+        via.nat_apply(context, port, sys.stdin.read(1 << 20))
+        return 0
+    if args.nat and args.remove is not None:
+        target = model.parse_target(args.remove)
+        count = via.nat_remove(context, target)
+        print(
+            f"{'would remove' if args.dry_run else 'removed'} {count} NAT exposure(s) of {target}"
+        )
+        return 0
+    if args.nat:
+        raise ExposeError("--nat is made from dom0 (it reads the netvm chain there)")
+    if args.list:
+        rows = via.listing(context)
+        for row in rows:
+            print(row)
+        if not rows:
+            print("no port of this qube is exposed")
+        return 0
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        if via.remove(target, context) == 0:
+            raise ExposeFailure(
+                f"{target} is not exposed by this qube; see: qconnect expose --list"
+            )
+        print(f"{'would remove' if args.dry_run else 'removed'} the exposure of {target} here")
+        if not args.here:
+            from qconnect.client.qrexec_call import this_qube_name
+
+            command = shlex.join(
+                ["qconnect", "policy", "remove", this_qube_name(), "--port", str(target.port),
+                 "--target", target.qube]
+            )  # fmt: skip
+            print(f"one step is left, in dom0: {command}")
+        return 0
+    request = _request(args)
+    via.add(request, context)
+    verb = "would expose" if args.dry_run else "exposed"
+    print(f"{verb} {request.target} on port {request.listen_port} of this qube")
+    if not args.here:
+        from qconnect.client.qrexec_call import this_qube_name
+
+        print("one step is left, in dom0 (the via qube may call that one port of the target):")
+        print(f"  {model.dom0_policy_command(this_qube_name(), request.target)}")
+    return 0
+
+
+# --- in dom0 -----------------------------------------------------------------------------
+
+
+def _qvm_run(via: str, words: list[str]) -> int:
+    """Run ``qconnect WORDS`` as root in ``via``; its output is ours (--pass-io)."""
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", via, shlex.join(words)]
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, check=False).returncode
+    except OSError as error:
+        raise ExposeFailure(f"cannot run {QVM_RUN}: {error.strerror}") from None
+
+
+def _policy(args: argparse.Namespace, *words: str) -> int:
+    """``qconnect policy WORDS`` in this process (standard library only)."""
+    from qconnect import cli
+
+    options = []
+    if args.policy_dir is not None:
+        options += ["--policy-dir", args.policy_dir]
+    if args.qubes is not None:
+        options += ["--qubes", args.qubes]
+    if args.dry_run:
+        options.append("--dry-run")
+    argv = ["policy", *words, *options]
+    return cli.run_command("qconnect policy", cli.build_parser(argv), argv)
+
+
+def _run_dom0(args: argparse.Namespace) -> int:
+    via = validate_target(args.via)
+    dry = ["--dry-run"] if args.dry_run else []
+    if args.reapply:
+        return _reapply(args)
+    if args.nat and not args.list:
+        return _run_dom0_nat(args, via)
+    if args.list:
+        print(f"# {via}:")
+        return _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        print(f"# {via}:")
+        code = _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(target), *dry])
+        print("# dom0:")
+        policy_code = _policy(
+            args, "remove", via, "--port", str(target.port), "--target", target.qube
+        )
+        return code or policy_code
+    if args.udp:
+        raise ExposeError("--udp needs --nat (qrexec carries TCP only)")
+    request = _request(args)
+    print(f"# {via}:")
+    code = _qvm_run(via, [*request.command(), *dry])
+    if code != 0:
+        raise ExposeFailure(
+            f"the via qube {via} did not make its part (exit {code}, see above); "
+            "dom0's policy was not changed"
+        )
+    print("# dom0:")
+    policy_code = _policy(
+        args, "allow", via, "--port", str(request.target.port), "--target", request.target.qube
+    )
+    if policy_code != 0:
+        _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(request.target), *dry])
+        raise ExposeFailure("dom0's policy could not be changed; the via qube's part was undone")
+    print(f"# {request.target.qube}:")
+    _check_target(request.target.qube)
+    return 0
+
+
+# Run in the target qube: is there a qubes.ConnectTCP service to answer the call?
+# (qrexec's service directories, in its search order; Qubes' own service is a
+# symlink to /dev/tcp/127.0.0.1, which exists for qrexec only; the loopback's qvm-run
+# names a loopback qube's root in QCONNECT_LOOPBACK_ROOT, empty in a real qube.)
+_SERVICE_CHECK = (
+    'r="${QCONNECT_LOOPBACK_ROOT:-}"; '
+    "for d in run/qubes-rpc usr/local/etc/qubes-rpc etc/qubes-rpc; do "
+    'f="$r/$d/qubes.ConnectTCP"; { [ -e "$f" ] || [ -L "$f" ]; } && { echo "$d/qubes.ConnectTCP"; '
+    "exit 0; }; done; exit 3"
+)
+_SERVICE_MISSING = 3
+
+
+def _check_target(qube: str) -> None:
+    """Step 3: say whether ``qube`` can answer (never starts it; never fails the command)."""
+    argv = [QVM_RUN, "--pass-io", "--no-autostart", "--user", "root", "--no-gui", qube]
+    try:
+        result = subprocess.run(
+            [*argv, _SERVICE_CHECK], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        print(f"could not check {qube}'s qubes.ConnectTCP service: {error}")
+        return
+    if result.returncode == 0:
+        print(f"{qube} answers with /{result.stdout.strip()}")
+    elif result.returncode == _SERVICE_MISSING:
+        print(
+            f"warning: {qube} has no qubes.ConnectTCP service, so every call will fail: "
+            f"run qconnect service install in {qube} (or in its template)"
+        )
+    else:
+        print(f"{qube}'s qubes.ConnectTCP service not checked ({qube} is not running?)")
+
+
+# --- the NAT way, from dom0 ------------------------------------------------------------
+
+QVM_PREFS = "qvm-prefs"
+
+
+def _pref(qube: str, name: str) -> str:
+    try:
+        result = subprocess.run(
+            [QVM_PREFS, "--get", qube, name], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ExposeFailure(f"cannot run {QVM_PREFS}: {error}") from None
+    if result.returncode != 0:
+        raise ExposeFailure(f"{QVM_PREFS} {qube} {name}: {result.stderr.strip()}")
+    value = result.stdout.strip()
+    return "" if value in ("None", "-") else value
+
+
+def _netvm_chain(via: str, target: model.Target) -> list[str]:
+    """The qubes from ``via`` down to the target, read from dom0 (via first)."""
+    chain = [target.qube]
+    while chain[-1] != via:
+        netvm = _pref(chain[-1], "netvm")
+        if not netvm:
+            raise ExposeFailure(
+                f"{chain[-1]} has no netvm, so {target.qube}'s packets never pass {via}: "
+                "the NAT way needs a netvm chain (the qrexec way does not)"
+            )
+        if netvm in chain or len(chain) > 16:
+            raise ExposeFailure(f"the netvm chain of {target.qube} loops at {netvm}")
+        chain.append(validate_target(netvm))
+    return list(reversed(chain))
+
+
+def _qvm_run_input(qube: str, words: list[str], text: str) -> int:
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", qube, shlex.join(words)]
+    try:
+        return subprocess.run(argv, input=text, text=True, check=False).returncode
+    except OSError as error:
+        raise ExposeFailure(f"cannot run {QVM_RUN}: {error.strerror}") from None
+
+
+def _record_path(args: argparse.Namespace, via: str, listen_port: int) -> Path:
+    return Path(args.state_dir) / f"nat-{via}-{listen_port}.json"
+
+
+def _records(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
+    """dom0's recorded NAT exposures: (file, the words after ``qconnect expose``)."""
+    directory = Path(args.state_dir)
+    found = []
+    for path in sorted(directory.glob("nat-*.json")) if directory.is_dir() else []:
+        try:
+            words = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ExposeFailure(f"cannot read the record {path}: {error}") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ExposeFailure(f"{path}: not a record of qconnect expose --nat")
+        found.append((path, words))
+    return found
+
+
+def _reapply(args: argparse.Namespace) -> int:
+    """Run every recorded NAT exposure again (each re-reads the chain and the addresses)."""
+    from qconnect import cli
+
+    records = _records(args)
+    if not records:
+        print(f"no NAT exposure recorded in {args.state_dir}; nothing to re-apply")
+        return 0
+    worst = 0
+    for _path, words in records:
+        argv = [
+            "expose",
+            *words,
+            "--state-dir",
+            args.state_dir,
+            *(["--dry-run"] if args.dry_run else []),
+        ]
+        print(f"## qconnect {shlex.join(argv)}")
+        worst = max(worst, cli.run_command("qconnect expose", cli.build_parser(argv), argv))
+    return worst
+
+
+def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
+    dry = ["--dry-run"] if args.dry_run else []
+    if args.remove is not None:
+        target = model.parse_target(args.remove)
+        codes = []
+        for qube in _netvm_chain(via, target):
+            print(f"# {qube}:")
+            words = ["qconnect", "expose", "--here", "--nat", "--remove", str(target), *dry]
+            codes.append(_qvm_run(qube, words))
+        for path, words in _records(args):
+            recorded_via = words[words.index("--via") + 1] if "--via" in words[:-1] else None
+            if words[:1] == [str(target)] and recorded_via == via and not args.dry_run:
+                atomic.remove_file(path)
+        with contextlib.suppress(OSError):
+            Path(args.state_dir).rmdir()
+        return max(codes)
+    if args.proxy_protocol is not None:
+        raise ExposeError("--proxy-protocol needs the qrexec way: NAT keeps the client's address")
+    if args.interface is None:
+        raise ExposeError("--nat needs --interface IFACE: the via qube's outside interface")
+    request = _request(args)
+    if request.listen:
+        raise ExposeError("--nat takes --interface, not --listen")
+    chain = _netvm_chain(via, request.target)
+    addresses = {}
+    for qube in chain[1:]:
+        address = _pref(qube, "ip")
+        try:
+            addresses[qube] = model.parse_listen_address(address)
+        except ExposeError:
+            raise ExposeFailure(f"{qube}'s ip {address!r} is not an IPv4 address") from None
+    protocol = "udp" if args.udp else "tcp"
+    command = shlex.join([*request.command(here=False), "--nat", *(["--udp"] if args.udp else [])])
+    hops = model.nat_chain(
+        via, request.target, request.listen_port, request.interface or "", chain, addresses
+    )
+    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, IPv4)")
+    print("  it breaks when an IP address on it changes or a disposable netvm restarts: "
+          "run this command again then")  # fmt: skip
+    done: list[str] = []
+    # The target first, the via qube last: the door opens when the path is complete.
+    for hop in reversed(hops):
+        text = model.render_nat_hop(
+            hop, protocol, request.allow_from, request.listen_port, request.target, command
+        )
+        print(f"# {hop.qube}:")
+        words = ["qconnect", "expose", "--here", "--nat-apply", str(request.listen_port), *dry]
+        if _qvm_run_input(hop.qube, words, text) != 0:
+            for qube in done:
+                _qvm_run(qube, ["qconnect", "expose", "--here", "--nat", "--remove",
+                                str(request.target)])  # fmt: skip
+            raise ExposeFailure(
+                f"{hop.qube} did not take its part (see above); the others were undone"
+            )
+        done.append(hop.qube)
+    if not args.dry_run:
+        words = [*request.command(here=False)[2:], "--nat", "--via", via]
+        if args.udp:
+            words.append("--udp")
+        path = _record_path(args, via, request.listen_port)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_atomic(path, json.dumps(words) + "\n")
+    return 0
