@@ -138,6 +138,15 @@ class World:
         """What a started client has logged until now."""
         return "".join(self.logs[process.pid])
 
+    async def wait_logged(
+        self, process: "subprocess.Popen[str]", text: str, timeout: float = 30.0
+    ) -> str:
+        """Wait until a started client's log holds ``text`` (the event a test waits for)."""
+        with trio.fail_after(timeout):
+            while text not in (log := self.log_so_far(process)):
+                await trio.sleep(0.02)
+        return log
+
     def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
         """SIGTERM the client and return its exit code and its log (stderr)."""
         process.send_signal(signal.SIGTERM)

@@ -137,7 +137,7 @@ async def test_sigterm_lets_open_connections_finish_then_exits(world: World) -> 
         await stream.send_all(b"before")
         assert await stream.receive_some(6) == b"before"
         client.send_signal(signal.SIGTERM)
-        await trio.sleep(0.5)
+        await world.wait_logged(client, "stopped accepting")  # logged once the listener closed
         with pytest.raises(OSError):  # no longer accepting
             await exchange(port, b"ping")
         await stream.send_all(b"during")  # the open connection still works
@@ -183,9 +183,7 @@ async def test_out_of_file_descriptors_closes_connections_not_the_binding(world:
             await stream.send_all(b"z")
     # Wait until the client says it ran out of descriptors (a loaded machine
     # may take a while to accept them all).
-    with trio.fail_after(60):
-        while "Too many open files" not in world.log_so_far(client):
-            await trio.sleep(0.1)
+    await world.wait_logged(client, "Too many open files", timeout=60)
     await trio.sleep(1)  # at the limit for a while
     for stream in streams:
         await stream.aclose()
