@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,21 +24,13 @@ import trio
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
+from tests.conftest import free_port
 
 SOURCE = "untrusted"
 TARGET = "mytcp-service"
 
 #: How long a process we start may take to get ready on a loaded 2-core machine.
 START_TIMEOUT = 30.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the kernel's pick for port 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.common import cmdline, descendants, fd_kinds, stop_process
 from bench.service import build_machine
 from qconnect.loopback.machine import Machine
-from tests.conftest import ThreadedTCPServer
+from tests.conftest import ThreadedTCPServer, free_port
 
 #: Seconds the "late" server waits after the client's EOF before it answers.
 LATE_DELAY = 0.05
@@ -160,13 +160,6 @@ class SoakChain:
         return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def soak_chain(
     directory: Path, servers: SoakServers, *, target: str, relay: bool
@@ -181,13 +174,13 @@ def soak_chain(
     try:
         qrexec = qrexec_server.enter_context(machine.server())
         remote = dict(servers.ports)
-        remote["closed"] = _free_port()
+        remote["closed"] = free_port()
         # dom0 refuses the "denied" binding by a rule that sorts before the allow rules.
-        remote["denied"] = _free_port()
+        remote["denied"] = free_port()
         machine.add_policy(
             [f"qubes.ConnectTCP +{remote['denied']} work {target} deny"], name="20-soak.policy"
         )
-        local = {name: _free_port() for name in remote}
+        local = {name: free_port() for name in remote}
         specs = [f"{local[name]}:{target}:{remote[name]}" for name in remote]
         client_log = directory / "client.log"
         argv = [sys.executable, "-m", "qconnect.client_cli", "--foreground"]
