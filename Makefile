@@ -68,8 +68,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy qconnect
 
+# Test processes: the suite mostly waits on subprocesses and sockets, so more
+# workers than cores still shorten it (on 2 busy cores: 4 workers 212 s, one 272 s).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 4
+
 pytest: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 
