@@ -231,8 +231,15 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
         cwd=Path(__file__).resolve().parent.parent,
     )
     try:
-        time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", echo_port), timeout=30) as conn:
+        deadline = time.monotonic() + 30
+        while True:  # until systemd-socket-activate listens (it binds, then runs the client)
+            try:
+                conn = socket.create_connection(("127.0.0.1", echo_port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and activate.poll() is None
+                time.sleep(0.02)
+        with conn:
             messages = notify.recv(4096).decode()
             assert "READY=1" in messages
             assert f"127.0.0.1:{echo_port}:{TARGET}:{world.ports['echo']}" in messages
