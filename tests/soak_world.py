@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.common import cmdline, descendants, fd_kinds, stop_process
 from bench.service import build_machine
 from qconnect.loopback.machine import Machine
-from tests.conftest import ThreadedTCPServer, free_port
+from tests.conftest import ThreadedTCPServer, echo, free_port
 
 #: Seconds the "late" server waits after the client's EOF before it answers.
 LATE_DELAY = 0.05
@@ -49,19 +49,13 @@ class SoakServers:
         self.early_received: set[str] = set()
         self._lock = threading.Lock()
         self._servers = {
-            "echo": ThreadedTCPServer(self._echo),
+            "echo": ThreadedTCPServer(echo),
             "late": ThreadedTCPServer(self._late),
             "early": ThreadedTCPServer(self._early),
             "big": ThreadedTCPServer(self._big),
             "slow": ThreadedTCPServer(self._slow),
         }
         self.ports = {name: server.port for name, server in self._servers.items()}
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        while data := conn.recv(_RECV):
-            conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
 
     @staticmethod
     def _late(conn: socket.socket) -> None:
