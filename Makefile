@@ -59,7 +59,7 @@ $(STAMP): pyproject.toml
 
 setup:
 	@$(BIN)/python -c 'import qconnect' >/dev/null 2>&1 || rm -f $(STAMP)
-	@$(MAKE) --no-print-directory $(STAMP)
+	@$(MAKE) --no-print-directory --silent $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
