@@ -31,8 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from qconnect.loopback.machine import Machine
+
+# Hypothesis' timing checks (a deadline per example, "input generation is
+# slow") measure how busy the machine is, not the code: on a loaded 2-core
+# machine they fail at random. Every property test runs without them.
+settings.register_profile("qconnect", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("qconnect")
 
 # Teardown waits this long for a server thread to finish before giving up on
 # it (threads are daemons; a stuck one cannot hang the test run).
