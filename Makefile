@@ -69,8 +69,9 @@ typecheck: setup
 	$(BIN)/mypy qconnect
 
 # Test processes: the suite mostly waits on subprocesses and sockets, so more
-# workers than cores still shorten it (on 2 busy cores: 4 workers 212 s, one 272 s).
-# PYTEST_WORKERS=0 runs it in one process.
+# workers than cores still shorten it (measured one after the other on this
+# 2-core machine while others loaded it: one process 185 s, 2 workers 169 s,
+# 4 workers 113 s). PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 4
 
 pytest: setup
