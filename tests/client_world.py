@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,21 +24,13 @@ import trio
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
+from tests.conftest import free_port
 
 SOURCE = "untrusted"
 TARGET = "mytcp-service"
 
 #: How long a process we start may take to get ready on a loaded 2-core machine.
 START_TIMEOUT = 30.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the kernel's pick for port 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
@@ -137,6 +128,15 @@ class World:
     def log_so_far(self, process: "subprocess.Popen[str]") -> str:
         """What a started client has logged until now."""
         return "".join(self.logs[process.pid])
+
+    async def wait_logged(
+        self, process: "subprocess.Popen[str]", text: str, timeout: float = 30.0
+    ) -> str:
+        """Wait until a started client's log holds ``text`` (the event a test waits for)."""
+        with trio.fail_after(timeout):
+            while text not in (log := self.log_so_far(process)):
+                await trio.sleep(0.02)
+        return log
 
     def stop_client(self, process: "subprocess.Popen[str]") -> tuple[int, str]:
         """SIGTERM the client and return its exit code and its log (stderr)."""

@@ -13,13 +13,15 @@ that asked for it: listeners closed, open connections shut, threads joined.
 - ``http_server -> HttpServer`` (.port, .body: every GET answers 200 with .body)
 - ``half_close_server -> HalfCloseServer`` (see its docstring)
 
-and plain helpers: ``tcp_pair()``, ``recv_all(sock)``, ``write_executable(path, text)``.
+and plain helpers: ``free_port(host)``, ``tcp_pair()``, ``recv_all(sock)``,
+``write_executable(path, text)``.
 """
 
 import contextlib
 import hashlib
 import http.server
 import itertools
+import random
 import socket
 import stat
 import threading
@@ -29,8 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from qconnect.loopback.machine import Machine
+
+# Hypothesis' timing checks (a deadline per example, "input generation is
+# slow") measure how busy the machine is, not the code: on a loaded 2-core
+# machine they fail at random. Every property test runs without them.
+settings.register_profile("qconnect", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("qconnect")
 
 # Teardown waits this long for a server thread to finish before giving up on
 # it (threads are daemons; a stuck one cannot hang the test run).
@@ -125,6 +134,48 @@ def echo(conn: socket.socket) -> None:
 
 
 # -- plain helpers for tests (import them: ``from tests.conftest import tcp_pair``) --
+
+
+# Ports that free_port() hands out: below the kernel's ephemeral range
+# (ip_local_port_range, 32768-60999 by default), so no bind(0) and no outgoing
+# connection's source port can take one between the test's probe and the bind
+# of the program under test; and above the ports services commonly hold
+# (8000-8100, 8080, 8443, 9000, ...).
+_FREE_PORTS = range(20000, 32768)
+_handed_out: set[tuple[str, int]] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _FREE_PORTS.stop
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port on ``host`` for a program that binds it itself (one that takes 0: use 0).
+
+    Each port is probed free (bound and released, as strictly as a listener
+    binds it), never handed out twice in this process, and chosen at random
+    outside the kernel's ephemeral range, so nothing else on the machine is
+    handed it by chance before the program binds it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports = range(_FREE_PORTS.start, min(_FREE_PORTS.stop, _ephemeral_floor()))
+    for _ in range(1000):
+        port = random.choice(ports)
+        with _handed_out_lock:
+            if (host, port) in _handed_out:
+                continue
+            with socket.socket(family) as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add((host, port))
+            return port
+    raise RuntimeError(f"no free port on {host} in {ports}")
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.common import cmdline, descendants, fd_kinds, stop_process
 from bench.service import build_machine
 from qconnect.loopback.machine import Machine
-from tests.conftest import ThreadedTCPServer
+from tests.conftest import ThreadedTCPServer, echo, free_port
 
 #: Seconds the "late" server waits after the client's EOF before it answers.
 LATE_DELAY = 0.05
@@ -49,19 +49,13 @@ class SoakServers:
         self.early_received: set[str] = set()
         self._lock = threading.Lock()
         self._servers = {
-            "echo": ThreadedTCPServer(self._echo),
+            "echo": ThreadedTCPServer(echo),
             "late": ThreadedTCPServer(self._late),
             "early": ThreadedTCPServer(self._early),
             "big": ThreadedTCPServer(self._big),
             "slow": ThreadedTCPServer(self._slow),
         }
         self.ports = {name: server.port for name, server in self._servers.items()}
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        while data := conn.recv(_RECV):
-            conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
 
     @staticmethod
     def _late(conn: socket.socket) -> None:
@@ -160,13 +154,6 @@ class SoakChain:
         return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def soak_chain(
     directory: Path, servers: SoakServers, *, target: str, relay: bool
@@ -181,13 +168,13 @@ def soak_chain(
     try:
         qrexec = qrexec_server.enter_context(machine.server())
         remote = dict(servers.ports)
-        remote["closed"] = _free_port()
+        remote["closed"] = free_port()
         # dom0 refuses the "denied" binding by a rule that sorts before the allow rules.
-        remote["denied"] = _free_port()
+        remote["denied"] = free_port()
         machine.add_policy(
             [f"qubes.ConnectTCP +{remote['denied']} work {target} deny"], name="20-soak.policy"
         )
-        local = {name: _free_port() for name in remote}
+        local = {name: free_port() for name in remote}
         specs = [f"{local[name]}:{target}:{remote[name]}" for name in remote]
         client_log = directory / "client.log"
         argv = [sys.executable, "-m", "qconnect.client.cli", "--foreground"]

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tests.client_world import free_port
+
 
 def run_client(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -68,8 +70,9 @@ def test_invalid_options_are_one_clear_line(args: list[str], named: str) -> None
 
 
 def test_missing_qrexec_client_vm_says_where_to_run_it() -> None:
+    # a port nothing uses: a fixed one (8080) may be another program's on this host
     result = subprocess.run(
-        [sys.executable, "-m", "qconnect.client.cli", "8080:web:80"],
+        [sys.executable, "-m", "qconnect.client.cli", f"{free_port()}:web:80"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -137,7 +137,7 @@ async def test_sigterm_lets_open_connections_finish_then_exits(world: World) -> 
         await stream.send_all(b"before")
         assert await stream.receive_some(6) == b"before"
         client.send_signal(signal.SIGTERM)
-        await trio.sleep(0.5)
+        await world.wait_logged(client, "stopped accepting")  # logged once the listener closed
         with pytest.raises(OSError):  # no longer accepting
             await exchange(port, b"ping")
         await stream.send_all(b"during")  # the open connection still works
@@ -183,9 +183,7 @@ async def test_out_of_file_descriptors_closes_connections_not_the_binding(world:
             await stream.send_all(b"z")
     # Wait until the client says it ran out of descriptors (a loaded machine
     # may take a while to accept them all).
-    with trio.fail_after(60):
-        while "Too many open files" not in world.log_so_far(client):
-            await trio.sleep(0.1)
+    await world.wait_logged(client, "Too many open files", timeout=60)
     await trio.sleep(1)  # at the limit for a while
     for stream in streams:
         await stream.aclose()
@@ -233,8 +231,15 @@ def test_systemd_socket_activation_serves_named_sockets(world: World, tmp_path: 
         cwd=Path(__file__).resolve().parent.parent,
     )
     try:
-        time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", echo_port), timeout=30) as conn:
+        deadline = time.monotonic() + 30
+        while True:  # until systemd-socket-activate listens (it binds, then runs the client)
+            try:
+                conn = socket.create_connection(("127.0.0.1", echo_port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and activate.poll() is None
+                time.sleep(0.02)
+        with conn:
             messages = notify.recv(4096).decode()
             assert "READY=1" in messages
             assert f"127.0.0.1:{echo_port}:{TARGET}:{world.ports['echo']}" in messages

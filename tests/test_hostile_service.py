@@ -200,11 +200,16 @@ async def test_a_caller_that_stops_reading_holds_the_server_back_not_service_mem
         tcp_server(echo) as echo_port,
     ):
         stream = await call(socket_path, str(port))
-        await trio.sleep(2)  # we read nothing: the relay must stop reading the server
-        plateau = sent[0]
-        await trio.sleep(1)
-        assert sent[0] == plateau, "the server could still send: the service is buffering"
-        assert plateau < BACKPRESSURE_BOUND, plateau
+        # We read nothing: the relay must stop reading the server, so what the
+        # server sent, once it started, stops growing (unchanged for 0.5 s) below the bound.
+        plateau, still_since = 0, trio.current_time()
+        with trio.fail_after(30):  # still growing: the service is buffering
+            while not plateau or sent[0] != plateau or trio.current_time() - still_since < 0.5:
+                if sent[0] != plateau:
+                    plateau, still_since = sent[0], trio.current_time()
+                assert sent[0] < BACKPRESSURE_BOUND, sent[0]
+                await trio.sleep(0.05)
+        assert 0 < plateau < BACKPRESSURE_BOUND, plateau
         stop.set()
         await stream.aclose()
         await assert_still_serves(socket_path, echo_port)

@@ -26,7 +26,7 @@ from qconnect.loopback import layout
 from qconnect.loopback.machine import Machine
 from qconnect.persist.render import exec_start_of, listen_of
 from qconnect.service.install import install_into_rpc_dir
-from tests.conftest import HalfCloseServer
+from tests.conftest import HalfCloseServer, free_port
 from tests.persist_tree import make_qube_tree, run_persist
 
 MakeMachine = Callable[..., Machine]
@@ -40,13 +40,6 @@ USER_UNITS = "home/user/.config/systemd/user"
 # How long a test waits for a listener to come up or for bytes to arrive
 # before calling it a failure (generous: the machine may be busy).
 _WAIT = 20.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture

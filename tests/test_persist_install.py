@@ -267,13 +267,40 @@ def world_readable_tree() -> Iterator[Path]:
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+def reachable_by_others(path: Path) -> bool:
+    """Whether a user with no rights of its own can execute ``path`` (every parent searchable)."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
+def nobody_python() -> str:
+    """An interpreter ``nobody`` can run: the checkout, and so its venv, may sit in a 0700 home."""
+    for candidate in (sys.executable, getattr(sys, "_base_executable", ""), "/usr/bin/python3"):
+        if candidate and Path(candidate).exists() and reachable_by_others(Path(candidate)):
+            return candidate
+    pytest.skip("no Python interpreter that user nobody can reach")
+
+
+def run_as_nobody(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``qconnect persist ARGS`` as nobody, from a copy of the package under ``base``.
+
+    ``base`` is world-readable; the copy keeps this test independent of where the
+    checkout lives (`persist` needs only the standard library).
+    """
+    package = base / "pythonpath" / "qconnect"
+    if not package.exists():  # a source checkout's layout: the package and its templates
+        for name in ("qconnect", "systemd-units", "rpc-services"):
+            source = Path(__file__).parents[1] / name
+            shutil.copytree(
+                source, package.parent / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
     return subprocess.run(
-        [*NOBODY, sys.executable, "-m", "qconnect.cli", "persist", *args],
+        [*NOBODY, nobody_python(), "-m", "qconnect.cli", "persist", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "HOME": "/home/user", "PYTHONPATH": str(Path(__file__).parents[1])},
+        cwd="/",
+        env={**os.environ, "HOME": "/home/user", "PYTHONPATH": str(package.parent)},
         check=False,
     )
 
@@ -285,16 +312,17 @@ def test_unwritable_places_give_a_clear_error_and_no_half_written_binding(
     tree = world_readable_tree
     tool = fake_executable(tree.parent / "bin" / "qrexec-client-vm")
     before = snapshot(tree)
-    whole = run_as_nobody("add", "8080:web:80", "--root", str(tree), "--relay", "handoff",
-                          "--qrexec-client-vm", str(tool))  # fmt: skip
+    whole = run_as_nobody(tree.parent, "add", "8080:web:80", "--root", str(tree),
+                          "--relay", "handoff", "--qrexec-client-vm", str(tool))  # fmt: skip
     assert_one_line_error(whole, "Permission denied", "nothing was changed", code=1)
     assert snapshot(tree) == before
 
     # Units may be written, rc.local may not: the units written first are taken back.
     (tree / "usr/local/lib").chmod(0o777)
     before = snapshot(tree)
-    half = run_as_nobody("add", "444::444", "--root", str(tree), "--persistence", "rw-only",
-                         "--relay", "handoff", "--qrexec-client-vm", str(tool))  # fmt: skip
+    half = run_as_nobody(tree.parent, "add", "444::444", "--root", str(tree),
+                         "--persistence", "rw-only", "--relay", "handoff",
+                         "--qrexec-client-vm", str(tool))  # fmt: skip
     assert_one_line_error(half, "rc.local", "Permission denied", "nothing was changed", code=1)
     assert snapshot(tree) == before
 

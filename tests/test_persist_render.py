@@ -41,7 +41,7 @@ def test_socat_fallback_runs_as_the_local_program_and_waits_for_both_directions(
     service = render_binding(binding, TEMPLATES)[binding.service_unit]
     assert exec_start_of(service) == (
         "/usr/bin/qrexec-client-vm -- @dispvm:dvm qubes.ConnectTCP+444 /bin/sh -c "
-        '"exec /usr/bin/socat -t 31536000 STDIO,shut-down FD:$${SAVED_FD_0},shut-down"'
+        '"exec /usr/bin/socat -t 31536000 STDIN!!STDOUT,shut-down FD:$${SAVED_FD_0},shut-down"'
     )
     assert "\nStandardInput=socket\n" in service
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from qconnect.core.relay.trio_streams import RelayStats, relay
 
@@ -68,7 +69,7 @@ async def test_relay_moves_megabytes_both_ways_byte_exact_and_counts_them() -> N
     assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
     assert (stats.a_to_b, stats.b_to_a) == (size, size // 2)
     assert stats.a_eof and stats.b_eof and stats.error is None
-    assert stats.ended is not None and stats.duration >= 0
+    assert stats.ended is not None and stats.duration == stats.ended - stats.started  # stopped
 
 
 async def test_client_eof_reaches_server_and_a_late_reply_still_arrives() -> None:
@@ -79,7 +80,7 @@ async def test_client_eof_reaches_server_and_a_late_reply_still_arrives() -> Non
         await client.send_all(b"question")
         await client.send_eof()
         assert await _receive_all(server) == b"question"  # ends: EOF was delivered
-        await trio.sleep(0.3)
+        await wait_all_tasks_blocked()  # the relay did all it does after that EOF
         await server.send_all(b"late answer")
         await server.send_eof()
         assert await _receive_all(client) == b"late answer"
@@ -93,7 +94,7 @@ async def test_server_eof_reaches_client_and_client_can_still_send() -> None:
         await server.send_all(b"banner")
         await server.send_eof()
         assert await _receive_all(client) == b"banner"
-        await trio.sleep(0.3)
+        await wait_all_tasks_blocked()  # the relay did all it does after that EOF
         await client.send_all(b"still talking")
         await client.send_eof()
         assert await _receive_all(server) == b"still talking"
@@ -107,7 +108,7 @@ async def test_relay_returns_only_after_both_directions_ended() -> None:
             stats = RelayStats()
             nursery.start_soon(lambda: relay(a, b, stats=stats))
             await client.send_eof()
-            await trio.sleep(0.2)
+            await wait_all_tasks_blocked()
             assert stats.ended is None and stats.a_eof and not stats.b_eof
             await server.send_eof()
         assert stats.ended is not None and stats.b_eof
@@ -139,16 +140,15 @@ async def test_a_reset_peer_ends_the_relay_with_an_error_not_an_exception() -> N
     client, a = await _tcp_pair()
     b, server = await _tcp_pair()
     async with a, b, server:
-        async with trio.open_nursery() as nursery:
-            stats = RelayStats()
-            nursery.start_soon(lambda: relay(a, b, stats=stats))
-            await client.send_all(b"hello")
-            assert await server.receive_some(100) == b"hello"
-            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await client.aclose()  # RST, not FIN
-            with trio.fail_after(5):
-                while stats.ended is None:
-                    await trio.sleep(0.01)
+        with trio.fail_after(5):  # the nursery waits for the relay to end
+            async with trio.open_nursery() as nursery:
+                stats = RelayStats()
+                nursery.start_soon(lambda: relay(a, b, stats=stats))
+                await client.send_all(b"hello")
+                assert await server.receive_some(100) == b"hello"
+                linger = struct.pack("ii", 1, 0)
+                client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                await client.aclose()  # RST, not FIN
         assert stats.error is not None and "reset" in stats.error
         assert stats.a_to_b == 5
 

@@ -1,5 +1,6 @@
 """Data files are found in the source tree, and in share/qconnect after a wheel install."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,17 @@ def test_installed_copy_is_used_when_the_source_tree_has_none(tmp_path: Path) ->
     assert data_path("missing", prefix=str(tmp_path)) == SOURCE_ROOT / "missing"
 
 
-def test_wheel_ships_the_service_and_every_unit_template(tmp_path: Path) -> None:
+# What a build from a copy of the checkout leaves out: the venv, the VCS, caches
+# and earlier build output (setuptools writes build/ and *.egg-info next to
+# the pyproject.toml it builds, so the build runs on a copy, never in place).
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+)
+
+
+def test_wheel_ships_the_service_every_unit_template_and_the_license(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(SOURCE_ROOT, source, ignore=_NOT_SOURCE)
     subprocess.run(
         [
             sys.executable,
@@ -32,7 +43,7 @@ def test_wheel_ships_the_service_and_every_unit_template(tmp_path: Path) -> None
             "-q",
             "-w",
             str(tmp_path),
-            str(SOURCE_ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -47,3 +58,7 @@ def test_wheel_ships_the_service_and_every_unit_template(tmp_path: Path) -> None
     }
     assert templates and templates <= data
     assert "share/qconnect/rpc-services/qubes.ConnectTCP" in data
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: GPL-2.0-or-later" in metadata.splitlines()

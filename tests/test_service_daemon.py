@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from qconnect.service.daemon import ServiceConfig
 from tests.service_helpers import (
@@ -53,7 +54,7 @@ async def test_client_half_close_then_late_reply_arrives(tmp_path: Path) -> None
     async def late_reply(stream: trio.SocketStream) -> None:
         async with stream:
             request = await receive_all(stream)  # until the client's EOF
-            await trio.sleep(0.5)
+            await wait_all_tasks_blocked()  # late: the service did all it does after the EOF
             await stream.send_all(b"reply to " + request)
 
     path = tmp_path / "qubes.ConnectTCP"
@@ -84,7 +85,7 @@ async def test_server_half_close_reaches_client_which_can_still_send(tmp_path: P
         await call(path, str(port)) as stream,
     ):
         assert await receive_all(stream) == b"banner"
-        await trio.sleep(0.3)
+        await wait_all_tasks_blocked()  # the service did all it does after the EOF
         await stream.send_all(b"still here")
         await stream.send_eof()
         with trio.fail_after(5):

@@ -297,7 +297,10 @@ def per_connection_exec_start(binding: Binding) -> str:
     through ``SAVED_FD_0`` (qrexec-client-vm's own stdin, which it passes to
     every local program, since Qubes 4.0). ``shut-down`` on both addresses makes
     socat pass each EOF on as ``shutdown(SHUT_WR)`` (its default for an fd of
-    unknown kind is to do nothing while the other direction still runs).
+    unknown kind is to do nothing while the other direction still runs). The
+    call's side is the dual address ``STDIN!!STDOUT,shut-down``, whose options
+    belong to the address socat writes to: socat 1.8 no longer applies
+    ``STDIO,shut-down`` to fd 1, so the client's EOF would never reach the call.
     (``socat FD:0 EXEC:...,pipes`` is no option: socat 1.7 keeps both ends of
     its pipes, so the close that signals EOF never reaches it.) The words
     are joined by :func:`exec_line`, which quotes the ``sh -c`` command and
@@ -309,7 +312,7 @@ def per_connection_exec_start(binding: Binding) -> str:
         return exec_line([qrexec_client_vm, "--use-stdin-socket", *call])
     socat = check_executable_path(binding.socat, "socat")
     connection = "FD:${SAVED_FD_0},shut-down"
-    relay = f"exec {socat} -t {SOCAT_HALF_CLOSE_TIMEOUT} STDIO,shut-down {connection}"
+    relay = f"exec {socat} -t {SOCAT_HALF_CLOSE_TIMEOUT} STDIN!!STDOUT,shut-down {connection}"
     return exec_line([qrexec_client_vm, *call, "/bin/sh", "-c", relay])
 
 
