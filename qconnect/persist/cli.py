@@ -15,7 +15,11 @@ from pathlib import Path, PurePosixPath
 
 from qconnect.core.errors import PersistError
 from qconnect.core.install.systemctl import SystemctlError, Systemd
-from qconnect.core.qrexec_client import supports_stdin_socket
+from qconnect.core.qrexec_client import (
+    LOOPBACK_MACHINE_ENV,
+    QREXEC_CLIENT_VM,
+    supports_stdin_socket,
+)
 from qconnect.core.spec import BindingSpec, parse_spec
 from qconnect.persist import install
 from qconnect.persist.install import AddRequest, Installed, Persistence, Plan, UnitPaths
@@ -74,9 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add.add_argument(
         "--qrexec-client-vm",
-        default=DEFAULT_QREXEC_CLIENT_VM,
         metavar="PATH",
-        help=f"per-connection mode: the one the units run (default {DEFAULT_QREXEC_CLIENT_VM})",
+        help=f"per-connection mode: the one the units run (default {DEFAULT_QREXEC_CLIENT_VM}, "
+        "or the loopback machine's inside `qconnect loopback run`)",
     )
     add.add_argument(
         "--socat",
@@ -189,6 +193,21 @@ def _choose_scope(args: argparse.Namespace, spec: BindingSpec) -> Scope:
     return scope
 
 
+def default_qrexec_client_vm() -> str:
+    """The ``qrexec-client-vm`` the units run when none is given.
+
+    In a Qubes qube, the agent's own. Inside a loopback machine's qube
+    (``qconnect loopback run``, which sets LOOPBACK_MACHINE_ENV), the machine's
+    client plays qrexec and /usr/bin has none: take the machine's.
+    """
+    machine = os.environ.get(LOOPBACK_MACHINE_ENV)
+    if machine:
+        client = Path(machine).absolute() / "bin" / QREXEC_CLIENT_VM
+        if os.access(client, os.X_OK):
+            return str(client)
+    return DEFAULT_QREXEC_CLIENT_VM
+
+
 def detect_relay(qrexec_client_vm: str) -> Relay:
     """Handoff when ``qrexec-client-vm --help`` lists --use-stdin-socket, else socat.
 
@@ -238,7 +257,9 @@ def _binding_from(args: argparse.Namespace) -> Binding:
     max_connections = check_max_connections(
         DEFAULT_MAX_CONNECTIONS if args.max_connections is None else args.max_connections
     )
-    qrexec_client_vm = check_executable_path(args.qrexec_client_vm, "--qrexec-client-vm")
+    qrexec_client_vm = check_executable_path(
+        args.qrexec_client_vm or default_qrexec_client_vm(), "--qrexec-client-vm"
+    )
     relay = detect_relay(qrexec_client_vm) if args.relay == "auto" else Relay(args.relay)
     socat = check_executable_path(args.socat, "--socat")
     if relay is Relay.SOCAT and not os.access(socat, os.X_OK):
