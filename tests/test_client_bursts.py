@@ -39,7 +39,9 @@ SECOND_SOURCE = "untrusted2"
 TARGET = "mytcp-service"
 
 #: Seconds a whole burst may take before the test fails (it is measured and printed too).
-BURST_DEADLINE = 120.0
+#: Only a stuck burst comes near it: 1,000 calls take 30-50 s alone on 2 shared cores, and
+#: under `make test`'s parallel workers on a loaded machine they were seen to pass 120 s.
+BURST_DEADLINE = 360.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from qconnect.client import registry
 from qconnect.client.errors import ClientError
 from qconnect.client.list_command import format_table
+from qconnect.core.unixpath import bind_unix
 from qconnect.loopback.machine import Machine
 from tests.as_nobody import NOBODY, as_nobody, can_play_nobody
 from tests.client_world import free_port
@@ -107,7 +108,7 @@ def answer_at() -> Iterator[Callable[[Path, dict[str, object]], Answerer]]:
 
     def start(path: Path, status: dict[str, object]) -> Answerer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
+        bind_unix(sock, str(path))  # a worker's tmp_path can be longer than sun_path
         sock.listen()
         answerer = Answerer(sock, status)
         started.append(answerer)

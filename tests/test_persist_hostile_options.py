@@ -272,7 +272,9 @@ def expected_units(asked: Meant) -> dict[str, list[Directive]]:
     if asked.relay == "handoff":
         exec_start = f"{asked.qrexec_client_vm} --use-stdin-socket {call}"
     else:
-        relay = f"exec {asked.socat} -t 31536000 STDIO,shut-down FD:$${{SAVED_FD_0}},shut-down"
+        relay = (
+            f"exec {asked.socat} -t 31536000 STDIN!!STDOUT,shut-down FD:$${{SAVED_FD_0}},shut-down"
+        )
         exec_start = f'{asked.qrexec_client_vm} {call} /bin/sh -c "{relay}"'
     return {
         ".socket": [
