@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qconnect.core import sdnotify
 from qconnect.core.errors import QconnectError, ServiceError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
@@ -487,15 +488,6 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
     return sock
 
 
-def _notify(message: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    with contextlib.suppress(ImportError, OSError):
-        from systemd import daemon as sd_daemon
-
-        sd_daemon.notify(message)
-
-
 async def serve(
     listen_sock: socket.socket,
     config: ServiceConfig,
@@ -516,7 +508,7 @@ async def serve(
         nursery.start_soon(trio.serve_listeners, service.handle, [listener])
         nursery.start_soon(_report_status, service)
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
-        _notify("READY=1\nSTATUS=" + service.status_line())
+        sdnotify.notify(service.status_line(), ready=True)
         task_status.started(service)
 
 
@@ -525,7 +517,7 @@ async def _report_status(service: ConnectTCPService) -> None:
     while True:
         line = service.status_line()
         if line != last:
-            _notify("STATUS=" + line)
+            sdnotify.notify(line)
             last = line
         await trio.sleep(STATUS_INTERVAL)
 
@@ -537,7 +529,7 @@ async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             logger.info("stopping on %s: %s", signal.Signals(signum).name, service.status_line())
-            _notify("STOPPING=1")
+            sdnotify.notify(stopping=True)
             scope.cancel()
             return
 
