@@ -411,5 +411,6 @@ def test_the_per_call_entry_imports_almost_nothing() -> None:
         "qconnect",
         "qconnect.loopback",
         "qconnect.loopback.forkcall",
+        "qconnect.core",  # the package of unixpath: a docstring, no imports
         "qconnect.core.unixpath",
     }

@@ -50,7 +50,7 @@ from pathlib import Path
 # Everything a call needs is imported here once, so a child starts with it:
 # select, subprocess and threading above, the blocking relay and the policy engine
 # (``client`` imports the latter lazily) below.
-from qconnect.core import unixpath
+from qconnect.core import fdlimit, unixpath
 from qconnect.loopback import client, forkcall
 from qconnect.loopback.forkcall import REQUEST_FDS, BadRequest
 from qconnect.loopback.machine import LoopbackError
@@ -151,9 +151,7 @@ class ForkServer:
         self.listener = listener
         # One connection and a child's status per call: raise the soft limit
         # for the server (a child gets the original back).
-        soft, hard = self.nofile
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        fdlimit.raise_open_file_limit()
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
 
     # -- the loop -------------------------------------------------------------

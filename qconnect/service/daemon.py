@@ -35,6 +35,7 @@ import trio
 
 from qconnect.core import sdnotify
 from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
 from qconnect.core.relay.trio_streams import RelayStats, relay
@@ -426,17 +427,6 @@ class SlotListener(trio.abc.Listener[trio.SocketStream]):
         await self.inner.aclose()
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard one: each call holds two descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-    return soft
-
-
 def inherited_socket() -> socket.socket | None:
     """The listening socket systemd passed us (socket unit with Accept=no), if any."""
     if not os.environ.get("LISTEN_FDS"):
@@ -541,7 +531,7 @@ def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True
     receiver takes them (see _stop_on_signal); the previous signal mask is
     restored on return, whatever happened.
     """
-    fd_limit = raise_fd_limit()
+    fd_limit = raise_open_file_limit()  # each call holds up to FDS_PER_CALL descriptors
     fd_calls = calls_within_fd_limit(fd_limit)
     if fd_calls < config.max_calls:
         logger.info(
