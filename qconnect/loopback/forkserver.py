@@ -137,15 +137,11 @@ class ForkServer:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o077)
         try:
-            unixpath.bind_unix(listener, self.path)
+            unixpath.listen_unix(listener, self.path, mode=0o600, backlog=BACKLOG)
         except OSError as error:
             listener.close()
             raise LoopbackError(f"cannot listen on {self.path}: {error.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        listener.listen(BACKLOG)
         listener.setblocking(False)
         self.bound_inode = os.lstat(self.path).st_ino
         self.listener = listener

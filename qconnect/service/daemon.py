@@ -39,7 +39,7 @@ from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
 from qconnect.core.relay.trio_streams import RelayStats, relay
-from qconnect.core.unixpath import bind_unix
+from qconnect.core.unixpath import listen_unix
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
@@ -462,13 +462,7 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old_umask = os.umask(0o177)
-        try:
-            bind_unix(sock, path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(socket.SOMAXCONN)
+        listen_unix(sock, path, mode=mode, backlog=socket.SOMAXCONN)
     except OSError as error:
         sock.close()
         reason = error.strerror or str(error)
