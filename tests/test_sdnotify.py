@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qconnect.core.sdnotify import notify
 
@@ -75,3 +77,21 @@ def test_a_service_manager_that_cannot_be_told_is_not_an_error(
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     assert not notify("x", ready=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_any_status_text_arrives_as_one_printable_status_line(text: str) -> None:
+    name = f"qconnect-test-notify-{os.getpid()}-{os.urandom(6).hex()}"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+        pytest.MonkeyPatch.context() as monkeypatch,
+    ):
+        sock.bind("\0" + name)
+        sock.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify(text, ready=True)
+        lines = sock.recv(65536).decode().split("\n")
+    assert lines[0] == "READY=1"
+    assert len(lines) == 2 and lines[1].startswith("STATUS=")
+    assert lines[1].isprintable()
