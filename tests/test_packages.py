@@ -578,7 +578,7 @@ def test_dom0_man_page_lists_exactly_the_policy_options(
 def test_package_versions_match_the_source() -> None:
     changelog = (SOURCE / "debian/changelog").read_text().split("\n", 1)[0]
     assert changelog.startswith(f"qconnect ({__version__})")
-    for spec in ("qconnect.core.spec", "qconnect-dom0.spec"):
+    for spec in ("qconnect.spec", "qconnect-dom0.spec"):
         text = (SOURCE / "packaging/rpm" / spec).read_text()
         assert re.search(rf"^Version:\s+{re.escape(__version__)}$", text, re.MULTILINE), spec
 
