@@ -107,11 +107,12 @@ def test_the_formatter_keeps_an_exception_on_the_same_line() -> None:
 
 
 def test_journal_messages_and_fields_are_escaped_too() -> None:
-    from qconnect.core.logs import _JournalFieldsHandler
+    from qconnect.core.logs import journal_handler
 
     sent: list[tuple[str, dict[str, object]]] = []
-    handler = _JournalFieldsHandler("qvm-connect-tcp")
-    handler._send = lambda message, **fields: sent.append((message, fields))  # type: ignore[method-assign]
+    handler = journal_handler(
+        "qvm-connect-tcp", send=lambda message, **fields: sent.append((message, fields))
+    )
     record = logging.LogRecord(
         "x", logging.WARNING, __file__, 1, "call from %s", ("a\x1b[2Jb",), None
     )

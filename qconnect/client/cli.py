@@ -195,9 +195,8 @@ def _options(args: argparse.Namespace, *, systemd: bool) -> "ServerOptions":
 
 def _run_systemd(options: "ServerOptions", verbose: bool) -> int:
     """Serve socket-activated listeners, telling systemd when we are ready."""
-    from systemd import daemon
-
     from qconnect.client.daemon import LOG_IDENTIFIER, serve
+    from qconnect.core.sdnotify import notify
 
     setup_logging(LOG_IDENTIFIER, verbose=verbose)
     listeners = adopt_systemd_listeners()
@@ -210,7 +209,7 @@ def _run_systemd(options: "ServerOptions", verbose: bool) -> int:
     summary = ", ".join(str(listener.spec) for listener in listeners)
 
     def ready() -> None:
-        daemon.notify(f"READY=1\nSTATUS=serving {len(listeners)} binding(s): {summary}")
+        notify(f"serving {len(listeners)} binding(s): {summary}", ready=True)
 
     return serve(listeners, options, on_ready=ready)
 

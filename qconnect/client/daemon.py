@@ -31,7 +31,7 @@ from qconnect.client.server import ClientServer, ServerOptions
 from qconnect.core.logs import PrintableFormatter, setup_logging
 from qconnect.core.printable import printable
 from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
-from qconnect.core.unixpath import bind_unix
+from qconnect.core.unixpath import listen_unix
 
 logger = logging.getLogger("qconnect.client")
 
@@ -135,12 +135,7 @@ def _control_socket() -> tuple[socket.socket, Path]:
         os.unlink(path)  # a previous process with our pid died without cleaning up
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old_umask = os.umask(0o177)
-        try:
-            bind_unix(sock, str(path))
-        finally:
-            os.umask(old_umask)
-        sock.listen(16)
+        listen_unix(sock, str(path), mode=0o600, backlog=16)  # ours alone, as the registry is
     except OSError as error:
         sock.close()
         raise ClientError(f"cannot create {path}: {os.strerror(error.errno or 0)}") from None

@@ -1,13 +1,15 @@
 """How many calls one client process may have in flight, and its file limit."""
 
-import logging
 import math
-import resource
 
 from qconnect.client.errors import ClientError
+from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 
-logger = logging.getLogger(__name__)
+#: Raised once by ``qvm-connect-tcp`` at its start: each handed-off connection
+#: costs a few descriptors while its process starts, each relayed one keeps
+#: three (the one mechanism every daemon shares, in qconnect.core.fdlimit).
+raise_nofile_limit = raise_open_file_limit
 
 #: Default cap on open connections of one binding. Half of what qrexec lets a
 #: qube have in flight, so two busy bindings still fit without refusals.
@@ -50,24 +52,6 @@ def check_max_connections(value: int) -> int:
             "qubes on one side of it, some kept for other callers)"
         )
     return value
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force.
-
-    Each handed-off connection costs a few descriptors while its process
-    starts, each relayed one keeps three; the usual soft limit of 1,024 would
-    be reached long before the hard one. Failure is not fatal: the
-    connections that hit EMFILE are closed one by one and the binding lives.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as error:
-            logger.debug("could not raise the open file limit from %d to %d: %s", soft, hard, error)
-    return soft
 
 
 def check_call_timeout(value: float) -> float:

@@ -1,9 +1,10 @@
 """Logging set-up: journald with structured fields under systemd, stderr otherwise.
 
 Callers log through ``logging`` and pass structured fields as
-``extra={"fields": {"CALLER": ..., "PORT": ...}}``; the journal handler turns
-them into journal fields (``QCONNECT_CALLER=...``) so ``journalctl`` can filter
-on them, and the stderr handler prints just the message.
+``extra={"fields": {"CALLER": ..., "PORT": ...}}``; under systemd,
+systemd-python's own ``systemd.journal.JournalHandler`` sends them as journal
+fields (``QCONNECT_CALLER=...``) so ``journalctl`` can filter on them, and
+otherwise the stderr handler prints just the message.
 
 Every line either handler writes, and every journal field, goes through
 :func:`escape_controls` (qconnect.core.printable's escapes for each non-printable
@@ -15,7 +16,9 @@ reads the log and no newline forges a second line.
 
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from qconnect.core.printable import printable
@@ -65,43 +68,59 @@ def under_systemd() -> bool:
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
-class _JournalFieldsHandler(logging.Handler):
-    """Send records to journald with their ``fields`` as QCONNECT_* journal fields."""
-
-    def __init__(self, identifier: str) -> None:
-        super().__init__()
-        from systemd import journal  # imported here: only ever needed under systemd
-
-        self._send = journal.send
-        self._identifier = identifier
-        self.setFormatter(PrintableFormatter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            fields: dict[str, Any] = getattr(record, "fields", {}) or {}
-            extra = {
-                f"{FIELD_PREFIX}{key.upper()}": escape_controls(str(value))
-                for key, value in fields.items()
-            }
-            self._send(
-                self.format(record),
-                PRIORITY=_journal_priority(record.levelno),
-                SYSLOG_IDENTIFIER=self._identifier,
-                LOGGER=record.name,
-                **extra,
-            )
-        except Exception:
-            self.handleError(record)
+#: What journald takes as a field name (systemd.journal-fields(7)): upper-case
+#: letters, digits and underscores, not starting with one (those are the
+#: trusted fields journald adds itself), at most 64 characters. JournalHandler
+#: passes every attribute of a record (``msg``, ``args``, ``fields``...) on;
+#: journald would drop those, so they are not sent at all.
+_JOURNAL_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
 
-def _journal_priority(level: int) -> int:
-    if level >= logging.ERROR:
-        return 3
-    if level >= logging.WARNING:
-        return 4
-    if level >= logging.INFO:
-        return 6
-    return 7
+def _printable_sender(send: Callable[..., None]) -> Callable[..., None]:
+    """``send`` as JournalHandler's sender: our ``fields`` as QCONNECT_*, every value escaped.
+
+    JournalHandler builds the journal fields (MESSAGE, PRIORITY, LOGGER,
+    CODE_*, CODE_ARGS, EXCEPTION_TEXT) and passes every attribute of the
+    record too, our ``fields`` dict among them; this turns that dict into
+    QCONNECT_* fields, keeps only names journald takes, and passes each value
+    but CODE_LINE (a number, which systemd.journal.send formats itself)
+    through escape_controls, so a field holding a caller's text is one
+    printable line as the message is.
+    """
+
+    def send_printable(MESSAGE: str, fields: dict[str, Any] | None = None, **others: Any) -> None:
+        journal_fields = {
+            name: value for name, value in others.items() if _JOURNAL_FIELD_NAME.fullmatch(name)
+        }
+        for key, value in (fields or {}).items():
+            journal_fields[f"{FIELD_PREFIX}{key.upper()}"] = value
+        send(
+            escape_controls(MESSAGE),
+            **{
+                name: value if name == "CODE_LINE" else escape_controls(str(value))
+                for name, value in journal_fields.items()
+            },
+        )
+
+    return send_printable
+
+
+def journal_handler(identifier: str, send: Callable[..., None] | None = None) -> logging.Handler:
+    """A systemd.journal.JournalHandler sending as ``identifier``, with our fields, escaped.
+
+    Each record's ``fields`` become QCONNECT_* journal fields (``journalctl
+    QCONNECT_CALLER=work``), its message goes through PrintableFormatter,
+    and every field through escape_controls. ``send`` replaces
+    systemd.journal.send (a test's recorder). Raises ImportError without
+    systemd-python.
+    """
+    from systemd import journal  # imported here: only ever needed under systemd
+
+    handler: logging.Handler = journal.JournalHandler(
+        sender_function=_printable_sender(send or journal.send), SYSLOG_IDENTIFIER=identifier
+    )
+    handler.setFormatter(PrintableFormatter())
+    return handler
 
 
 def setup_logging(identifier: str, *, verbose: bool = False) -> None:
@@ -112,7 +131,7 @@ def setup_logging(identifier: str, *, verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if under_systemd():
         try:
-            root.addHandler(_JournalFieldsHandler(identifier))
+            root.addHandler(journal_handler(identifier))
             return
         except ImportError:
             pass

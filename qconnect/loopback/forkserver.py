@@ -50,7 +50,7 @@ from pathlib import Path
 # Everything a call needs is imported here once, so a child starts with it:
 # select, subprocess and threading above, the blocking relay and the policy engine
 # (``client`` imports the latter lazily) below.
-from qconnect.core import unixpath
+from qconnect.core import fdlimit, unixpath
 from qconnect.loopback import client, forkcall
 from qconnect.loopback.forkcall import REQUEST_FDS, BadRequest
 from qconnect.loopback.machine import LoopbackError
@@ -137,23 +137,17 @@ class ForkServer:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o077)
         try:
-            unixpath.bind_unix(listener, self.path)
+            unixpath.listen_unix(listener, self.path, mode=0o600, backlog=BACKLOG)
         except OSError as error:
             listener.close()
             raise LoopbackError(f"cannot listen on {self.path}: {error.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        listener.listen(BACKLOG)
         listener.setblocking(False)
         self.bound_inode = os.lstat(self.path).st_ino
         self.listener = listener
         # One connection and a child's status per call: raise the soft limit
         # for the server (a child gets the original back).
-        soft, hard = self.nofile
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        fdlimit.raise_open_file_limit()
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
 
     # -- the loop -------------------------------------------------------------

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qconnect.core import sdnotify
 from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
 from qconnect.core.relay.trio_streams import RelayStats, relay
-from qconnect.core.unixpath import bind_unix
+from qconnect.core.unixpath import listen_unix
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
@@ -425,17 +427,6 @@ class SlotListener(trio.abc.Listener[trio.SocketStream]):
         await self.inner.aclose()
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard one: each call holds two descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-    return soft
-
-
 def inherited_socket() -> socket.socket | None:
     """The listening socket systemd passed us (socket unit with Accept=no), if any."""
     if not os.environ.get("LISTEN_FDS"):
@@ -471,13 +462,7 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old_umask = os.umask(0o177)
-        try:
-            bind_unix(sock, path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(socket.SOMAXCONN)
+        listen_unix(sock, path, mode=mode, backlog=socket.SOMAXCONN)
     except OSError as error:
         sock.close()
         reason = error.strerror or str(error)
@@ -485,15 +470,6 @@ def bind_socket(path: str, mode: int = 0o600) -> socket.socket:
             reason = "its directory does not exist"
         raise ServiceError(f"cannot listen on {path}: {reason}") from None
     return sock
-
-
-def _notify(message: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    with contextlib.suppress(ImportError, OSError):
-        from systemd import daemon as sd_daemon
-
-        sd_daemon.notify(message)
 
 
 async def serve(
@@ -516,7 +492,7 @@ async def serve(
         nursery.start_soon(trio.serve_listeners, service.handle, [listener])
         nursery.start_soon(_report_status, service)
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
-        _notify("READY=1\nSTATUS=" + service.status_line())
+        sdnotify.notify(service.status_line(), ready=True)
         task_status.started(service)
 
 
@@ -525,7 +501,7 @@ async def _report_status(service: ConnectTCPService) -> None:
     while True:
         line = service.status_line()
         if line != last:
-            _notify("STATUS=" + line)
+            sdnotify.notify(line)
             last = line
         await trio.sleep(STATUS_INTERVAL)
 
@@ -537,7 +513,7 @@ async def _stop_on_signal(scope: trio.CancelScope, service: ConnectTCPService) -
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             logger.info("stopping on %s: %s", signal.Signals(signum).name, service.status_line())
-            _notify("STOPPING=1")
+            sdnotify.notify(stopping=True)
             scope.cancel()
             return
 
@@ -549,7 +525,7 @@ def run(socket_path: str, config: ServiceConfig, *, allow_inherited: bool = True
     receiver takes them (see _stop_on_signal); the previous signal mask is
     restored on return, whatever happened.
     """
-    fd_limit = raise_fd_limit()
+    fd_limit = raise_open_file_limit()  # each call holds up to FDS_PER_CALL descriptors
     fd_calls = calls_within_fd_limit(fd_limit)
     if fd_calls < config.max_calls:
         logger.info(
