@@ -21,7 +21,6 @@ sizes, for a check that everything runs; its figures mean little).
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from bench import load, report
 from bench.chains import CHAINS, Chain, start_chain
 from bench.common import log, machine_info, percentile, stop_process
 from bench.service import build_machine
+from qconnect.core.fdlimit import raise_open_file_limit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -157,8 +157,7 @@ def measure_memory(chain: Chain, held: int, settle: float, row: dict[str, Any]) 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a burst holds BURST sockets
+    raise_open_file_limit()  # a burst holds BURST sockets
     size = args.size_mib << 20
     settle = SETTLE_SECONDS[args.quick]
     figures: dict[str, dict[str, Any]] = {name: {} for name in args.chains}

@@ -138,11 +138,20 @@ def _log_call(message: str, fields: Mapping[str, object]) -> None:
     except ImportError:
         return
     with contextlib.suppress(OSError):
-        journal.send(
-            message,
-            SYSLOG_IDENTIFIER=SERVICE,
-            **{f"QCONNECT_{key.upper()}": str(value) for key, value in fields.items()},
-        )
+        journal.send(**journal_entry(message, fields))
+
+
+def journal_entry(message: str, fields: Mapping[str, object]) -> dict[str, str]:
+    """The journal fields of one call's line, every value one printable line. Pure.
+
+    The message and the fields carry text from outside (the call's argument,
+    an allowlist's line), so each passes through :func:`printable`: a newline
+    in one cannot add a journal field or a forged line.
+    """
+    entry = {"MESSAGE": printable(message), "SYSLOG_IDENTIFIER": SERVICE}
+    for key, value in fields.items():
+        entry[f"QCONNECT_{printable(key).upper()}"] = printable(str(value))
+    return entry
 
 
 def _tell_caller(line: str) -> None:
