@@ -21,7 +21,6 @@ after ``call_timeout`` seconds if it provably hung.
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from typing import Any
 
 import trio
 
+from qconnect.client import control
 from qconnect.client.acceptance import (
     Progress,
     Verdict,
@@ -43,17 +43,16 @@ from qconnect.client.acceptance import (
     tcp_progress,
 )
 from qconnect.client.bursts import BurstCounter
+from qconnect.client.control import BindingStatus, ProcessStatus, Request, StopRequest
 from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
 from qconnect.client.listeners import Listener
 from qconnect.client.outcome import Kind, describe_exit
 from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
-from qconnect.client.registry import peer_credentials
-from qconnect.core.errors import SpecError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from qconnect.core.relay.trio_streams import RelayStats, relay
-from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.core.spec import BindingSpec
 
 logger = logging.getLogger("qconnect.client")
 
@@ -82,12 +81,6 @@ DRAIN_TIMEOUT = 10.0
 
 #: accept() errors that mean "this process is out of resources right now".
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-#: Largest request on the control socket (see registry.py): "stop SPEC".
-MAX_CONTROL_REQUEST = 512
-
-#: How long a control-socket client may take to send its request.
-CONTROL_TIMEOUT = 2.0
 
 #: Minimum seconds between two systemd STATUS updates.
 STATUS_INTERVAL = 1.0
@@ -121,16 +114,16 @@ class Binding:
     undecided: set[int] = field(default_factory=set)  #: calls started, outcome not known yet
     decided: trio.Event = field(default_factory=trio.Event)  #: set (and replaced) at each outcome
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "spec": str(self.spec),
-            "open": self.open,
-            "max": self.max_connections,
-            "served": self.served,
-            "refused": self.refused,
-            "hung": self.hung,
-            "stopping": self.stopping,
-        }
+    def status(self) -> BindingStatus:
+        return BindingStatus(
+            spec=str(self.spec),
+            open=self.open,
+            max=self.max_connections,
+            served=self.served,
+            refused=self.refused,
+            hung=self.hung,
+            stopping=self.stopping,
+        )
 
 
 @dataclass
@@ -184,15 +177,15 @@ class ClientServer:
 
     # -- status and control ------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "started": self._started,
-            "mode": self.options.mode.value,
-            "systemd": self.options.systemd,
-            "log": self.options.log_path,
-            "bindings": [binding.status() for binding in self.bindings if not binding.done],
-        }
+    def status(self) -> ProcessStatus:
+        return ProcessStatus(
+            pid=os.getpid(),
+            started=self._started,
+            mode=self.options.mode.value,
+            systemd=self.options.systemd,
+            log=self.options.log_path,
+            bindings=tuple(binding.status() for binding in self.bindings if not binding.done),
+        )
 
     def stop(self, spec: BindingSpec | None = None) -> int:
         """Stop accepting on ``spec`` (every binding when None); return how many matched."""
@@ -217,7 +210,7 @@ class ClientServer:
                 services.start_soon(self._watch_signals)
                 services.start_soon(self._flush_bursts)
                 if self._control is not None:
-                    services.start_soon(self._serve_control)
+                    services.start_soon(control.serve, self._control, self._carry_out)
                 if self.options.systemd:
                     services.start_soon(self._report_status)
                 async with trio.open_nursery() as bindings:
@@ -776,48 +769,11 @@ class ClientServer:
                     logger.info("%s again: closing open connections now", name)
                     self._urgent.cancel()
 
-    async def _serve_control(self) -> None:
-        assert self._control is not None
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await self._control.accept()
-                nursery.start_soon(self._answer_control, conn)
-
-    async def _answer_control(self, conn: trio.socket.SocketType) -> None:
-        with conn:
-            pid, uid, _ = peer_credentials(conn)  # type: ignore[arg-type]
-            if uid not in (os.geteuid(), 0):
-                # The socket is 0600 in a 0700 directory: only a process given
-                # our socket some other way gets here. It learns nothing.
-                logger.warning("control socket: ignored a request from uid %d (pid %d)", uid, pid)
-                return
-            request = b""
-            with trio.move_on_after(CONTROL_TIMEOUT):
-                while b"\n" not in request and len(request) <= MAX_CONTROL_REQUEST:
-                    chunk = await conn.recv(MAX_CONTROL_REQUEST)
-                    if not chunk:
-                        break
-                    request += chunk
-            answer = self._control_request(request.split(b"\n", 1)[0])
-            with contextlib.suppress(trio.BrokenResourceError, OSError):
-                await trio.SocketStream(conn).send_all(json.dumps(answer).encode() + b"\n")
-
-    def _control_request(self, line: bytes) -> dict[str, Any]:
-        words = line.decode(errors="replace").split()
-        if words == ["status"]:
-            return self.status()
-        if words and words[0] == "stop" and len(words) <= 2:
-            if len(words) == 1:
-                self.stop()
-            else:
-                try:
-                    spec = parse_spec(words[1])
-                except SpecError as error:
-                    return {"error": str(error)}
-                if not self.stop(spec):
-                    return {**self.status(), "error": f"no binding {words[1]} here"}
-            return self.status()
-        return {"error": "unknown request: expected 'status', 'stop' or 'stop SPEC'"}
+    def _carry_out(self, request: Request) -> ProcessStatus:
+        """Carry out a control request (see control.py); answer with the status after it."""
+        if isinstance(request, StopRequest) and not self.stop(request.spec):
+            return dataclasses.replace(self.status(), error=f"no binding {request.spec} here")
+        return self.status()
 
     async def _report_status(self) -> None:
         from systemd import daemon
