@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qconnect.client.loglines import CallContext, call_line
+from qconnect.client.outcome import CallResult
 from qconnect.client.qrexec_call import Mode
-from qconnect.client.server import Binding, ClientServer, ServerOptions
 from qconnect.core.spec import BindingSpec
 from qconnect.loopback.machine import Machine
 from tests.client_world import exchange, free_port
@@ -48,7 +48,7 @@ class Records(logging.Handler):
 
 @given(st.binary(max_size=3000))
 def test_a_calls_stderr_becomes_one_printable_line(stderr: bytes) -> None:
-    from qconnect.client.server import stderr_detail
+    from qconnect.client.loglines import stderr_detail
 
     detail = stderr_detail(stderr)
     assert one_printable_line(detail)
@@ -61,17 +61,14 @@ def test_a_calls_stderr_becomes_one_printable_line(stderr: bytes) -> None:
 def test_a_failed_calls_log_line_is_printable_whatever_its_stderr(
     stderr: bytes, returncode: int
 ) -> None:
-    options = ServerOptions(
-        mode=Mode.RELAY, executable="/bin/false", source_qube="work", max_connections=1
-    )
-    server = ClientServer([], options, None)
     spec = BindingSpec("127.0.0.1", 8080, "web", 80)
-    binding = Binding(spec=spec, listener=None, max_connections=1, slots=trio.Semaphore(1))  # type: ignore[arg-type]
+    context = CallContext(spec, "127.0.0.1:40000", Mode.RELAY, "work", call_timeout=30)
+    line = call_line(context, CallResult(returncode, stderr), 0.5)
     records = Records()
     logger = logging.getLogger("qconnect.client")
     logger.addHandler(records)
     try:
-        server._log_call(binding, ("127.0.0.1", 40000), returncode, 0.5, None, bytearray(stderr))
+        logger.log(line.level, line.text, extra={"fields": line.fields})
     finally:
         logger.removeHandler(records)
     (record,) = records.records

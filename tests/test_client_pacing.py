@@ -147,12 +147,12 @@ def test_the_count_never_goes_negative_and_the_window_stays_in_bounds(
 
 def test_only_qrexec_client_vms_own_refusal_counts_as_dom0s() -> None:
     """126 with exactly "Request refused" is dom0's; a service's own 126 has its own words."""
-    from qconnect.client.server import _Call, _refused_by_dom0
+    from qconnect.client.outcome import CallResult
 
-    def call(returncode: int, stderr: bytes) -> _Call:
-        return _Call(returncode=returncode, stderr=bytearray(stderr))
+    def call(returncode: int, stderr: bytes) -> CallResult:
+        return CallResult(returncode=returncode, stderr=stderr)
 
-    assert _refused_by_dom0(call(126, b"Request refused\n"))
-    assert not _refused_by_dom0(call(126, b"qubes.ConnectTCP: port 80 not served to work\n"))
-    assert not _refused_by_dom0(call(126, b""))
-    assert not _refused_by_dom0(call(125, b"Request refused\n"))
+    assert call(126, b"Request refused\n").refused_by_dom0
+    assert not call(126, b"qubes.ConnectTCP: port 80 not served to work\n").refused_by_dom0
+    assert not call(126, b"").refused_by_dom0
+    assert not call(125, b"Request refused\n").refused_by_dom0

@@ -149,7 +149,7 @@ def test_registry_skips_a_process_that_closes_without_answering_and_drops_dead_o
     import socket
     import threading
 
-    from qconnect.client import registry
+    from qconnect.client import control, registry
 
     monkeypatch.setenv(registry.RUNTIME_DIR_ENV, str(tmp_path))
     directory = registry.ensure_runtime_dir()
@@ -167,7 +167,7 @@ def test_registry_skips_a_process_that_closes_without_answering_and_drops_dead_o
 
     thread = threading.Thread(target=close_without_answer)
     thread.start()
-    assert registry.ask_all("status") == []
+    assert control.ask_all(control.STATUS) == []
     thread.join()
     exiting.close()
     assert sorted(path.name for path in directory.iterdir()) == ["100.sock"]

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qconnect.client import registry
+from qconnect.client.control import STATUS, ProcessStatus, ask_all
 from qconnect.client.errors import ClientError
 from qconnect.client.list_command import format_table
 from qconnect.core.unixpath import bind_unix
@@ -167,7 +168,7 @@ def test_a_chain_another_user_could_change_is_refused_with_one_line(
     spoil, problem = HOSTILE_CHAINS[case]
     spoil(base)
     before = sorted(str(path) for path in base.rglob("*"))
-    for attempt in (registry.ensure_runtime_dir, lambda: registry.ask_all("status")):
+    for attempt in (registry.ensure_runtime_dir, lambda: ask_all(STATUS)):
         with pytest.raises(ClientError) as raised:
             attempt()
         message = str(raised.value)
@@ -184,7 +185,7 @@ def test_a_chain_another_user_could_change_is_refused_with_one_line(
 def test_a_sticky_base_writable_by_all_is_fine_when_the_registry_is_ours(base: Path) -> None:
     base.chmod(0o1777)  # like /tmp
     assert registry.ensure_runtime_dir() == base / "client"
-    assert registry.ask_all("status") == []
+    assert ask_all(STATUS) == []
 
 
 @needs_root
@@ -324,7 +325,7 @@ def test_what_a_process_says_is_printed_escaped(
 def test_the_list_table_is_printable_whatever_the_processes_say(
     answers: list[dict[str, object]],
 ) -> None:
-    for line in format_table(answers):  # type: ignore[arg-type]
+    for line in format_table([ProcessStatus.from_json(answer) for answer in answers]):
         assert line.isprintable()
 
 
@@ -381,9 +382,9 @@ def test_a_client_process_ignores_requests_from_another_user(
         )
         assert asked.returncode == 0, asked.stderr
         assert asked.stdout == "b''\n"  # closed without a word
-        (answer,) = registry.ask_all("status")  # its own user still gets answers
-        assert answer["pid"] == client.pid
-        assert [binding["stopping"] for binding in answer["bindings"]] == [False]
+        (answer,) = ask_all(STATUS)  # its own user still gets answers
+        assert answer.pid == client.pid
+        assert [binding.stopping for binding in answer.bindings] == [False]
     finally:
         client.terminate()
         _, log = client.communicate(timeout=60)

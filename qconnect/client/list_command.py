@@ -4,9 +4,9 @@ import argparse
 import json
 import os
 import time
-from typing import Any
 
-from qconnect.client.registry import ask_all, runtime_dir
+from qconnect.client.control import STATUS, ProcessStatus, ask_all
+from qconnect.client.registry import runtime_dir
 from qconnect.core import exposure
 from qconnect.core.printable import printable
 
@@ -31,24 +31,24 @@ def _age(started: float) -> str:
     return f"{seconds // 3600}h"
 
 
-def format_table(answers: list[dict[str, Any]]) -> list[str]:
+def format_table(answers: list[ProcessStatus]) -> list[str]:
     """The table ``qconnect list`` prints; every cell from a process goes through printable()."""
     rows: list[tuple[str, ...]] = [
         ("BINDING", "PID", "MODE", "OPEN", "SERVED", "REFUSED", "HUNG", "UP")
     ]
     for answer in answers:
-        mode = str(answer.get("mode", "?")) + (" (systemd)" if answer.get("systemd") else "")
-        for binding in answer.get("bindings", []):
-            state = " stopping" if binding.get("stopping") else ""
+        mode = str(answer.mode) + (" (systemd)" if answer.systemd else "")
+        for binding in answer.bindings:
+            state = " stopping" if binding.stopping else ""
             cells = (
-                binding.get("spec"),
-                answer.get("pid"),
+                binding.spec,
+                answer.pid,
                 mode,
-                f"{binding.get('open')}/{binding.get('max')}{state}",
-                binding.get("served"),
-                binding.get("refused"),
-                binding.get("hung", 0),
-                _age(float(answer.get("started", time.time()))),
+                f"{binding.open}/{binding.max}{state}",
+                binding.served,
+                binding.refused,
+                binding.hung,
+                _age(answer.started),
             )
             rows.append(tuple(printable(str(cell)) for cell in cells))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -59,19 +59,19 @@ def format_table(answers: list[dict[str, Any]]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    answers = ask_all("status")
+    answers = ask_all(STATUS)
     if args.json:
-        print(json.dumps(answers, indent=2))
+        print(json.dumps([answer.to_json() for answer in answers], indent=2))
         return 0
-    if not any(answer.get("bindings") for answer in answers):
+    if not any(answer.bindings for answer in answers):
         print(f"no running bindings (registry: {printable(str(runtime_dir()))})")
     else:
         for line in format_table(answers):
             print(line)
-        specs = [str(b.get("spec")) for answer in answers for b in answer.get("bindings", [])]
+        specs = [binding.spec for answer in answers for binding in answer.bindings]
         for line in exposure.exposed_lines(specs):
             print(printable(line))
-        logs = sorted({printable(str(answer["log"])) for answer in answers if answer.get("log")})
+        logs = sorted({printable(str(answer.log)) for answer in answers if answer.log})
         for log in logs:
             print(f"log: {log}")
     hint = root_hint()

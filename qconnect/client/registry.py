@@ -1,52 +1,27 @@
-"""The registry of running bindings: one control socket per client process.
+"""The registry of running bindings: where each client process's control socket lives.
 
 Every ``qvm-connect-tcp`` process listens on ``RUNTIME/client/PID.sock``
-(a unix stream socket, mode 0600 in a 0700 directory). ``qconnect list``
-and ``qconnect stop`` connect to each, send one request line and read one
-JSON line back, so what they show is the process's own live state, never a
-stale file. A socket nobody answers on is a dead process's leftover and is
-removed. Standard library only: ``qconnect list`` does not import trio.
-
-Trust: the directory chain is checked before use (:func:`registry_dir`),
-each side checks the other's uid with SO_PEERCRED (a process answers only
-its own user or root; ``list``/``stop`` believe only their own user), and
-whatever a peer says is printed through qconnect.core.printable.
-
-Requests: ``status``, ``stop`` (every binding of the process), ``stop SPEC``
-(one binding; the process exits when it has none left). The answer to each
-is the status object::
-
-    {"pid": 1234, "started": 1764318000.0, "mode": "handoff", "systemd": false,
-     "log": "/run/user/1000/qconnect/client/1234.log",
-     "bindings": [{"spec": "127.0.0.1:8080:web:80", "open": 2, "max": 64,
-                   "served": 40, "refused": 1, "stopping": false}]}
+(a unix stream socket, mode 0600 in a 0700 directory) and may log to
+``RUNTIME/client/PID.log``. What is said on those sockets is control.py's;
+this module owns the place: where it is, that nobody else could have made
+or changed it (:func:`registry_dir`), whose peer is at the other end
+(:func:`peer_credentials`), and removing a dead process's leftovers.
+Standard library only: ``qconnect list`` does not import trio.
 """
 
 import contextlib
-import errno
-import json
 import os
 import socket
 import stat
 import struct
 from pathlib import Path
-from typing import Any
 
 from qconnect.client.errors import ClientError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
-from qconnect.core.unixpath import connect_unix
 
 #: Environment variable that moves the runtime directory (tests, loopback qubes).
 RUNTIME_DIR_ENV = "QCONNECT_RUNTIME_DIR"
-
-#: Largest request or answer on a control socket. A status names at most a
-#: few dozen bindings; anything longer is not from one of ours.
-MAX_MESSAGE = 64 * 1024
-
-#: How long ``list``/``stop`` wait for a process to answer. A live client
-#: answers in milliseconds; a stuck one must not hang ``qconnect list``.
-QUERY_TIMEOUT = 3.0
 
 SOCKET_SUFFIX = ".sock"
 
@@ -180,48 +155,6 @@ def log_file_path(pid: int) -> Path:
     return runtime_dir() / f"{pid}.log"
 
 
-def query(path: Path, request: str) -> dict[str, Any]:
-    """Send one request to one control socket and return its JSON answer.
-
-    The answer is believed only from a process of this user: the peer's
-    uid (SO_PEERCRED, given by the kernel) is checked before the request is
-    even sent. Raises ConnectionRefusedError / FileNotFoundError when nobody
-    listens there, ClientError for anything else.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(QUERY_TIMEOUT)
-        connect_unix(sock, str(path))
-        _, uid, _ = peer_credentials(sock)
-        if uid != os.geteuid():
-            raise ClientError(
-                f"{printable(str(path))}: answered by a process of uid {uid}, not of this "
-                f"user (uid {os.geteuid()}); not believed"
-            )
-        sock.sendall(request.encode() + b"\n")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_MESSAGE:
-            chunk = sock.recv(MAX_MESSAGE)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    data = b"".join(chunks)
-    if not data:
-        # closed without a word: the process is exiting and stopped answering
-        raise ConnectionResetError(errno.ECONNRESET, "closed without an answer")
-    invalid = ClientError(f"{printable(str(path))}: no valid answer")
-    if size > MAX_MESSAGE or not data.endswith(b"\n"):
-        raise invalid
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        raise invalid from None
-    if not _valid_answer(answer):
-        raise invalid
-    return answer  # type: ignore[no-any-return]
-
-
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a unix socket, from the kernel."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -233,60 +166,9 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 _UCRED = struct.Struct("iII")
 
 
-def _valid_answer(answer: object) -> bool:
-    """Whether ``answer`` has the shape of a status (or error) object, as far as we read it."""
-    if not isinstance(answer, dict):
-        return False
-    bindings = answer.get("bindings", [])
-    if not isinstance(bindings, list):
-        return False
-    if not all(isinstance(b, dict) and isinstance(b.get("spec"), str) for b in bindings):
-        return False
-    pid, started = answer.get("pid", 0), answer.get("started", 0.0)
-    return (
-        isinstance(pid, int)
-        and not isinstance(pid, bool)
-        and isinstance(started, int | float)
-        and not isinstance(started, bool)
-    )
-
-
-def _sockets() -> list[Path]:
-    directory = registry_dir(create=False)
-    if directory is None:
-        return []
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError as error:
-        raise ClientError(
-            f"cannot read {printable(str(directory))}: {os.strerror(error.errno or 0)}"
-        ) from None
-    return [directory / name for name in names if name.endswith(SOCKET_SUFFIX)]
-
-
-def _remove_stale(path: Path) -> None:
+def remove_stale(path: Path) -> None:
     """Remove a dead process's control socket and its log file."""
     with contextlib.suppress(OSError):
         os.unlink(path)
     with contextlib.suppress(OSError):
         os.unlink(path.with_suffix(".log"))
-
-
-def ask_all(request: str) -> list[dict[str, Any]]:
-    """Send ``request`` to every running client process; return their answers, by pid."""
-    answers: list[dict[str, Any]] = []
-    for path in _sockets():
-        try:
-            answers.append(query(path, request))
-        except (ConnectionRefusedError, FileNotFoundError):
-            _remove_stale(path)
-        except OSError as error:
-            if error.errno in (errno.ECONNRESET, errno.EPIPE):
-                continue  # the process is exiting as we ask
-            if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                _remove_stale(path)
-                continue
-            raise ClientError(
-                f"{printable(str(path))}: {os.strerror(error.errno or 0) or error}"
-            ) from None
-    return sorted(answers, key=lambda answer: int(answer.get("pid", 0)))

@@ -5,28 +5,26 @@ service). Task tree, each nursery owned by the function that opens it::
 
     ClientServer.run
     ├── services: signals, control socket, refusal-burst flusher, systemd STATUS
-    └── bindings: serve_binding(b) per binding
-        └── connections of b: handle_connection(...) per accepted connection
+    └── bindings: _serve_binding(b) per binding: listen.accept_loop
+        └── connections of b: _handle(b, conn, peer) per accepted connection
+
+The jobs live in their own modules; this one wires them and owns the live
+state (:class:`Binding`): listen.py accepts, call.py makes one call and
+returns a typed :class:`~qconnect.client.outcome.CallResult`, pacing.py
+fits calls into dom0's port table, loglines.py builds every log line from
+values, bursts.py rate-limits them, control.py speaks the control protocol.
 
 Stopping a binding cancels its accept loop and closes its listener; its open
 connections get ``grace`` seconds to finish, then their calls are ended
 (SIGTERM, then SIGKILL) and reaped. The process ends when no binding is left.
-
-A call that dom0 never answers (an ``ask`` prompt nobody sees, a target
-that never starts) would hold its connection and slot for ever: each call
-is watched until it shows it was accepted (see acceptance.py), and ended
-after ``call_timeout`` seconds if it provably hung.
 """
 
 import contextlib
 import dataclasses
-import errno
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,70 +32,25 @@ from typing import Any
 
 import trio
 
-from qconnect.client.acceptance import (
-    Progress,
-    Verdict,
-    judge,
-    relay_progress,
-    still_hung,
-    tcp_progress,
-)
+from qconnect.client import control, loglines
+from qconnect.client.acceptance import tcp_progress
 from qconnect.client.bursts import BurstCounter
+from qconnect.client.call import duplicate, make_call
+from qconnect.client.control import BindingStatus, ProcessStatus, Request, StopRequest
 from qconnect.client.limits import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, PROCESS_MAX_CONNECTIONS
+from qconnect.client.listen import accept_loop
 from qconnect.client.listeners import Listener
-from qconnect.client.outcome import Kind, describe_exit
+from qconnect.client.loglines import CallContext, LogLine
+from qconnect.client.outcome import CallResult, Ending
 from qconnect.client.pacing import HOLD_SECONDS, MAX_ATTEMPTS, Evidence, TargetPacer
 from qconnect.client.qrexec_call import Mode, call_argv
-from qconnect.client.registry import peer_credentials
-from qconnect.core import exposure
-from qconnect.core.errors import SpecError
-from qconnect.core.printable import printable
-from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
-from qconnect.core.relay.trio_streams import RelayStats, relay
-from qconnect.core.spec import BindingSpec, parse_spec
+from qconnect.core import exposure, sdnotify
+from qconnect.core.spec import BindingSpec
 
 logger = logging.getLogger("qconnect.client")
 
-#: After SIGTERM, seconds a qrexec-client-vm gets to exit before SIGKILL.
-TERMINATE_TIMEOUT = 2.0
-
-#: stderr kept from one qrexec-client-vm (e.g. "Request refused") for the log
-#: line; the rest is read and dropped so the child never blocks on the pipe.
-MAX_STDERR_KEPT = 2048
-
-#: Characters of a failed call's stderr shown in its log line: a message such
-#: as "Request refused" fits many times over; a chatty service is cut short.
-STDERR_DETAIL_CHARS = 200
-
-#: After a call's process exits, how long its stderr may take to reach EOF.
-#: Only a grandchild still holding it delays it; its words are not worth more.
-STDERR_DRAIN_TIMEOUT = 1.0
-
-#: Pause after accept() fails for lack of descriptors or memory. The pending
-#: connection stays in the backlog; retrying at once would spin.
-ACCEPT_RETRY_DELAY = 0.1
-
-#: After a relayed call's process exits, seconds its last output may take to
-#: reach the client (at most a pipe buffer, 64 KiB) before the relay ends.
-DRAIN_TIMEOUT = 10.0
-
-#: accept() errors that mean "this process is out of resources right now".
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-#: Largest request on the control socket (see registry.py): "stop SPEC".
-MAX_CONTROL_REQUEST = 512
-
-#: How long a control-socket client may take to send its request.
-CONTROL_TIMEOUT = 2.0
-
 #: Minimum seconds between two systemd STATUS updates.
 STATUS_INTERVAL = 1.0
-
-#: A call is declared hung only if nothing moved between two readings this
-#: far apart (the second at the call timeout). An accepted qrexec-client-vm
-#: reads waiting bytes within microseconds; a second covers a loaded machine
-#: and a call accepted just before the timeout.
-HANG_CONFIRM_DELAY = 1.0
 
 
 @dataclass
@@ -122,16 +75,26 @@ class Binding:
     undecided: set[int] = field(default_factory=set)  #: calls started, outcome not known yet
     decided: trio.Event = field(default_factory=trio.Event)  #: set (and replaced) at each outcome
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "spec": str(self.spec),
-            "open": self.open,
-            "max": self.max_connections,
-            "served": self.served,
-            "refused": self.refused,
-            "hung": self.hung,
-            "stopping": self.stopping,
-        }
+    def count(self, result: CallResult) -> None:
+        """Count a connection's last call: the one place the counters change."""
+        ending = result.ending
+        if ending is Ending.HUNG:
+            self.hung += 1
+        elif ending is Ending.REFUSED:
+            self.refused += 1
+        else:
+            self.served += 1
+
+    def status(self) -> BindingStatus:
+        return BindingStatus(
+            spec=str(self.spec),
+            open=self.open,
+            max=self.max_connections,
+            served=self.served,
+            refused=self.refused,
+            hung=self.hung,
+            stopping=self.stopping,
+        )
 
 
 @dataclass
@@ -185,15 +148,15 @@ class ClientServer:
 
     # -- status and control ------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "started": self._started,
-            "mode": self.options.mode.value,
-            "systemd": self.options.systemd,
-            "log": self.options.log_path,
-            "bindings": [binding.status() for binding in self.bindings if not binding.done],
-        }
+    def status(self) -> ProcessStatus:
+        return ProcessStatus(
+            pid=os.getpid(),
+            started=self._started,
+            mode=self.options.mode.value,
+            systemd=self.options.systemd,
+            log=self.options.log_path,
+            bindings=tuple(binding.status() for binding in self.bindings if not binding.done),
+        )
 
     def stop(self, spec: BindingSpec | None = None) -> int:
         """Stop accepting on ``spec`` (every binding when None); return how many matched."""
@@ -218,7 +181,7 @@ class ClientServer:
                 services.start_soon(self._watch_signals)
                 services.start_soon(self._flush_bursts)
                 if self._control is not None:
-                    services.start_soon(self._serve_control)
+                    services.start_soon(control.serve, self._control, self._carry_out)
                 if self.options.systemd:
                     services.start_soon(self._report_status)
                 async with trio.open_nursery() as bindings:
@@ -233,8 +196,23 @@ class ClientServer:
 
     async def _serve_binding(self, binding: Binding) -> None:
         async with trio.open_nursery() as connections:
+
+            def start(conn: trio.socket.SocketType, peer: Any) -> None:
+                binding.open += 1
+                binding.idle = trio.Event()
+                self._note_change()
+                connections.start_soon(self._handle, binding, conn, peer)
+
             with binding.accept_scope:
-                await self._accept_loop(binding, connections)
+                await accept_loop(
+                    binding.listener,
+                    acquire=lambda: self._acquire_slots(binding),
+                    release=lambda: self._release_slots(binding),
+                    start=start,
+                    out_of_resources=lambda number: self._write(
+                        loglines.accept_failed_line(binding.spec, number)
+                    ),
+                )
             binding.stopping = True
             binding.listener.close()
             if binding.open:
@@ -251,51 +229,14 @@ class ClientServer:
         logger.info("%s: stopped", binding.spec)
         self._note_change()
 
-    async def _accept_loop(self, binding: Binding, connections: trio.Nursery) -> None:
-        while True:
-            await self._acquire_slots(binding)
-            try:
-                conn, peer = await binding.listener.accept()
-            except OSError as error:
-                self._release_slots(binding)
-                if error.errno in ACCEPT_CAPACITY_ERRNOS:
-                    self._log_burst(
-                        ("accept", binding.spec),
-                        f"{binding.spec}: cannot accept a connection: {os.strerror(error.errno)}; "
-                        "it stays in the listen backlog and is retried",
-                        "accept() failures",
-                    )
-                    await trio.sleep(ACCEPT_RETRY_DELAY)
-                    continue
-                if error.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # the peer gave up before we accepted; nothing to serve
-                raise
-            except BaseException:
-                self._release_slots(binding)
-                raise
-            binding.open += 1
-            binding.idle = trio.Event()
-            self._note_change()
-            connections.start_soon(self._handle_connection, binding, conn, peer)
-
     async def _acquire_slots(self, binding: Binding) -> None:
         """Take a slot of the binding and one of the process; log when either is exhausted."""
         if binding.slots.value == 0:
-            self._log_burst(
-                ("binding-full", binding.spec),
-                f"{binding.spec}: all {binding.max_connections} connection slots busy "
-                "(--max-connections); new connections wait in the listen backlog",
-                "times the binding was full",
-            )
+            self._write(loglines.binding_full_line(binding.spec, binding.max_connections))
         await binding.slots.acquire()
         try:
             if self._process_slots.value == 0:
-                self._log_burst(
-                    ("process-full",),
-                    f"all {PROCESS_MAX_CONNECTIONS} calls this process may have in flight are "
-                    "busy; new connections wait in the listen backlog",
-                    "times the process was full",
-                )
+                self._write(loglines.process_full_line(PROCESS_MAX_CONNECTIONS))
             await self._process_slots.acquire()
         except BaseException:
             binding.slots.release()
@@ -307,36 +248,35 @@ class ClientServer:
 
     # -- one connection --------------------------------------------------------
 
-    async def _handle_connection(
-        self, binding: Binding, conn: trio.socket.SocketType, peer: Any
-    ) -> None:
-        """Serve one accepted connection with one qrexec call.
+    async def _handle(self, binding: Binding, conn: trio.socket.SocketType, peer: Any) -> None:
+        """Serve one accepted connection with one qrexec call (or a few, see _call_again).
 
-        Resource handling: owns ``conn`` and the call's process; both are
-        closed or reaped here whatever happens. Error handling: any failure
-        (no descriptors, the call cannot start) closes this connection only.
+        Resource handling: owns ``conn``, its slot and the call's process;
+        all are closed, released or reaped here whatever happens. Error
+        handling: any failure (no descriptors, the call cannot start) closes
+        this connection only.
         """
-        spec = binding.spec
+        context = CallContext(
+            spec=binding.spec,
+            peer=loglines.peer_text(peer),
+            mode=self.options.mode,
+            source_qube=self.options.source_qube,
+            call_timeout=self.options.call_timeout,
+        )
         started = time.monotonic()
-        call = _Call()
+        result: CallResult | None = None
         spare: socket.socket | None = None
         try:
             # An exposed listener (qconnect expose): --from checked again here.
             admission = exposure.admit(conn.getsockname(), peer)
             if admission.refusal is not None:
-                self._log_burst(
-                    ("not-admitted", spec),
-                    f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: "
-                    f"closed, never forwarded: {admission.refusal}",
-                    "connections closed because their source is not admitted",
-                    {"PEER": _peer_text(peer), "BINDING": str(spec), "OUTCOME": "not-admitted"},
-                )
+                self._write(loglines.not_admitted_line(context, admission.refusal))
                 return
             # A binary PROXY header is written by the relay: such a call is relayed.
             mode = Mode.RELAY if admission.relay_prefix else self.options.mode
-            argv = admission.call_argv(call_argv(self.options.executable, spec, mode))
+            context = dataclasses.replace(context, mode=mode)
+            argv = admission.call_argv(call_argv(self.options.executable, binding.spec, mode))
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                call = _Call()
                 # A second descriptor of the socket, so a call refused for lack
                 # of a channel can be made again on it (handoff mode only: in
                 # relay mode the refused call may have taken bytes with it).
@@ -344,18 +284,19 @@ class ClientServer:
                 spare = None
                 if mode is Mode.HANDOFF:
                     with contextlib.suppress(OSError):
-                        spare = _duplicate(conn)
+                        spare = duplicate(conn)
                 try:
-                    await self._paced_call(binding, argv, conn, call, mode, admission.relay_prefix)
-                except OSError as error:
-                    self._log_burst(
-                        ("start-failed", spec),
-                        f"{_peer_text(peer)} -> {spec.target}:{spec.remote_port}: cannot start "
-                        f"qrexec-client-vm: {error.strerror or error}; connection closed",
-                        "connections closed because qrexec-client-vm could not start",
+                    result, number = await self._paced_call(
+                        binding, argv, conn, mode, admission.relay_prefix
                     )
+                except OSError as error:
+                    self._write(loglines.start_failed_line(context, error))
                     return
-                if spare is None or not await self._call_again(binding, call, spare, attempt):
+                if (
+                    spare is None
+                    or attempt >= MAX_ATTEMPTS
+                    or not await self._call_again(binding, result, number, spare)
+                ):
                     break
                 conn, spare = trio.socket.from_stdlib_socket(spare), None
         finally:
@@ -367,12 +308,13 @@ class ClientServer:
                 binding.idle.set()
             self._release_slots(binding)
             self._note_change()
-        if call.hung is not None:
-            self._log_hung(binding, peer, call.hung, time.monotonic() - started)
-            return
-        self._log_call(
-            binding, peer, call.returncode, time.monotonic() - started, call.stats, call.stderr
-        )
+        assert result is not None
+        duration = time.monotonic() - started
+        if result.hang is not None:
+            self._write(loglines.hung_line(context, result.hang, duration))
+        else:
+            self._write(loglines.call_line(context, result, duration))
+        binding.count(result)
 
     # -- dom0's data-port table: pacing and retries (see pacing.py) -----------------
 
@@ -391,12 +333,12 @@ class ClientServer:
         binding: Binding,
         argv: list[str],
         conn: trio.socket.SocketType,
-        call: "_Call",
         mode: Mode,
         relay_prefix: bytes = b"",
-    ) -> None:
+    ) -> tuple[CallResult, int]:
         """Make one call when the target's window and pause allow it; account for its outcome.
 
+        Returns the call's result and its number in the binding's start order.
         A call counts against its target until its port is likely back in
         dom0's table, not only until qrexec-client-vm exits; a 126 counts as
         a lack of channel only when the binding's calls were allowed lately.
@@ -406,43 +348,43 @@ class ClientServer:
             changed = self._pacing_changed
             with trio.move_on_after(delay):
                 await changed.wait()
-        call.number = binding.next_call
+        number = binding.next_call
         binding.next_call += 1
-        binding.undecided.add(call.number)
+        binding.undecided.add(number)
         began = trio.current_time()
         pacer.started(began)
+        result: CallResult | None = None
         try:
-            if mode is Mode.HANDOFF:
-                await self._run_handoff(argv, conn, call)
-            else:
-                call.stats = RelayStats()
-                await self._run_relay(argv, conn, call, call.stats, relay_prefix)
+            result = await make_call(
+                argv, conn, mode, call_timeout=self.options.call_timeout, relay_prefix=relay_prefix
+            )
+            return result, number
         finally:
             now = trio.current_time()
-            if _refused_by_dom0(call):
+            if result is not None and result.refused_by_dom0:
                 pacer.refused(now, no_channel=binding.evidence.says_allowed(now))
             else:
-                if call.returncode in ALLOWED_EXITS and call.hung is None:
+                if result is not None and result.allowed_by_dom0:
                     binding.evidence.allowed(now)  # dom0 let it through: the policy allows it
                 pacer.ended(now, now - began)
-            binding.undecided.discard(call.number)
+            binding.undecided.discard(number)
             binding.decided.set()
             binding.decided = trio.Event()
             self._pacing_change()
 
     async def _call_again(
-        self, binding: Binding, call: "_Call", spare: socket.socket, attempt: int
+        self, binding: Binding, result: CallResult, number: int, spare: socket.socket
     ) -> bool:
         """Whether a refused call is to be made again on the same connection.
 
         Only a 126 the evidence calls "no free channel" is: a call of this
         binding was allowed within EVIDENCE_SECONDS, or one that started
-        before this one is allowed within HOLD_SECONDS. Otherwise it is a
-        denial, refused once (each evaluation of a deny rule notifies dom0's
-        user). The socket must be as the client left it: nothing read from
-        it, nothing written to it.
+        before this one (``number``) is allowed within HOLD_SECONDS.
+        Otherwise it is a denial, refused once (each evaluation of a deny
+        rule notifies dom0's user). The socket must be as the client left
+        it: nothing read from it, nothing written to it.
         """
-        if not _refused_by_dom0(call) or call.hung is not None or attempt >= MAX_ATTEMPTS:
+        if not result.refused_by_dom0 or result.hang is not None:
             return False
         try:
             reading = tcp_progress(spare)
@@ -453,328 +395,27 @@ class ClientServer:
         evidence = binding.evidence
         with trio.move_on_after(HOLD_SECONDS):
             while not evidence.says_allowed(trio.current_time()) and any(
-                number < call.number for number in binding.undecided
+                earlier < number for earlier in binding.undecided
             ):
                 await binding.decided.wait()
         if not evidence.says_allowed(trio.current_time()):
             return False
-        spec = binding.spec
-        self._log_burst(
-            ("no-channel", spec),
-            f"{spec.target}:{spec.remote_port}: dom0 had no free qrexec channel to the target "
-            "for a call this binding is allowed to make (a qube gets 128, shared by every qube "
-            "calling it on one side); slowing down and calling again",
-            f"calls to {spec.target}:{spec.remote_port} made again for lack of a channel",
-        )
+        self._write(loglines.no_channel_line(binding.spec))
         return True
 
-    async def _run_handoff(
-        self, argv: list[str], conn: trio.socket.SocketType, call: "_Call"
-    ) -> None:
-        """Give ``conn`` to qrexec-client-vm as its fd 0 and wait for it.
+    # -- logging ----------------------------------------------------------------------
 
-        Our copy of the socket is closed as soon as the child has its own, so
-        the child's shutdown() and exit are what the TCP peer sees; only a
-        duplicate for reading the socket's counters stays while the call is
-        not yet accepted (closed when it is, or when the call ends).
-        """
-        # The child shares the socket's file description, O_NONBLOCK flag
-        # included; qrexec-client-vm expects an ordinary blocking socket.
-        os.set_blocking(conn.fileno(), True)
-        watched = _duplicate(conn) if self.options.call_timeout > 0 else None
-        try:
-            errors_ours, errors_theirs = _stdio_pair()
-            async with errors_ours:
-                try:
-                    process = await trio.lowlevel.open_process(
-                        argv,
-                        stdin=conn.fileno(),
-                        stdout=subprocess.DEVNULL,
-                        stderr=errors_theirs.fileno(),
-                        start_new_session=True,  # a Ctrl-C in our terminal must not end calls early
-                    )
-                finally:
-                    errors_theirs.close()
-                    conn.close()
-
-                def progress() -> Progress:
-                    assert watched is not None
-                    reading = tcp_progress(watched)
-                    if call.stderr:
-                        return dataclasses.replace(reading, returned=reading.returned + 1)
-                    return reading
-
-                await self._wait_call(process, errors_ours, call, progress, watched)
-        finally:
-            if watched is not None:
-                watched.close()
-
-    async def _run_relay(
-        self,
-        argv: list[str],
-        conn: trio.socket.SocketType,
-        call: "_Call",
-        stats: RelayStats,
-        prefix: bytes = b"",
-    ) -> None:
-        """Copy between ``conn`` and qrexec-client-vm's stdin/stdout, half-close both ways.
-
-        ``prefix`` (an exposed listener's binary PROXY header) goes first.
-
-        Its stdin and stdout are two socketpairs, not pipes and not one
-        socket: qrexec-client-vm passes the remote EOF on by closing fd 1,
-        which must reach us as EOF while fd 0 stays open for our bytes.
-        """
-        to_call, to_call_theirs = _stdio_pair()
-        from_call, from_call_theirs = _stdio_pair()
-        errors_ours, errors_theirs = _stdio_pair()
-        watched: socket.socket | None = None
-        # Plain socket streams both ways, so the relay splices in both directions.
-        pipes = trio.StapledStream(to_call, from_call)
-        stream = trio.SocketStream(conn)
-        try:
-            try:
-                if self.options.call_timeout > 0:
-                    # The child's end of its stdin, kept while the call is pending to
-                    # see whether it reads (closed once it does, or when the call ends).
-                    watched = to_call_theirs.dup()
-                process = await trio.lowlevel.open_process(
-                    argv,
-                    stdin=to_call_theirs.fileno(),
-                    stdout=from_call_theirs.fileno(),
-                    stderr=errors_theirs.fileno(),
-                    start_new_session=True,
-                )
-            finally:
-                for theirs in (to_call_theirs, from_call_theirs, errors_theirs):
-                    theirs.close()
-
-            def progress() -> Progress:
-                assert watched is not None
-                returned = stats.b_to_a + len(call.stderr) + int(stats.b_eof)
-                return relay_progress(stats.a_to_b, watched, returned)
-
-            if prefix:
-                await to_call.send_all(prefix)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._relay_then_close, stream, pipes, stats)
-                await self._wait_call(process, errors_ours, call, progress, watched)
-                # The call is over: pass on what it still wrote, then stop waiting
-                # for bytes from the client that nobody would receive.
-                with trio.move_on_after(DRAIN_TIMEOUT):
-                    await stats.b_to_a_ended.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            if watched is not None:
-                watched.close()
-            await trio.aclose_forcefully(pipes)
-            await trio.aclose_forcefully(errors_ours)
-
-    async def _wait_call(
-        self,
-        process: trio.Process,
-        errors: trio.SocketStream,
-        call: "_Call",
-        progress: Callable[[], Progress],
-        watched: socket.socket | None,
-    ) -> None:
-        """Wait for a call to end; end it early if it is not accepted in time.
-
-        Resource handling: ``watched`` (the duplicate the readings come
-        from) is closed as soon as the call shows it was accepted, or ends.
-        """
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as call_scope:
-                if watched is not None:
-                    nursery.start_soon(self._watch_acceptance, progress, watched, call, call_scope)
-                call.returncode = await self._wait_process(process, errors, call.stderr)
-            nursery.cancel_scope.cancel()
-        if watched is not None:
-            watched.close()
-        if call_scope.cancelled_caught:
-            call.returncode = process.returncode  # ended by us: SIGTERM, or SIGKILL
-
-    async def _watch_acceptance(
-        self,
-        progress: Callable[[], Progress],
-        watched: socket.socket,
-        call: "_Call",
-        call_scope: trio.CancelScope,
-    ) -> None:
-        """Look at a pending call near its timeout; end it if it provably hung.
-
-        One timer per call and nothing once it is accepted: a first reading
-        HANG_CONFIRM_DELAY before the timeout, a second at the timeout. A call
-        whose client sent nothing is looked at again every timeout period,
-        since the client may speak later (still one timer, no busy polling).
-        """
-        timeout = self.options.call_timeout
-        confirm = min(HANG_CONFIRM_DELAY, timeout / 2)
-        started = trio.current_time()
-        await trio.sleep(timeout - confirm)
-        earlier: Progress | None = None
-        while True:
-            try:
-                reading = progress()
-            except OSError as error:
-                logger.debug("cannot watch a pending call: %s", error)
+    def _write(self, line: LogLine) -> None:
+        """Log a line built by loglines.py; a burst's line only once per burst window."""
+        if line.burst is not None:
+            if not self._bursts.record(line.burst.key, time.monotonic(), line.burst.counted_as):
                 return
-            verdict = judge(reading)
-            if verdict is Verdict.ACCEPTED:
-                watched.close()
-                return
-            if verdict is Verdict.IDLE:
-                earlier = None
-                await trio.sleep(timeout - confirm)
-                continue
-            if earlier is not None and still_hung(earlier, reading):
-                call.hung = _Hang(waited=trio.current_time() - started, unread=reading.waiting)
-                call_scope.cancel()
-                return
-            earlier = reading
-            await trio.sleep(confirm)
-
-    # Quoted: trio's streams are generic only from trio 0.23; Debian 12's python3-trio is 0.22.
-    async def _relay_then_close(
-        self, stream: trio.SocketStream, pipes: "trio.StapledStream[Any, Any]", stats: RelayStats
-    ) -> None:
-        """Relay, then end the call if the client broke off (its stdin closed, stdout dropped)."""
-        await relay(stream, pipes, stats=stats)
-        if stats.error is not None:
-            await trio.aclose_forcefully(pipes)
-
-    async def _wait_process(
-        self, process: trio.Process, errors: trio.SocketStream, stderr: bytearray
-    ) -> int:
-        """Wait for a call to end, collecting its stderr; on cancellation end it and reap it."""
-        try:
-            collected = trio.Event()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_collect, errors, stderr, collected)
-                returncode = await process.wait()
-                # Its stderr ends with it, unless a grandchild still holds it.
-                with trio.move_on_after(STDERR_DRAIN_TIMEOUT):
-                    await collected.wait()
-                nursery.cancel_scope.cancel()
-                return returncode
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.terminate()
-                    with trio.move_on_after(TERMINATE_TIMEOUT):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-            raise
-
-    def _log_call(
-        self,
-        binding: Binding,
-        peer: Any,
-        returncode: int | None,
-        duration: float,
-        stats: RelayStats | None,
-        stderr: bytearray,
-    ) -> None:
-        spec = binding.spec
-        fields: dict[str, Any] = {
-            "PEER": _peer_text(peer),
-            "BINDING": str(spec),
-            "TARGET": spec.target,
-            "PORT": spec.remote_port,
-            "DURATION": f"{duration:.3f}",
-            "MODE": self.options.mode.value,
-        }
-        if returncode is None:
-            outcome_text = "ended at shutdown"
-            kind = None
-        else:
-            outcome = describe_exit(
-                returncode,
-                source_qube=self.options.source_qube,
-                target=spec.target,
-                remote_port=spec.remote_port,
-            )
-            outcome_text, kind = outcome.words, outcome.kind
-            fields["EXIT"] = returncode
-            fields["OUTCOME"] = outcome.kind.value
-        timing = f"{duration:.2f} s"
-        if stats is not None:
-            fields["BYTES_OUT"], fields["BYTES_IN"] = stats.a_to_b, stats.b_to_a
-            timing += f", {stats.a_to_b} bytes out, {stats.b_to_a} bytes in"
-        message = f"{fields['PEER']} -> {spec.target}:{spec.remote_port} ({timing}): {outcome_text}"
-        if stderr and kind not in (None, Kind.OK):
-            detail = stderr_detail(bytes(stderr))
-            if detail:
-                message += f" [qrexec-client-vm: {detail}]"
-        if kind is Kind.REFUSED:
-            binding.refused += 1
-            self._log_burst(
-                ("refused", spec), message, f"calls to {spec.target}:{spec.remote_port} refused"
-            )
-            return
-        binding.served += 1
-        level = logging.INFO if kind in (None, Kind.OK) else logging.WARNING
-        logger.log(level, message, extra={"fields": fields})
-
-    def _log_hung(self, binding: Binding, peer: Any, hang: "_Hang", duration: float) -> None:
-        """One line for a call ended because it was not accepted; a burst of them, once."""
-        spec = binding.spec
-        binding.hung += 1
-        target = spec.target
-        starting = (
-            "the target qube dom0 picks"
-            if target == "@default"
-            else f"{target} (try: qvm-start {target} in dom0)"
-        )
-        message = (
-            f"{_peer_text(peer)} -> {target}:{spec.remote_port} ({duration:.2f} s): call not "
-            f"accepted after {hang.waited:.0f} s, the client's {hang.unread} byte(s) still "
-            "unread; ended qrexec-client-vm and closed the connection. Check dom0 for a policy "
-            f"'ask' prompt waiting for an answer, and that {starting} starts; "
-            f"--call-timeout is {self.options.call_timeout:g} s"
-        )
-        self._log_burst(
-            ("hung", spec),
-            message,
-            f"calls to {target}:{spec.remote_port} not accepted within "
-            f"{self.options.call_timeout:g} s",
-            {
-                "PEER": _peer_text(peer),
-                "BINDING": str(spec),
-                "TARGET": target,
-                "PORT": spec.remote_port,
-                "DURATION": f"{duration:.3f}",
-                "MODE": self.options.mode.value,
-                "OUTCOME": "hung",
-                "UNREAD": hang.unread,
-            },
-        )
-
-    # -- rate-limited logging -----------------------------------------------------
-
-    def _log_burst(
-        self,
-        key: tuple[object, ...],
-        message: str,
-        counted_as: str,
-        fields: dict[str, Any] | None = None,
-    ) -> None:
-        """Log ``message`` unless the same key was logged within the burst window."""
-        if self._bursts.record(key, time.monotonic(), counted_as):
-            logger.warning(message, extra={"fields": {"EVENT": str(key[0]), **(fields or {})}})
             self._burst_added.set()
+        logger.log(line.level, line.text, extra={"fields": line.fields})
 
     def _log_suppressed(self, *, everything: bool = False) -> None:
         for key, count, what in self._bursts.flush(time.monotonic(), everything=everything):
-            logger.warning(
-                "... and %d more %s in the last %g s",
-                count,
-                what,
-                self._bursts.window,
-                extra={"fields": {"EVENT": str(key), "COUNT": count}},
-            )
+            self._write(loglines.suppressed_line(key, count, what, self._bursts.window))
 
     async def _flush_bursts(self) -> None:
         while True:
@@ -801,146 +442,20 @@ class ClientServer:
                     logger.info("%s again: closing open connections now", name)
                     self._urgent.cancel()
 
-    async def _serve_control(self) -> None:
-        assert self._control is not None
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await self._control.accept()
-                nursery.start_soon(self._answer_control, conn)
-
-    async def _answer_control(self, conn: trio.socket.SocketType) -> None:
-        with conn:
-            pid, uid, _ = peer_credentials(conn)  # type: ignore[arg-type]
-            if uid not in (os.geteuid(), 0):
-                # The socket is 0600 in a 0700 directory: only a process given
-                # our socket some other way gets here. It learns nothing.
-                logger.warning("control socket: ignored a request from uid %d (pid %d)", uid, pid)
-                return
-            request = b""
-            with trio.move_on_after(CONTROL_TIMEOUT):
-                while b"\n" not in request and len(request) <= MAX_CONTROL_REQUEST:
-                    chunk = await conn.recv(MAX_CONTROL_REQUEST)
-                    if not chunk:
-                        break
-                    request += chunk
-            answer = self._control_request(request.split(b"\n", 1)[0])
-            with contextlib.suppress(trio.BrokenResourceError, OSError):
-                await trio.SocketStream(conn).send_all(json.dumps(answer).encode() + b"\n")
-
-    def _control_request(self, line: bytes) -> dict[str, Any]:
-        words = line.decode(errors="replace").split()
-        if words == ["status"]:
-            return self.status()
-        if words and words[0] == "stop" and len(words) <= 2:
-            if len(words) == 1:
-                self.stop()
-            else:
-                try:
-                    spec = parse_spec(words[1])
-                except SpecError as error:
-                    return {"error": str(error)}
-                if not self.stop(spec):
-                    return {**self.status(), "error": f"no binding {words[1]} here"}
-            return self.status()
-        return {"error": "unknown request: expected 'status', 'stop' or 'stop SPEC'"}
+    def _carry_out(self, request: Request) -> ProcessStatus:
+        """Carry out a control request (see control.py); answer with the status after it."""
+        if isinstance(request, StopRequest) and not self.stop(request.spec):
+            return dataclasses.replace(self.status(), error=f"no binding {request.spec} here")
+        return self.status()
 
     async def _report_status(self) -> None:
-        from systemd import daemon
-
         while True:
             await self._changed.wait()
             self._changed = trio.Event()
             live = [b for b in self.bindings if not b.stopping]
             open_total = sum(b.open for b in self.bindings)
-            daemon.notify(
-                f"STATUS=serving {len(live)} binding(s), {open_total} open connection(s)"
+            sdnotify.notify(
+                f"serving {len(live)} binding(s), {open_total} open connection(s)"
                 f"{' (stopping)' if len(live) < len(self.bindings) else ''}"
             )
             await trio.sleep(STATUS_INTERVAL)
-
-
-@dataclass
-class _Hang:
-    """Why a call was ended before it was accepted."""
-
-    waited: float  #: seconds the call was watched
-    unread: int  #: bytes the client sent that the call never read
-
-
-@dataclass
-class _Call:
-    """What one call did, filled in while it runs; read by the connection's handler."""
-
-    returncode: int | None = None  #: None: ended at shutdown before it exited
-    stderr: bytearray = field(default_factory=bytearray)
-    stats: RelayStats | None = None  #: relay mode only
-    hung: _Hang | None = None  #: set when the call was ended for not being accepted
-    number: int = -1  #: the binding's count of calls when this one started
-
-
-#: What qrexec-client-vm prints, and all it prints, when dom0 refuses a call
-#: (qubes-core-qrexec, agent/qrexec-client-vm.c): the agent closed the trigger
-#: socket before sending the connection's parameters. A service's own exit
-#: code 126 comes after the call was connected, with the service's words.
-REQUEST_REFUSED = b"Request refused\n"
-
-
-#: Exit codes that prove dom0 allowed the call: served (0), or failed at the
-#: target (125: its connect failed, 127: no such service). Any other code may
-#: be qrexec-client-vm's own failure before dom0 was asked (1, 255).
-ALLOWED_EXITS = frozenset({0, EXIT_QREXEC_PROBLEM, EXIT_NO_SERVICE})
-
-
-def _refused_by_dom0(call: "_Call") -> bool:
-    """Whether dom0 refused the call (policy or no free port), not the service with 126."""
-    return call.returncode == EXIT_REFUSED and bytes(call.stderr) == REQUEST_REFUSED
-
-
-def _duplicate(conn: trio.socket.SocketType) -> socket.socket:
-    """A second descriptor of ``conn``'s socket (close-on-exec), for reading its counters."""
-    return socket.socket(fileno=os.dup(conn.fileno()))
-
-
-def _stdio_pair() -> tuple[trio.SocketStream, socket.socket]:
-    """A connected pair: our end as a trio stream, the child's as a blocking socket.
-
-    Sockets rather than pipes: a child that splice()s a socket into a pipe
-    holds the pipe's lock while it waits for data, and our non-blocking read
-    of that pipe would then block the whole event loop.
-    """
-    ours, theirs = socket.socketpair()
-    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
-
-
-async def _collect(stream: trio.abc.ReceiveStream, kept: bytearray, done: trio.Event) -> None:
-    """Read a child's stderr to EOF, keeping the first MAX_STDERR_KEPT bytes."""
-    try:
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            room = MAX_STDERR_KEPT - len(kept)
-            if room > 0:
-                kept.extend(data[:room])
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
-    finally:
-        done.set()
-
-
-def stderr_detail(stderr: bytes) -> str:
-    """What a call's stderr adds to its log line: one line, printable, the first 200 characters.
-
-    The bytes come from the target qube (a service's stderr is forwarded to
-    the caller) and may hold anything: runs of whitespace become one space,
-    every other non-printable character is escaped (qconnect.core.printable).
-    """
-    text = " ".join(stderr.decode("utf-8", errors="surrogateescape").split())
-    return printable(text[:STDERR_DETAIL_CHARS])
-
-
-def _peer_text(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)

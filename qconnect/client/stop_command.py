@@ -3,8 +3,8 @@
 import argparse
 import time
 
+from qconnect.client.control import STATUS, StopRequest, ask_all
 from qconnect.client.errors import ClientError
-from qconnect.client.registry import ask_all
 from qconnect.core.errors import SpecError
 from qconnect.core.printable import printable
 from qconnect.core.spec import BindingSpec, parse_spec
@@ -33,14 +33,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _running() -> set[BindingSpec]:
     """The bindings the processes of this user report (the registry checks who answers)."""
     specs: set[BindingSpec] = set()
-    for answer in ask_all("status"):
-        for binding in answer.get("bindings", []):
+    for answer in ask_all(STATUS):
+        for binding in answer.bindings:
             try:
-                specs.add(parse_spec(binding["spec"]))
+                specs.add(parse_spec(binding.spec))
             except SpecError:
                 raise ClientError(
-                    f"process {answer.get('pid')} reports an invalid binding "
-                    f"'{printable(binding['spec'])}'"
+                    f"process {answer.pid} reports an invalid binding '{printable(binding.spec)}'"
                 ) from None
     return specs
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if not wanted:
             print("no running bindings")
             return 0
-        ask_all("stop")
+        ask_all(StopRequest())
     else:
         wanted = {parse_spec(text) for text in args.specs}
         running = _running()
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise ClientError(f"no running binding {', '.join(missing)} (see 'qconnect list')")
         for spec in sorted(wanted):
-            ask_all(f"stop {spec}")
+            ask_all(StopRequest(spec))
     deadline = time.monotonic() + args.timeout
     while wanted & _running():
         if time.monotonic() > deadline:
