@@ -6,9 +6,9 @@ import pytest
 
 from qconnect.client.bursts import BurstCounter
 from qconnect.client.cli import parse_specs
-from qconnect.client.errors import ClientError
 from qconnect.client.limits import PROCESS_MAX_CONNECTIONS, check_max_connections
 from qconnect.client.outcome import Kind, describe_exit, policy_allow_command
+from qconnect.core.errors import ClientError
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 from qconnect.core.spec import BindingSpec
 

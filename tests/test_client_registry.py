@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qconnect.client import registry
-from qconnect.client.errors import ClientError
 from qconnect.client.list_command import format_table
+from qconnect.core.errors import ClientError
 from qconnect.loopback.machine import Machine
 from tests.as_nobody import NOBODY, as_nobody, can_play_nobody
 from tests.client_world import free_port

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.loopback.machine import LoopbackError, Machine, QubeSpec
+from qconnect.core.errors import LoopbackError
+from qconnect.loopback.machine import Machine, QubeSpec
 from qconnect.policy.system_info import SystemInfo
 
 MakeMachine = Callable[..., Machine]

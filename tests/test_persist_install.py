@@ -10,8 +10,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from qconnect.core.errors import TreeError
 from qconnect.core.install import rclocal
-from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.install.tree import Tree
 from qconnect.core.spec import parse_spec
 from qconnect.persist.cli import install_and_start
 from qconnect.persist.install import AddRequest, Persistence, UnitPaths

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qconnect import __version__
-from qconnect.client.errors import ClientError
 from qconnect.client.limits import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_GRACE,
@@ -26,7 +25,7 @@ from qconnect.client.limits import (
 )
 from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import ClientError, QconnectError
 from qconnect.core.logs import setup_logging
 from qconnect.core.printable import printable
 from qconnect.core.spec import BindingSpec, parse_bind_address, parse_spec

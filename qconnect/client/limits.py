@@ -4,7 +4,7 @@ import logging
 import math
 import resource
 
-from qconnect.client.errors import ClientError
+from qconnect.core.errors import ClientError
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from qconnect.client.errors import ClientError
+from qconnect.core.errors import ClientError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
 from qconnect.core.unixpath import connect_unix

@@ -3,9 +3,8 @@
 import argparse
 import time
 
-from qconnect.client.errors import ClientError
 from qconnect.client.registry import ask_all
-from qconnect.core.errors import SpecError
+from qconnect.core.errors import ClientError, SpecError
 from qconnect.core.printable import printable
 from qconnect.core.spec import BindingSpec, parse_spec
 

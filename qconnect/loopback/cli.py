@@ -4,7 +4,8 @@ import argparse
 import os
 import sys
 
-from qconnect.loopback.machine import LoopbackError, Machine, QubeSpec
+from qconnect.core.errors import LoopbackError
+from qconnect.loopback.machine import Machine, QubeSpec
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from qconnect.core.errors import PersistError
-from qconnect.core.install.systemctl import SystemctlError, Systemd
+from qconnect.core.errors import PersistError, SystemctlError
+from qconnect.core.install.systemctl import Systemd
 from qconnect.core.qrexec_client import supports_stdin_socket
 from qconnect.core.spec import BindingSpec, parse_spec
 from qconnect.persist import install

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.errors import AllowlistRefusal, QconnectError, ServiceError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
 from qconnect.core.relay.trio_streams import RelayStats, relay
@@ -41,7 +41,6 @@ from qconnect.core.unixpath import bind_unix
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
-    AllowlistRefusal,
     AnyPath,
     check_call,
 )
