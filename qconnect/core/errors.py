@@ -29,7 +29,7 @@ class QconnectError(Exception):
     Exit status 1: the command line was fine, but it could not be done.
     """
 
-    exit_code = 2
+    exit_code = 1
 
 
 class CommandLineError(QconnectError):
@@ -90,8 +90,6 @@ class FileWriteError(QconnectError):
 class TreeError(FileWriteError):
     """A path would leave the ``--root`` tree, or cannot be used there; nothing was done to it."""
 
-    exit_code = 1
-
 
 class FenceError(QconnectError):
     """A file's marker lines are damaged, so its fenced block cannot be found.
@@ -124,8 +122,6 @@ class PersistError(QconnectError):
 
 class ClientError(QconnectError):
     """A binding cannot be set up: the message says which and what to do instead."""
-
-    exit_code = 1
 
 
 class PrivilegedPortError(ClientError):

@@ -4,7 +4,8 @@ import argparse
 import os
 import sys
 
-from qconnect.core.errors import LoopbackError
+from qconnect.core import argtypes
+from qconnect.core.errors import CommandLineError, LoopbackError, QconnectError
 from qconnect.loopback.machine import Machine, QubeSpec
 
 
@@ -18,12 +19,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Create a loopback Qubes machine: dom0's policy directory and "
         "system info, and for each qube its qubes-rpc and rpc-config directories.",
     )
-    init.add_argument("directory", metavar="DIR", help="the machine directory (new or empty)")
+    init.add_argument(
+        "directory",
+        metavar="DIR",
+        type=argtypes.path,
+        help="the machine directory (new or empty)",
+    )
     init.add_argument(
         "--qube",
         dest="qubes",
         action="append",
         required=True,
+        type=_qube_spec,
         metavar="NAME[:TYPE][:TAG,...]",
         help="a qube (repeat for more); TYPE is AppVM (default), DispVM, StandaloneVM or "
         "TemplateVM, e.g. --qube work --qube web::server,public",
@@ -38,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     init.add_argument(
         "--ask",
+        type=_ask_answer,
         metavar="ANSWER",
         help="how 'ask' rules are answered: allow, 'allow QUBE' or deny (default: deny)",
     )
@@ -60,8 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Run COMMAND as if inside QUBE: qrexec-client-vm on its PATH is the "
         "loopback client, which calls other qubes of the machine through dom0's policy.",
     )
-    run.add_argument("directory", metavar="DIR", help="the machine directory")
-    run.add_argument("qube", metavar="QUBE", help="the qube to run in")
+    run.add_argument("directory", metavar="DIR", type=argtypes.path, help="the machine directory")
+    run.add_argument("qube", metavar="QUBE", type=argtypes.qube_name, help="the qube to run in")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     run.set_defaults(handler=_run)
 
@@ -73,14 +81,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "prints 'listening on PATH' when ready; SIGTERM stops it once running calls end. "
         "Without it, calls run in-process as before.",
     )
-    serve.add_argument("directory", metavar="DIR", help="the machine directory")
+    serve.add_argument("directory", metavar="DIR", type=argtypes.path, help="the machine directory")
     serve.set_defaults(handler=_serve)
 
 
+def _qube_spec(text: str) -> QubeSpec:
+    """``--qube NAME[:TYPE][:TAG,...]``, by :meth:`QubeSpec.parse`'s grammar."""
+    try:
+        return QubeSpec.parse(text)
+    except QconnectError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ask_answer(text: str) -> str:
+    """``--ask``: how the machine answers 'ask' rules."""
+    if text.split()[:1] not in (["allow"], ["deny"]):
+        raise argparse.ArgumentTypeError(
+            f"invalid answer {text!r}: expected allow, 'allow QUBE' or deny"
+        )
+    return text
+
+
 def _init(args: argparse.Namespace) -> int:
-    specs = [QubeSpec.parse(text) for text in args.qubes]
-    if args.ask is not None and args.ask.split()[:1] not in (["allow"], ["deny"]):
-        raise LoopbackError(f"invalid --ask {args.ask!r}: expected allow, 'allow QUBE' or deny")
+    specs: list[QubeSpec] = args.qubes
     machine = Machine.create(
         args.directory, specs, policy=args.policy, stock_connect_tcp=args.stock
     )
@@ -98,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
-        raise LoopbackError(
+        raise CommandLineError(
             "no command given: expected `qconnect loopback run DIR QUBE -- COMMAND...`"
         )
     machine = Machine(args.directory)
