@@ -119,6 +119,11 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def path_text(text: str) -> str:
+    """A :func:`path` kept as text, for the callees that take a ``str`` (socket addresses)."""
+    return str(path(text))
+
+
 def absolute_path(text: str) -> Path:
     """A :func:`path` that must not depend on the current directory."""
     if not text.startswith("/"):

@@ -104,6 +104,10 @@ def _ask_answer(text: str) -> str:
 
 def _init(args: argparse.Namespace) -> int:
     specs: list[QubeSpec] = args.qubes
+    given = [spec.name for spec in specs]
+    twice = sorted({name for name in given if given.count(name) > 1})
+    if twice:
+        raise CommandLineError(f"--qube {twice[0]!r} given twice: expected each qube once")
     machine = Machine.create(
         args.directory, specs, policy=args.policy, stock_connect_tcp=args.stock
     )

@@ -28,14 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--socket",
         default=defaults.DEFAULT_SOCKET,
-        type=argtypes.path,
+        type=argtypes.path_text,
         metavar="PATH",
         help="unix socket to listen on (default: %(default)s)",
     )
     run.add_argument(
         "--allow-file",
         action="append",
-        type=argtypes.path,
+        type=argtypes.path_text,
         metavar="PATH",
         help="allowlist file (repeatable; first existing wins; default: "
         "/usr/local/etc/qconnect/connecttcp.allow, /etc/qconnect/connecttcp.allow)",
