@@ -80,6 +80,11 @@ class Parser(argparse.ArgumentParser):
     is_subcommand = False
     _intermixing = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Every command's --help ends with the exit codes, unless it words them itself.
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
@@ -143,16 +148,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = Parser(
         prog="qconnect",
         description="Bind TCP ports between Qubes OS qubes over qrexec (qubes.ConnectTCP).",
-        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"qconnect {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     chosen = next((word for word in argv if not word.startswith("-")), None)
     for name, (_module, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(
-            name, help=help_text, description=help_text, epilog=EXIT_STATUS_HELP
-        )
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             _load(name).configure(sub)
     return parser

@@ -230,12 +230,19 @@ def test_stop_takes_options_between_specs_too() -> None:
     assert args.timeout == 5.0
 
 
-@pytest.mark.parametrize("door", sorted(FRONT_DOORS))
-def test_help_documents_the_exit_codes(door: str) -> None:
-    code, out, _err = run_main(FRONT_DOORS[door], ["--help"])
+HELPS = [("client", []), ("qconnect", []), ("qconnect", ["list"]), ("qconnect", ["stop"]),
+         ("qconnect", ["service", "run"]), ("qconnect", ["service", "install"]),
+         ("qconnect", ["persist", "add"]), ("qconnect", ["policy", "allow"]),
+         ("qconnect", ["loopback", "init"]), ("qconnect", ["demo"])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("door", "command"), HELPS, ids=[" ".join(c) or d for d, c in HELPS])
+def test_every_help_documents_the_exit_codes(door: str, command: list[str]) -> None:
+    code, out, _err = run_main(FRONT_DOORS[door], [*command, "--help"])
     assert code == 0
-    assert "exit status: 0 done; 1 it could not be done" in " ".join(out.split())
-    assert "2 the command line is wrong" in " ".join(out.split())
+    text = " ".join(out.split())
+    assert "exit status: 0 done; 1 it could not be done" in text
+    assert "2 the command line is wrong" in text
 
 
 def test_a_reader_that_goes_away_is_141_without_a_traceback() -> None:
