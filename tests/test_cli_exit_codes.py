@@ -164,6 +164,9 @@ WRONG_COMMAND_LINES: list[tuple[str, list[str], str, str]] = [
     ("qconnect", ["loopback", "init", "m", "--qube", "w", "--ask", "maybe"], "invalid answer 'maybe'", "qconnect loopback init"),
     ("qconnect", ["loopback", "run", "m", "bad name", "--", "true"], "invalid qube name 'bad name'", "qconnect loopback run"),
     ("qconnect", ["loopback", "run", "m", "work"], "no command given", "qconnect loopback run"),
+    ("qconnect", ["loopback", "init", "m", "--qube", "w", "--policy", "a b c"], "wrong number of fields in 'a b c'", "qconnect loopback init"),
+    ("qconnect", ["loopback", "init", "m", "--qube", "w", "--policy", "* * w w allow\n* * * * allow"], "expected one line", "qconnect loopback init"),
+    ("qconnect", ["loopback", "init", "m", "--qube", "w", "--qube", "w"], "--qube 'w' given twice", "qconnect loopback init"),
     ("qconnect", ["demo", "--bogus"], "unrecognized arguments: --bogus", "qconnect demo"),
 ]  # fmt: skip
 

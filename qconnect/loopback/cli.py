@@ -5,8 +5,10 @@ import os
 import sys
 
 from qconnect.core import argtypes
-from qconnect.core.errors import CommandLineError, LoopbackError, QconnectError
+from qconnect.core.errors import CommandLineError, LoopbackError, PolicyError, QconnectError
 from qconnect.loopback.machine import Machine, QubeSpec
+from qconnect.policy.parser import parse_line, split_lines
+from qconnect.policy.rules import Location
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--policy",
         action="append",
         default=[],
+        type=_policy_line,
         metavar="LINE",
         help="a dom0 policy line for policy.d/30-loopback.policy (repeatable), e.g. "
         "'qubes.ConnectTCP +80 work @default allow target=web'",
@@ -91,6 +94,21 @@ def _qube_spec(text: str) -> QubeSpec:
         return QubeSpec.parse(text)
     except QconnectError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _policy_line(text: str) -> str:
+    """``--policy LINE``: one line of dom0's policy grammar, checked by dom0's own parser.
+
+    A line break would make one option several rules; a line dom0 would not
+    parse would only fail later, at the first call.
+    """
+    if len(split_lines(text)) != 1:
+        raise argparse.ArgumentTypeError(f"invalid policy line {text!r}: expected one line")
+    try:
+        parse_line(text, Location("--policy", None))
+    except PolicyError as error:  # its message, without the FILE:LINE of a file
+        raise argparse.ArgumentTypeError(f"invalid policy line: {error.message}") from None
+    return text
 
 
 def _ask_answer(text: str) -> str:
