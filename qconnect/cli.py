@@ -61,9 +61,9 @@ _PARSER_ATTR = "_qconnect_parser"
 class Parser(argparse.ArgumentParser):
     """argparse as every qconnect command uses it.
 
-    * Its error line is escaped: argparse quotes a bad choice but not an
-      extra word, so a newline or a terminal escape sequence in one would
-      reach the terminal as such.
+    * Its error line is made one safe line (:func:`one_line`): argparse
+      quotes a bad choice but not an extra word, so a newline or a terminal
+      escape sequence in one would reach the terminal as such.
     * A subcommand's parser refuses the words it does not know itself, so
       ``qconnect list --bogus`` shows ``qconnect list``'s usage, not the
       top-level one (argparse hands unknown words up to the top by default).
