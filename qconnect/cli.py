@@ -7,12 +7,13 @@ A subcommand module provides ``configure(parser)`` and ``run(args) -> int``.
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, Protocol
 
 from qconnect import __version__
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import CommandLineError, QconnectError
 from qconnect.core.printable import printable
 
 # name -> (module, one-line help). Modules are imported lazily: see the module docstring.
@@ -43,17 +44,102 @@ class CommandModule(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its error line escaped: it quotes a bad choice but not an extra word.
+#: Exit codes, the same for ``qconnect`` and ``qvm-connect-tcp`` (see
+#: docs/ARCHITECTURE.md, "Errors and exit codes").
+EXIT_FAILED = 1  #: it could not be done: a file, a refusal, a system failure
+EXIT_USAGE = 2  #: the command line is wrong (argparse's own status)
+EXIT_INTERRUPTED = 130  #: Ctrl-C: 128 + SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 141  #: the reader of our output went away: 128 + SIGPIPE
 
-    ``unrecognized arguments: ...`` shows the words as given, so a newline
-    or a terminal escape sequence in one would reach the terminal as such.
-    Subparsers are made of the same class, so every subcommand gets this.
+#: The epilog every command's --help ends with.
+EXIT_STATUS_HELP = (
+    "exit status: 0 done; 1 it could not be done (a file, a refusal, a system failure); "
+    "2 the command line is wrong (an unknown option, a bad value, a missing argument)"
+)
+
+# The namespace attribute naming the (sub)command parser that parsed the
+# command line, so a CommandLineError prints that command's usage line.
+_PARSER_ATTR = "_qconnect_parser"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse as every qconnect command uses it.
+
+    * Its error line is made one safe line (:func:`one_line`): argparse
+      quotes a bad choice but not an extra word, so a newline or a terminal
+      escape sequence in one would reach the terminal as such.
+    * A subcommand's parser refuses the words it does not know itself, so
+      ``qconnect list --bogus`` shows ``qconnect list``'s usage, not the
+      top-level one (argparse hands unknown words up to the top by default).
+    * Options may come between positionals (``qvm-connect-tcp A --bind X B``),
+      as with :meth:`parse_intermixed_args`, wherever argparse supports that
+      (no subcommands, no ``REMAINDER``, no positional in an exclusive group).
+    * It records itself in the namespace, so :func:`run_command` can show the
+      right usage line for a :class:`CommandLineError`.
+
+    Subparsers are made of the same class, so every subcommand gets all this.
     """
+
+    #: Set on the parsers of subcommands (by :meth:`add_subparsers`).
+    is_subcommand = False
+    _intermixing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Every command's --help ends with the exit codes, unless it words them itself.
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {printable(message)}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("parser_class", _SubcommandParser)
+        return super().add_subparsers(**kwargs)
+
+    def _can_intermix(self) -> bool:
+        positionals = self._get_positional_actions()
+        if any(action.nargs in (argparse.PARSER, argparse.REMAINDER) for action in positionals):
+            return False
+        return not any(
+            action in positionals
+            for group in self._mutually_exclusive_groups
+            for action in group._group_actions
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # argparse's own passes inside parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
+        if self._can_intermix():
+            self._intermixing = True
+            try:
+                parsed, extras = self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        else:
+            parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.is_subcommand:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        if not hasattr(parsed, _PARSER_ATTR):  # the innermost subcommand sets it first
+            setattr(parsed, _PARSER_ATTR, self)
+        return parsed, extras
+
+
+class _SubcommandParser(Parser):
+    is_subcommand = True
+
+
+def one_line(message: str) -> str:
+    """``message`` as one safe line: escaped by :func:`printable` if it needs to be.
+
+    Most messages quote the bad value with ``repr()`` already, so they are
+    printable as they are; escaping them again would double every backslash.
+    A message carrying a raw control character (a newline, an escape
+    sequence) from outside is escaped whole.
+    """
+    return message if message.isprintable() else printable(message)
 
 
 def _load(name: str) -> CommandModule:
@@ -63,7 +149,7 @@ def _load(name: str) -> CommandModule:
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """Build the parser, configuring only the subcommand being run (lazy imports)."""
-    parser = _Parser(
+    parser = Parser(
         prog="qconnect",
         description="Bind TCP ports between Qubes OS qubes over qrexec (qubes.ConnectTCP).",
     )
@@ -78,22 +164,71 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
-    """Parse, run, and turn user mistakes into one line on stderr and an exit code."""
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again.
+
+    Without this, Python reports the closed pipe a second time at exit
+    ("Exception ignored ... BrokenPipeError"), after we chose the exit code.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's StringIO)
+        pass
+
+
+def run_command(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    default_handler: Callable[[argparse.Namespace], int] | None = None,
+) -> int:
+    """Parse, run, and turn every failure into one line on stderr and an exit code.
+
+    The one front door of ``qconnect`` and ``qvm-connect-tcp``. The handler
+    is ``args.handler`` (a subcommand's own), else ``default_handler``, else
+    the chosen subcommand's ``run``.
+
+    Error handling: argparse refuses a wrong command line itself (usage line,
+    one error line, exit 2; ``--help`` exits 0). Then a
+    :class:`CommandLineError` prints the usage line of the (sub)command that
+    was parsed and its message, exit 2; any other :class:`QconnectError`
+    prints its message, exit ``error.exit_code`` (1 unless it carries
+    qrexec's own status); an ``OSError`` nothing below caught is a system
+    failure, exit 1; a reader that went away is 141 and Ctrl-C 130, as a
+    shell reports those signals. None of these prints a traceback.
+    """
     args = parser.parse_args(argv)
     try:
-        handler = getattr(args, "handler", None)
+        handler = getattr(args, "handler", None) or default_handler
         if handler is None:
             handler = _load(args.command).run
         result: int = handler(args)
+        sys.stdout.flush()
         return result
-    except QconnectError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except CommandLineError as error:
+        usage_parser: argparse.ArgumentParser = getattr(args, _PARSER_ATTR, parser)
+        usage_parser.print_usage(sys.stderr)
+        print(f"{usage_parser.prog}: error: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except QconnectError as error:
+        print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
+        return error.exit_code
     except BrokenPipeError:
-        return 141
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except OSError as error:
+        print(f"{prog}: error: {one_line(_describe(error))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _describe(error: OSError) -> str:
+    """``FILE: reason`` as the C library words it, or the error's own text."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return f"{error.filename}: {reason}" if error.filename is not None else reason
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,10 @@ class Dom0:
         if qubes:
             options += ["--qubes", str(self.qubes)]
         self.capsys.readouterr()
-        status = main(["policy", *words, *options])
+        try:
+            status = main(["policy", *words, *options])
+        except SystemExit as exit_:  # argparse's refusal of a wrong command line
+            status = exit_.code if isinstance(exit_.code, int) else 1
         captured = self.capsys.readouterr()
         return status, captured.out, captured.err
 

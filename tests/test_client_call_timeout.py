@@ -31,6 +31,7 @@ import pytest
 import trio
 
 from qconnect.loopback.machine import Machine
+from tests.cli_refusals import assert_one_refusal, refusal_lines
 from tests.client_world import exchange, free_port
 from tests.conftest import ThreadedTCPServer
 
@@ -320,11 +321,11 @@ def test_an_invalid_call_timeout_is_one_clear_line(value: str) -> None:
         text=True,
         timeout=30,
     )
-    assert result.returncode != 0
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [
-        f"qvm-connect-tcp: error: invalid --call-timeout {float(value):g}: expected 0 "
-        "(never end a call that is not accepted) or more seconds"
+    assert_one_refusal(result.returncode, result.stderr, 2)
+    assert refusal_lines(result.stderr) == [
+        f"qvm-connect-tcp: error: argument --call-timeout: invalid duration '{value}': "
+        "expected 0 (never) or more seconds"
     ]
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from qconnect.client.bursts import BurstCounter
 from qconnect.client.cli import parse_specs
-from qconnect.client.errors import ClientError
 from qconnect.client.limits import PROCESS_MAX_CONNECTIONS, check_max_connections
 from qconnect.client.outcome import Kind, describe_exit, policy_allow_command
+from qconnect.core.errors import ClientError, CommandLineError
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 from qconnect.core.spec import BindingSpec
 
@@ -118,7 +118,7 @@ def test_several_specs_and_bind_default() -> None:
 
 
 def test_same_local_port_twice_is_refused() -> None:
-    with pytest.raises(ClientError, match="given twice"):
+    with pytest.raises(CommandLineError, match="given twice"):
         parse_specs(["8080:web:80", "8080:db:80"], None)
 
 

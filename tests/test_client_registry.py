@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from qconnect.client import registry
 from qconnect.client.control import STATUS, ProcessStatus, ask_all
-from qconnect.client.errors import ClientError
 from qconnect.client.list_command import format_table
+from qconnect.core.errors import ClientError
 from qconnect.core.unixpath import bind_unix
 from qconnect.loopback.machine import Machine
 from tests.as_nobody import NOBODY, as_nobody, can_play_nobody

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from qconnect.client import daemon, qrexec_call
-from qconnect.client.errors import ClientError
 from qconnect.core import qrexec_client
+from qconnect.core.errors import ClientError
 from qconnect.loopback.machine import Machine
 from tests.as_nobody import NOBODY, as_nobody_keeping_real_root, become_nobody, can_play_nobody
 from tests.conftest import recv_all, write_executable

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qconnect.core.errors import QconnectError
-from qconnect.core.fence import DOM0_LINE_ENDS, SHELL_LINE_ENDS, FenceError, Markers
+from qconnect.core.errors import FenceError, QconnectError
+from qconnect.core.fence import DOM0_LINE_ENDS, SHELL_LINE_ENDS, Markers
 
 # The markers hold "@", which the generated user text never does: it cannot contain them.
 SHELL = Markers("# @begin", "# @end")

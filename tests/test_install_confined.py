@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from qconnect.cli import main
-from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.errors import TreeError
+from qconnect.core.install.tree import Tree
 from tests.persist_tree import QUBE_HOME, make_qube_tree, snapshot
 
 INSTALLERS = {

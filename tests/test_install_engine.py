@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qconnect.core.errors import PersistError
+from qconnect.core.errors import PersistError, TreeError
 from qconnect.core.install import engine
-from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.install.tree import Tree
 from tests.persist_tree import snapshot
 
 PATHS = ["f", "a/f", "a/b/f", "c/link", "d/e/new"]

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from qconnect.core.errors import LoopbackError
 from qconnect.core.qrexec import EXIT_REFUSED
 from qconnect.loopback import channels
-from qconnect.loopback.machine import LoopbackError, Machine
+from qconnect.loopback.machine import Machine
 from tests.conftest import BOTH_LOOPBACK_MODES
 
 MakeMachine = Callable[..., Machine]

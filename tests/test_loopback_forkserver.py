@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from qconnect.core.errors import LoopbackError
 from qconnect.loopback import forkcall, layout
-from qconnect.loopback.machine import LoopbackError, Machine
+from qconnect.loopback.machine import Machine
 from tests.conftest import BOTH_LOOPBACK_MODES, FORK_SERVER
 
 MakeMachine = Callable[..., Machine]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.loopback.machine import LoopbackError, Machine, QubeSpec
+from qconnect.core.errors import LoopbackError
+from qconnect.loopback.machine import Machine, QubeSpec
 from qconnect.policy.system_info import SystemInfo
+from tests.cli_refusals import assert_one_refusal
 
 MakeMachine = Callable[..., Machine]
 
@@ -107,10 +109,7 @@ def test_init_ask_answer_is_stored(tmp_path: Path) -> None:
 )
 def test_init_refuses_bad_qubes_with_one_line(tmp_path: Path, qube: str, message: str) -> None:
     result = qconnect("loopback", "init", str(tmp_path / "m"), "--qube", qube)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 2, "argument --qube: ", message)
     assert not (tmp_path / "m").exists()
 
 
@@ -118,12 +117,11 @@ def test_init_refuses_a_non_empty_directory_and_duplicates(tmp_path: Path) -> No
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "file").write_text("x")
     result = qconnect("loopback", "init", str(tmp_path / "m"), "--qube", "a")
-    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
-    assert "not empty" in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 1, "not empty")
     result = qconnect("loopback", "init", str(tmp_path / "n"), "--qube", "a", "--qube", "a:AppVM")
-    assert "given twice" in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 2, "--qube 'a' given twice")
     result = qconnect("loopback", "init", str(tmp_path / "o"), "--qube", "a", "--ask", "maybe")
-    assert "invalid --ask 'maybe'" in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 2, "--ask: invalid answer 'maybe'")
 
 
 def test_run_puts_the_loopback_client_first_on_path(tmp_path: Path) -> None:
@@ -143,25 +141,24 @@ def test_run_puts_the_loopback_client_first_on_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["work", "--", "/nonexistent/program"], "cannot run '/nonexistent/program' in work"),
-        (["nosuch", "--", "true"], "no qube 'nosuch'"),
-        (["work"], "no command given"),
+        (["work", "--", "/nonexistent/program"], "cannot run '/nonexistent/program' in work", 1),
+        (["nosuch", "--", "true"], "no qube 'nosuch'", 1),
+        (["work"], "no command given", 2),
     ],
 )
-def test_run_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_run_mistakes_are_one_line(
+    tmp_path: Path, args: list[str], message: str, code: int
+) -> None:
     machine = Machine.create(tmp_path / "m", ["work"])
     result = qconnect("loopback", "run", str(machine.directory), *args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert result.stderr.count("\n") == 1
+    assert_one_refusal(result.returncode, result.stderr, code, message)
 
 
 def test_run_outside_a_machine_is_a_clear_error(tmp_path: Path) -> None:
     result = qconnect("loopback", "run", str(tmp_path), "work", "--", "true")
-    assert result.returncode == 2
-    assert "is not a loopback machine" in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 1, "is not a loopback machine")
 
 
 def test_machine_api_paths_and_environment(loopback_machine: MakeMachine) -> None:

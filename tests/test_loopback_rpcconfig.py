@@ -2,7 +2,8 @@
 
 import pytest
 
-from qconnect.loopback.rpcconfig import RpcConfig, RpcConfigError, parse_rpc_config
+from qconnect.core.errors import RpcConfigError
+from qconnect.loopback.rpcconfig import RpcConfig, parse_rpc_config
 
 
 @pytest.mark.parametrize(

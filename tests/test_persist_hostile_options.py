@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from qconnect import cli
 from qconnect.core.spec import BindingSpec, parse_spec
 from qconnect.persist.unitfile import Directive, directives
+from tests.cli_refusals import assert_one_refusal
 from tests.persist_tree import (
     QUBE_HOME,
     fake_executable,
@@ -62,11 +63,10 @@ def test_the_zone_id_injection_of_issue_9_is_refused_and_nothing_is_written(
         "add", ISSUE_EXAMPLE, "--root", str(tree), "--system",
         "--relay", "handoff", "--persistence", "full",
     )  # fmt: skip
-    assert result.returncode == 2, result.stdout
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1
-    assert "[::1%x\\nExecStartPre=touch pwned\\n#]" in result.stderr
-    assert "zone" in result.stderr
+    assert result.stdout == ""
+    assert_one_refusal(
+        result.returncode, result.stderr, 2, "[::1%x\\nExecStartPre=touch pwned\\n#]", "zone"
+    )
     assert snapshot(tree) == before
 
 
@@ -185,15 +185,19 @@ def run_qconnect(*words: str) -> tuple[int, str, str]:
 
 
 def assert_refused_in_one_line(code: int, out: str, err: str) -> None:
-    """Exit 2 and one error line; argparse's own refusals come after its usage lines."""
-    assert code == 2, (out, err)
+    """One error line: after the usage lines with exit 2 (a wrong command line), alone
+    with exit 1 (the command line was fine, but it could not be done: a missing program).
+    """
+    assert code in (1, 2), (code, out, err)
     assert "Traceback" not in err and out == ""
     lines = err.split("\n")  # what a terminal breaks lines at ("\x1e" is no break)
     assert lines[-1] == "" and _ERROR_LINE_RE.match(lines[-2]), err
     assert all(char.isprintable() for char in lines[-2]), err
-    if len(lines) > 2:  # argparse: "usage: ..." and its indented continuation lines
+    if code == 2:  # argparse's way: "usage: ..." and its indented continuation lines
         assert lines[0].startswith("usage: "), err
         assert all(line.startswith(" ") for line in lines[1:-2]), err
+    else:
+        assert len(lines) == 2, err
 
 
 _ERROR_LINE_RE = re.compile(r"qconnect(?: persist add)?: error: ")

@@ -40,6 +40,7 @@ from qconnect.service.install import (
     uninstall,
     unreachable_from_app_qubes,
 )
+from tests.cli_refusals import refusal_lines
 from tests.persist_tree import fake_executable, install_analyze_support, snapshot
 
 UNITS = Path("etc/systemd/system")
@@ -213,7 +214,7 @@ def test_install_refuses_to_replace_what_it_did_not_write(
     else:
         (tree / path).symlink_to("/somewhere/else")
     before = snapshot(tree)
-    assert cli("install", "--socket", "--layout", layout, "--root", str(tree)) == 2
+    assert cli("install", "--socket", "--layout", layout, "--root", str(tree)) == 1
     assert capsys.readouterr().err == (
         f"qconnect: error: refusing to replace {tree / path}: not installed by qconnect\n"
     )
@@ -225,10 +226,12 @@ def test_with_root_the_layout_must_be_given(
 ) -> None:
     assert cli("install", "--root", str(tmp_path)) == 2
     err = capsys.readouterr().err
-    assert err == (
-        "qconnect: error: with --root, give --layout app-qube or --layout template: "
-        "the kind of qube a tree belongs to cannot be detected\n"
-    )
+    assert refusal_lines(err) == [
+        "qconnect service install: error: with --root, give --layout app-qube or --layout "
+        "template: "
+        "the kind of qube a tree belongs to cannot be detected"
+    ]
+    assert err.startswith("usage: qconnect service install ")
     assert snapshot(tmp_path) == {}
 
 
@@ -291,7 +294,7 @@ def test_a_disposable_is_refused_in_one_line_before_anything_is_written(
         env=env,
         check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == (
         "qconnect: error: this is a disposable qube: nothing installed in it survives its "
         "shutdown; install the service in its disposable template (or in that one's "
@@ -507,9 +510,9 @@ def test_layout_with_rpc_dir_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli("install", "--rpc-dir", str(tmp_path), "--layout", "template") == 2
-    assert capsys.readouterr().err == (
-        "qconnect: error: --layout goes with a whole install, not with --rpc-dir\n"
-    )
+    assert refusal_lines(capsys.readouterr().err) == [
+        "qconnect service install: error: --layout goes with a whole install, not with --rpc-dir"
+    ]
     assert snapshot(tmp_path) == {}
 
 

@@ -15,21 +15,21 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qconnect import __version__
-from qconnect.client.errors import ClientError
+from qconnect.cli import EXIT_STATUS_HELP, Parser, run_command
 from qconnect.client.limits import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_GRACE,
     DEFAULT_MAX_CONNECTIONS,
-    check_call_timeout,
-    check_max_connections,
+    PROCESS_MAX_CONNECTIONS,
     raise_nofile_limit,
 )
 from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
-from qconnect.core.errors import QconnectError
+from qconnect.core import argtypes
+from qconnect.core.errors import ClientError, CommandLineError
 from qconnect.core.logs import setup_logging
-from qconnect.core.printable import printable
-from qconnect.core.spec import BindingSpec, parse_bind_address, parse_spec
+from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
+from qconnect.core.spec import DEFAULT_BIND, BindingSpec, parse_spec
 
 if TYPE_CHECKING:
     from qconnect.client.server import ServerOptions
@@ -38,7 +38,7 @@ PROG = "qvm-connect-tcp"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         usage=f"{PROG} [OPTIONS] [BIND:]LOCALPORT:[VMNAME]:PORT ...",
         description=(
@@ -50,13 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples: qvm-connect-tcp ::22 (local 22 to @default's 22); "
             "qvm-connect-tcp 8080:web:80 5432:db:5432; qvm-connect-tcp '[::1]:8080:web:80'. "
-            "See the running bindings with 'qconnect list', stop them with 'qconnect stop'."
+            "Options may come before, between or after the SPECs. "
+            "See the running bindings with 'qconnect list', stop them with 'qconnect stop'. "
+            + EXIT_STATUS_HELP
         ),
     )
-    parser.add_argument("specs", nargs="*", metavar="SPEC", help="[BIND:]LOCALPORT:[VMNAME]:PORT")
+    parser.add_argument(
+        "specs",
+        nargs="*",
+        type=argtypes.spec_text,
+        metavar="SPEC",
+        help="[BIND:]LOCALPORT:[VMNAME]:PORT",
+    )
     parser.add_argument(
         "--bind",
         metavar="ADDR",
+        type=argtypes.bind_address,
         default=None,
         help="listen on ADDR for every SPEC without its own (default 127.0.0.1; "
         "a non-loopback address lets other qubes on that network connect)",
@@ -72,22 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=argtypes.count(1, PROCESS_MAX_CONNECTIONS),
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help=f"open connections per binding (default {DEFAULT_MAX_CONNECTIONS}); more wait "
+        help=f"open connections per binding, 1 to {PROCESS_MAX_CONNECTIONS} (default "
+        f"{DEFAULT_MAX_CONNECTIONS}; a target qube serves at most {MAX_CALLS_IN_FLIGHT} calls "
+        "at once from the qubes on one side of it, some kept for other callers); more wait "
         "in the listen backlog",
     )
     parser.add_argument(
         "--grace",
-        type=float,
+        type=argtypes.seconds(zero="close them at once"),
         default=DEFAULT_GRACE,
         metavar="SECONDS",
         help=f"on stop, how long open connections may continue (default {DEFAULT_GRACE:g})",
     )
     parser.add_argument(
         "--call-timeout",
-        type=float,
+        type=argtypes.seconds(zero="never"),
         default=DEFAULT_CALL_TIMEOUT,
         metavar="SECONDS",
         help="end a call that dom0 has not let through after SECONDS while the client's bytes "
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-file",
         metavar="PATH",
+        type=argtypes.path,
         help="append the log to PATH (default: the journal, or stderr with --foreground)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -117,13 +129,16 @@ def _socket_activated() -> bool:
 
 
 def parse_specs(texts: Sequence[str], bind: str | None) -> list[BindingSpec]:
-    default_bind = parse_bind_address(bind) if bind is not None else "127.0.0.1"
-    specs = [parse_spec(text, default_bind=default_bind) for text in texts]
+    """The bindings of the command line, ``--bind`` (already normalised) filling BIND.
+
+    Two SPECs for one local address and port are a wrong command line.
+    """
+    specs = [parse_spec(text, default_bind=bind or DEFAULT_BIND) for text in texts]
     seen: dict[tuple[str, int], BindingSpec] = {}
     for spec in specs:
         key = (spec.bind_address, spec.local_port)
         if key in seen:
-            raise ClientError(
+            raise CommandLineError(
                 f"local port {spec.bind_host}:{spec.local_port} given twice "
                 f"({seen[key]} and {spec})"
             )
@@ -143,18 +158,18 @@ def _warn_exposed(specs: Sequence[BindingSpec]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_max_connections(args.max_connections)
-    check_call_timeout(args.call_timeout)
-    if args.grace < 0:
-        raise ClientError(f"invalid --grace {args.grace:g}: expected 0 or more seconds")
+    """Bind and serve; every value was checked by the parser's validators already."""
     systemd = args.systemd or (not args.specs and _socket_activated())
     if not systemd and not args.specs:
-        raise ClientError(
+        raise CommandLineError(
             "no binding given: expected [BIND:]LOCALPORT:[VMNAME]:PORT, e.g. 8080:work:80 or ::444"
         )
     if systemd and args.specs:
-        raise ClientError("--systemd serves the sockets systemd passes; give no SPEC with it")
+        raise CommandLineError("--systemd serves the sockets systemd passes; give no SPEC with it")
     specs = [] if systemd else parse_specs(args.specs, args.bind)
+    # Before binding: without qrexec-client-vm nothing can be served, and a
+    # port bound for nothing would only be in someone else's way.
+    find_qrexec_client_vm()
     log_file = os.path.abspath(args.log_file) if args.log_file else None
     # Imported only now: a mistyped spec is reported without loading trio.
     from qconnect.client.daemon import bind_or_sudo, run_foreground, serve_in_background
@@ -215,15 +230,9 @@ def _run_systemd(options: "ServerOptions", verbose: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except QconnectError as error:
-        print(f"{PROG}: error: {printable(str(error))}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        return 130
+    """``qvm-connect-tcp``'s entry point: the same front door as ``qconnect``'s."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return run_command(PROG, build_parser(), words, default_handler=run)
 
 
 if __name__ == "__main__":

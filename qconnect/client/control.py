@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qconnect.client.errors import ClientError
 from qconnect.client.registry import SOCKET_SUFFIX, peer_credentials, registry_dir, remove_stale
-from qconnect.core.errors import SpecError
+from qconnect.core.errors import ClientError, SpecError
 from qconnect.core.printable import printable
 from qconnect.core.spec import BindingSpec, parse_spec
 from qconnect.core.unixpath import connect_unix

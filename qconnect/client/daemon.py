@@ -20,14 +20,14 @@ import trio
 
 import qconnect
 from qconnect.client import qrexec_call
-from qconnect.client.errors import ClientError
-from qconnect.client.listeners import Listener, PrivilegedPortError
+from qconnect.client.listeners import Listener
 from qconnect.client.registry import (
     control_socket_path,
     ensure_runtime_dir,
     log_file_path,
 )
 from qconnect.client.server import ClientServer, ServerOptions
+from qconnect.core.errors import ClientError, PrivilegedPortError
 from qconnect.core.logs import PrintableFormatter, setup_logging
 from qconnect.core.printable import printable
 from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV

@@ -2,7 +2,7 @@
 
 import math
 
-from qconnect.client.errors import ClientError
+from qconnect.core.errors import ClientError
 from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 

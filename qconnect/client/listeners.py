@@ -10,19 +10,14 @@ import os
 import socket
 from dataclasses import dataclass
 
-from qconnect.client.errors import ClientError
 from qconnect.client.limits import LISTEN_BACKLOG
-from qconnect.core.errors import SpecError
+from qconnect.core.errors import ClientError, PrivilegedPortError, SpecError
 from qconnect.core.spec import BindingSpec, parse_fd_name
 
 #: Where Linux keeps the first port an unprivileged process may bind.
 UNPRIVILEGED_PORT_START_FILE = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 #: The historical value, used when the sysctl cannot be read.
 DEFAULT_UNPRIVILEGED_PORT_START = 1024
-
-
-class PrivilegedPortError(ClientError):
-    """Binding a port below ip_unprivileged_port_start needs root."""
 
 
 @dataclass

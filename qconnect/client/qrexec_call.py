@@ -11,7 +11,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from qconnect.client.errors import ClientError
+from qconnect.core.errors import ClientError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import service_call
 from qconnect.core.qrexec_client import (

@@ -16,7 +16,7 @@ import stat
 import struct
 from pathlib import Path
 
-from qconnect.client.errors import ClientError
+from qconnect.core.errors import ClientError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec_client import LOOPBACK_MACHINE_ENV, LOOPBACK_QUBE_ENV
 

@@ -4,8 +4,8 @@ import argparse
 import time
 
 from qconnect.client.control import STATUS, StopRequest, ask_all
-from qconnect.client.errors import ClientError
-from qconnect.core.errors import SpecError
+from qconnect.core import argtypes
+from qconnect.core.errors import ClientError, CommandLineError, SpecError
 from qconnect.core.printable import printable
 from qconnect.core.spec import BindingSpec, parse_spec
 
@@ -19,11 +19,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Stop running qvm-connect-tcp bindings: they stop accepting at once, open "
         "connections get the binding's grace period, then the command returns."
     )
-    parser.add_argument("specs", nargs="*", metavar="SPEC", help="[BIND:]LOCALPORT:[VMNAME]:PORT")
+    parser.add_argument(
+        "specs",
+        nargs="*",
+        type=argtypes.spec,
+        metavar="SPEC",
+        help="[BIND:]LOCALPORT:[VMNAME]:PORT",
+    )
     parser.add_argument("--all", action="store_true", help="stop every running binding")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=argtypes.seconds(zero="do not wait"),
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for them to end (default 60)",
@@ -46,7 +52,9 @@ def _running() -> set[BindingSpec]:
 
 def run(args: argparse.Namespace) -> int:
     if args.all == bool(args.specs):
-        raise ClientError("expected SPEC... or --all (see 'qconnect list' for the running ones)")
+        raise CommandLineError(
+            "expected SPEC... or --all (see 'qconnect list' for the running ones)"
+        )
     if args.all:
         wanted = _running()
         if not wanted:
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         ask_all(StopRequest())
     else:
-        wanted = {parse_spec(text) for text in args.specs}
+        wanted = set(args.specs)
         running = _running()
         missing = sorted(str(spec) for spec in wanted - running)
         if missing:

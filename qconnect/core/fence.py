@@ -16,27 +16,13 @@ import functools
 import re
 from dataclasses import dataclass
 
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import FenceError
 
 #: Line ends as sh reads a script: only "\n" ends a line.
 SHELL_LINE_ENDS = ("\n",)
 #: Line ends as dom0's policy parser reads a file. "\r\n" precedes "\r" so
 #: that a Windows line end is one end, not a lone "\r" and an empty line.
 DOM0_LINE_ENDS = ("\r\n", "\r", "\n")
-
-
-class FenceError(QconnectError):
-    """The markers are damaged; the counts let a caller word its own message."""
-
-    def __init__(self, markers: "Markers", begins: int, ends: int, unclosed: bool) -> None:
-        super().__init__(
-            f"damaged markers ({begins} '{markers.begin}' and {ends} '{markers.end}' lines): "
-            "repair the file by hand"
-        )
-        self.begins = begins
-        self.ends = ends
-        #: The last marker line is a BEGIN: a block that never ends.
-        self.unclosed = unclosed
 
 
 @functools.cache
@@ -136,7 +122,7 @@ class Markers:
             return Fenced(before, "", "".join(lines[at:]), (), at + 2, "", needs_newline)
         if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
             unclosed = bool(begins) and (not ends or begins[-1] > ends[-1])
-            raise FenceError(self, len(begins), len(ends), unclosed)
+            raise FenceError(self.begin, self.end, len(begins), len(ends), unclosed)
         begin, end = begins[0], ends[0]
         return Fenced(
             before="".join(lines[:begin]),

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconnect.core import atomic, exposure
-from qconnect.core.errors import FileWriteError, QconnectError
+from qconnect.core.errors import FenceError, FileWriteError, QconnectError
 from qconnect.core.exposure import Exposure, ExposureError
-from qconnect.core.fence import FenceError
 from qconnect.expose import model
 from qconnect.expose.model import ExposeError, ExposeFailure, Request, Target
 

@@ -17,22 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconnect.core import unixpath
+from qconnect.core.errors import AgentCallFailed, RpcConfigError
 from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM
 from qconnect.loopback import layout
-from qconnect.loopback.rpcconfig import RpcConfig, RpcConfigError, parse_rpc_config
+from qconnect.loopback.rpcconfig import RpcConfig, parse_rpc_config
 
 # Linux's limit on a file name (NAME_MAX): a longer service name cannot exist.
 _NAME_MAX = 255
 
 _DEV_TCP = "/dev/tcp"
-
-
-class CallFailed(Exception):
-    """The agent could not start the service; ``exit_code`` is what the caller sees."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -74,20 +67,22 @@ def _find_file(directories: list[Path], name: str, *, tcp_links: bool) -> FoundS
         except FileNotFoundError:
             continue
         except OSError as error:
-            raise CallFailed(EXIT_QREXEC_PROBLEM, f"stat {candidate}: {error.strerror}") from None
+            raise AgentCallFailed(
+                EXIT_QREXEC_PROBLEM, f"stat {candidate}: {error.strerror}"
+            ) from None
         if stat.S_ISLNK(info.st_mode):
             if tcp_links:
                 link = os.readlink(candidate)
                 if link == _DEV_TCP or link.startswith(_DEV_TCP + "/"):
                     if link == _DEV_TCP + "/":
-                        raise CallFailed(EXIT_QREXEC_PROBLEM, "/dev/tcp/ not followed by host")
+                        raise AgentCallFailed(EXIT_QREXEC_PROBLEM, "/dev/tcp/ not followed by host")
                     return FoundService("tcp", link)
             try:
                 info = os.stat(candidate)
             except FileNotFoundError:
                 continue
             except OSError as error:
-                raise CallFailed(
+                raise AgentCallFailed(
                     EXIT_QREXEC_PROBLEM, f"stat {candidate}: {error.strerror}"
                 ) from None
         if stat.S_ISSOCK(info.st_mode):
@@ -108,11 +103,13 @@ def load_config(machine: Path, request: Request) -> RpcConfig:
         with open(found.path, encoding="utf-8", errors="surrogateescape") as file:
             return parse_rpc_config(file.read(), source=found.path)
     except RpcConfigError as error:
-        raise CallFailed(
+        raise AgentCallFailed(
             EXIT_QREXEC_PROBLEM, f"cannot load service configuration: {error}"
         ) from None
     except OSError as error:
-        raise CallFailed(EXIT_QREXEC_PROBLEM, f"failed to load {found.path}: {error}") from None
+        raise AgentCallFailed(
+            EXIT_QREXEC_PROBLEM, f"failed to load {found.path}: {error}"
+        ) from None
 
 
 def find_service(machine: Path, request: Request) -> FoundService:
@@ -122,9 +119,9 @@ def find_service(machine: Path, request: Request) -> FoundService:
         directories, request.service, tcp_links=True
     )
     if found is None:
-        raise CallFailed(EXIT_NO_SERVICE, f"Service not found: {request.full_name}")
+        raise AgentCallFailed(EXIT_NO_SERVICE, f"Service not found: {request.full_name}")
     if found.kind == "executable" and not os.access(found.path, os.X_OK):
-        raise CallFailed(
+        raise AgentCallFailed(
             EXIT_QREXEC_PROBLEM,
             f"Unknown service type (not executable, not a socket): {found.path}",
         )
@@ -138,7 +135,7 @@ def connect_unix(path: str) -> socket.socket:
         unixpath.connect_unix(sock, path)
     except OSError as error:
         sock.close()
-        raise CallFailed(EXIT_QREXEC_PROBLEM, f"connect {path}: {error.strerror}") from None
+        raise AgentCallFailed(EXIT_QREXEC_PROBLEM, f"connect {path}: {error.strerror}") from None
     return sock
 
 
@@ -162,22 +159,26 @@ def tcp_address(link: str, argument: str) -> tuple[str, str]:
         port = fixed if _ else None
     if port is None:
         if not argument:
-            raise CallFailed(
+            raise AgentCallFailed(
                 EXIT_QREXEC_PROBLEM, f"No or empty argument provided, cannot connect to {link}"
             )
         if host is None:
             host, plus, port = argument.rpartition("+")
             if not plus:
-                raise CallFailed(
+                raise AgentCallFailed(
                     EXIT_QREXEC_PROBLEM, f"No port provided, cannot connect to {argument}"
                 )
             if "_" in host:
-                raise CallFailed(EXIT_QREXEC_PROBLEM, f"Underscore not allowed in hostname {host}")
+                raise AgentCallFailed(
+                    EXIT_QREXEC_PROBLEM, f"Underscore not allowed in hostname {host}"
+                )
             host = host.replace("+", ":")
         else:
             port = argument
     elif argument:
-        raise CallFailed(EXIT_QREXEC_PROBLEM, f"Unexpected argument {argument} to service {link}")
+        raise AgentCallFailed(
+            EXIT_QREXEC_PROBLEM, f"Unexpected argument {argument} to service {link}"
+        )
     assert host is not None  # a link without host takes it from the argument above
     return host, port
 
@@ -199,7 +200,7 @@ def connect_tcp(host: str, port: str) -> socket.socket:
     refused connection here (a real qube would try it).
     """
     if not _valid_port(port):
-        raise CallFailed(EXIT_QREXEC_PROBLEM, f"Invalid port number {port}")
+        raise AgentCallFailed(EXIT_QREXEC_PROBLEM, f"Invalid port number {port}")
     ipv6_only = ":" in host or "%" in host
     try:
         # Bytes, not str: a str host goes through the idna codec, whose import
@@ -213,12 +214,12 @@ def connect_tcp(host: str, port: str) -> socket.socket:
             socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
         )
     except socket.gaierror as error:
-        raise CallFailed(
+        raise AgentCallFailed(
             EXIT_QREXEC_PROBLEM, f"getaddrinfo({host}, {port}) failed: {error}"
         ) from None
     family, kind, proto, _, address = infos[0]
     if not _is_loopback(str(address[0])):
-        raise CallFailed(
+        raise AgentCallFailed(
             EXIT_QREXEC_PROBLEM, f"loopback qrexec connects to loopback addresses only, not {host}"
         )
     sock = socket.socket(family, kind, proto)
@@ -227,7 +228,7 @@ def connect_tcp(host: str, port: str) -> socket.socket:
         sock.connect(address)
     except OSError as error:
         sock.close()
-        raise CallFailed(EXIT_QREXEC_PROBLEM, f"connect: {error.strerror}") from None
+        raise AgentCallFailed(EXIT_QREXEC_PROBLEM, f"connect: {error.strerror}") from None
     return sock
 
 
@@ -283,7 +284,7 @@ def start_executable(machine: Path, request: Request, path: str) -> ExecutableSe
         # qrexec's child exits 127 when execve says ENOENT (a missing
         # interpreter, say) and 125 for any other failure.
         code = EXIT_NO_SERVICE if isinstance(error, FileNotFoundError) else EXIT_QREXEC_PROBLEM
-        raise CallFailed(code, f"execve {path}: {error.strerror}") from None
+        raise AgentCallFailed(code, f"execve {path}: {error.strerror}") from None
     finally:
         stdin_theirs.close()
         stdout_theirs.close()

@@ -4,7 +4,11 @@ import argparse
 import os
 import sys
 
-from qconnect.loopback.machine import LoopbackError, Machine, QubeSpec
+from qconnect.core import argtypes
+from qconnect.core.errors import CommandLineError, LoopbackError, PolicyError, QconnectError
+from qconnect.loopback.machine import Machine, QubeSpec
+from qconnect.policy.parser import parse_line, split_lines
+from qconnect.policy.rules import Location
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,12 +21,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Create a loopback Qubes machine: dom0's policy directory and "
         "system info, and for each qube its qubes-rpc and rpc-config directories.",
     )
-    init.add_argument("directory", metavar="DIR", help="the machine directory (new or empty)")
+    init.add_argument(
+        "directory",
+        metavar="DIR",
+        type=argtypes.path,
+        help="the machine directory (new or empty)",
+    )
     init.add_argument(
         "--qube",
         dest="qubes",
         action="append",
         required=True,
+        type=_qube_spec,
         metavar="NAME[:TYPE][:TAG,...]",
         help="a qube (repeat for more); TYPE is AppVM (default), DispVM, StandaloneVM or "
         "TemplateVM, e.g. --qube work --qube web::server,public",
@@ -31,12 +41,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--policy",
         action="append",
         default=[],
+        type=_policy_line,
         metavar="LINE",
         help="a dom0 policy line for policy.d/30-loopback.policy (repeatable), e.g. "
         "'qubes.ConnectTCP +80 work @default allow target=web'",
     )
     init.add_argument(
         "--ask",
+        type=_ask_answer,
         metavar="ANSWER",
         help="how 'ask' rules are answered: allow, 'allow QUBE' or deny (default: deny)",
     )
@@ -59,8 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Run COMMAND as if inside QUBE: qrexec-client-vm on its PATH is the "
         "loopback client, which calls other qubes of the machine through dom0's policy.",
     )
-    run.add_argument("directory", metavar="DIR", help="the machine directory")
-    run.add_argument("qube", metavar="QUBE", help="the qube to run in")
+    run.add_argument("directory", metavar="DIR", type=argtypes.path, help="the machine directory")
+    run.add_argument("qube", metavar="QUBE", type=argtypes.qube_name, help="the qube to run in")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     run.set_defaults(handler=_run)
 
@@ -72,14 +84,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "prints 'listening on PATH' when ready; SIGTERM stops it once running calls end. "
         "Without it, calls run in-process as before.",
     )
-    serve.add_argument("directory", metavar="DIR", help="the machine directory")
+    serve.add_argument("directory", metavar="DIR", type=argtypes.path, help="the machine directory")
     serve.set_defaults(handler=_serve)
 
 
+def _qube_spec(text: str) -> QubeSpec:
+    """``--qube NAME[:TYPE][:TAG,...]``, by :meth:`QubeSpec.parse`'s grammar."""
+    try:
+        return QubeSpec.parse(text)
+    except QconnectError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _policy_line(text: str) -> str:
+    """``--policy LINE``: one line of dom0's policy grammar, checked by dom0's own parser.
+
+    A line break would make one option several rules; a line dom0 would not
+    parse would only fail later, at the first call.
+    """
+    if len(split_lines(text)) != 1:
+        raise argparse.ArgumentTypeError(f"invalid policy line {text!r}: expected one line")
+    try:
+        parse_line(text, Location("--policy", None))
+    except PolicyError as error:  # its message, without the FILE:LINE of a file
+        raise argparse.ArgumentTypeError(f"invalid policy line: {error.message}") from None
+    return text
+
+
+def _ask_answer(text: str) -> str:
+    """``--ask``: how the machine answers 'ask' rules."""
+    if text.split()[:1] not in (["allow"], ["deny"]):
+        raise argparse.ArgumentTypeError(
+            f"invalid answer {text!r}: expected allow, 'allow QUBE' or deny"
+        )
+    return text
+
+
 def _init(args: argparse.Namespace) -> int:
-    specs = [QubeSpec.parse(text) for text in args.qubes]
-    if args.ask is not None and args.ask.split()[:1] not in (["allow"], ["deny"]):
-        raise LoopbackError(f"invalid --ask {args.ask!r}: expected allow, 'allow QUBE' or deny")
+    specs: list[QubeSpec] = args.qubes
+    given = [spec.name for spec in specs]
+    twice = sorted({name for name in given if given.count(name) > 1})
+    if twice:
+        raise CommandLineError(f"--qube {twice[0]!r} given twice: expected each qube once")
     machine = Machine.create(
         args.directory, specs, policy=args.policy, stock_connect_tcp=args.stock
     )
@@ -97,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
-        raise LoopbackError(
+        raise CommandLineError(
             "no command given: expected `qconnect loopback run DIR QUBE -- COMMAND...`"
         )
     machine = Machine(args.directory)

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from qconnect.core.errors import AgentCallFailed
 from qconnect.core.qrexec import EXIT_REFUSED, is_valid_qube_name
 from qconnect.loopback import channels, layout, localprogram
 from qconnect.loopback.agent import (
-    CallFailed,
     Request,
     connect_tcp,
     connect_unix,
@@ -94,7 +94,7 @@ class Call:
         taken = time.monotonic()
         try:
             return self._serve(request)
-        except CallFailed as failure:
+        except AgentCallFailed as failure:
             self.log(
                 f"qrexec-agent[{target}]", f"{request.full_name} from {self.source}: {failure}"
             )

@@ -51,9 +51,9 @@ from pathlib import Path
 # select, subprocess and threading above, the blocking relay and the policy engine
 # (``client`` imports the latter lazily) below.
 from qconnect.core import fdlimit, unixpath
+from qconnect.core.errors import LoopbackError
 from qconnect.loopback import client, forkcall
 from qconnect.loopback.forkcall import REQUEST_FDS, BadRequest
-from qconnect.loopback.machine import LoopbackError
 
 logger = logging.getLogger("qconnect.loopback.forkserver")
 

@@ -31,14 +31,9 @@ from typing import Any
 
 import qconnect
 from qconnect.core import atomic
-from qconnect.core.errors import PolicyError, QconnectError
+from qconnect.core.errors import LoopbackError, PolicyError
 from qconnect.core.qrexec import SERVICE, is_valid_qube_name
 from qconnect.loopback import channels, forkcall, layout
-
-
-class LoopbackError(QconnectError):
-    """A loopback machine cannot be created or used as asked."""
-
 
 # The qube types a loopback qube may have (Qubes' class names, as the policy's
 # @type: token uses them); dom0 is always there as the AdminVM.

@@ -11,11 +11,7 @@ behaves here exactly as in a qube.
 
 from dataclasses import dataclass, field
 
-from qconnect.core.errors import QconnectError
-
-
-class RpcConfigError(QconnectError):
-    """An rpc-config file qrexec-agent would refuse (the call fails with 125)."""
+from qconnect.core.errors import RpcConfigError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from qconnect.core.errors import PersistError
-from qconnect.core.install.systemctl import SystemctlError, Systemd
+from qconnect.core import argtypes
+from qconnect.core.errors import CommandLineError, PersistError, SystemctlError
+from qconnect.core.install.systemctl import Systemd
+from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 from qconnect.core.qrexec_client import (
     LOOPBACK_MACHINE_ENV,
     QREXEC_CLIENT_VM,
@@ -54,7 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="install a binding as systemd socket units and start it",
         description="Install [BIND:]LPORT:VM:PORT as systemd socket units and start it.",
     )
-    add.add_argument("spec", metavar="SPEC", help="[BIND:]LOCALPORT:[VMNAME]:PORT")
+    add.add_argument(
+        "spec", metavar="SPEC", type=argtypes.spec_text, help="[BIND:]LOCALPORT:[VMNAME]:PORT"
+    )
     _scope_options(add, "default: --user for ports from 1024, --system below")
     add.add_argument(
         "--mode",
@@ -65,9 +69,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add.add_argument(
         "--max-connections",
-        type=int,
+        type=argtypes.count(1, MAX_CALLS_IN_FLIGHT),
         metavar="N",
-        help=f"per-connection mode: connections at once (default {DEFAULT_MAX_CONNECTIONS})",
+        help=f"per-connection mode: connections at once, 1 to {MAX_CALLS_IN_FLIGHT} "
+        f"(default {DEFAULT_MAX_CONNECTIONS})",
     )
     add.add_argument(
         "--relay",
@@ -78,6 +83,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add.add_argument(
         "--qrexec-client-vm",
+        type=_executable("--qrexec-client-vm"),
         metavar="PATH",
         help=f"per-connection mode: the one the units run (default {DEFAULT_QREXEC_CLIENT_VM}, "
         "or the loopback machine's inside `qconnect loopback run`)",
@@ -85,11 +91,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add.add_argument(
         "--socat",
         default=DEFAULT_SOCAT,
+        type=_executable("--socat"),
         metavar="PATH",
         help=f"--relay socat: the socat the units run (default {DEFAULT_SOCAT})",
     )
     add.add_argument(
         "--qvm-connect-tcp",
+        type=_executable("--qvm-connect-tcp"),
         metavar="PATH",
         help="daemon mode: qconnect's qvm-connect-tcp (default: the one installed with qconnect)",
     )
@@ -110,7 +118,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     listing.set_defaults(handler=run_list)
 
     show = actions.add_parser("show", help="the unit files of one binding")
-    show.add_argument("spec", metavar="SPEC")
+    show.add_argument("spec", metavar="SPEC", type=argtypes.spec_text)
     _scope_options(show, "default: either")
     _root_option(show)
     show.set_defaults(handler=run_show)
@@ -119,7 +127,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "remove", help="stop a binding and delete its units (and its rc.local lines)"
     )
     target = remove.add_mutually_exclusive_group(required=True)
-    target.add_argument("spec", metavar="SPEC", nargs="?")
+    target.add_argument("spec", metavar="SPEC", nargs="?", type=argtypes.spec_text)
     target.add_argument("--all", action="store_true", help="every binding (of the scope given)")
     _scope_options(remove, "default: either")
     _root_option(remove)
@@ -138,9 +146,22 @@ def _scope_options(parser: argparse.ArgumentParser, default: str) -> None:
     )  # fmt: skip
 
 
+def _executable(option: str) -> Callable[[str], str]:
+    """A validator for a program path the units run: ExecStart='s own safe subset."""
+
+    def parse_executable(text: str) -> str:
+        try:
+            return check_executable_path(text, option)
+        except PersistError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse_executable
+
+
 def _root_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root",
+        type=argtypes.path,
         default="/",
         metavar="DIR",
         help="prefix every path with DIR (an image of a qube); systemd is not told",
@@ -158,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 def _layout(args: argparse.Namespace) -> UnitPaths:
     root = Path(args.root)
     if not root.is_dir():
-        raise PersistError(f"invalid --root {args.root!r}: expected an existing directory")
+        raise PersistError(f"invalid --root '{args.root}': expected an existing directory")
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     if not os.path.isabs(config):
         raise PersistError(f"invalid XDG_CONFIG_HOME {config!r}: expected an absolute path")
@@ -186,7 +207,7 @@ def _choose_scope(args: argparse.Namespace, spec: BindingSpec) -> Scope:
         return Scope.USER if spec.local_port >= PRIVILEGED_PORT_LIMIT else Scope.SYSTEM
     scope = Scope(args.scope)
     if scope is Scope.USER and spec.local_port < PRIVILEGED_PORT_LIMIT:
-        raise PersistError(
+        raise CommandLineError(
             f"local port {spec.local_port} is below {PRIVILEGED_PORT_LIMIT}: only --system "
             "can listen there (a user's systemd may not bind it)"
         )
@@ -252,7 +273,9 @@ def _binding_from(args: argparse.Namespace) -> Binding:
     mode = Mode(args.mode)
     if mode is Mode.DAEMON:
         if args.max_connections is not None or args.relay != "auto":
-            raise PersistError("--max-connections and --relay apply to --mode per-connection only")
+            raise CommandLineError(
+                "--max-connections and --relay apply to --mode per-connection only"
+            )
         return Binding(spec, scope, mode)
     max_connections = check_max_connections(
         DEFAULT_MAX_CONNECTIONS if args.max_connections is None else args.max_connections

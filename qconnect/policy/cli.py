@@ -11,12 +11,13 @@ import json
 import shlex
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from qconnect.core.errors import PolicyError
+from qconnect.core import argtypes
+from qconnect.core.errors import CommandLineError, PolicyError
 from qconnect.core.printable import printable
-from qconnect.core.qrexec import SERVICE, is_valid_qube_name, parse_port
+from qconnect.core.qrexec import SERVICE, is_valid_qube_name
 from qconnect.policy.editor import (
     QCONNECT_FILE,
     EditResult,
@@ -64,14 +65,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--policy-dir",
-        type=Path,
+        type=argtypes.path,
         default=POLICY_DIR,
         metavar="DIR",
         help=f"dom0's policy directory (default {POLICY_DIR})",
     )
     common.add_argument(
         "--qubes",
-        type=Path,
+        type=argtypes.path,
         metavar="FILE",
         help="the qubes, as JSON of qubesd's internal.GetSystemInfo (default in dom0: ask qubesd)",
     )
@@ -82,7 +83,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     common.add_argument(
         "--legacy-dir",
-        type=Path,
+        type=argtypes.path,
         metavar="DIR",
         help="the R4.0 policy directory (default /etc/qubes-rpc/policy beside --policy-dir)",
     )
@@ -90,6 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     editing.add_argument(
         "--file",
         default=QCONNECT_FILE,
+        type=_policy_file_name,
         metavar="NAME",
         help=f"the policy file our rules go to (default {QCONNECT_FILE})",
     )
@@ -105,12 +107,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Add qubes.ConnectTCP +PORT SOURCE QUBE allow (calls naming QUBE) or "
         "qubes.ConnectTCP +PORT SOURCE @default allow target=QUBE (calls naming no target).",
     )
-    allow.add_argument("source", metavar="SOURCE", help="calling qube, or @tag:T, @type:T, @anyvm")
+    allow.add_argument(
+        "source",
+        metavar="SOURCE",
+        type=_word(Place.SOURCE, "source"),
+        help="calling qube, or @tag:T, @type:T, @anyvm",
+    )
     _add_ports(allow)
     where = allow.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", metavar="QUBE", help="for calls that name QUBE")
     where.add_argument(
-        "--default-target", metavar="QUBE", help="for calls that name no target: sent to QUBE"
+        "--target",
+        metavar="QUBE",
+        type=_word(Place.TARGET, "target", default_ok=False),
+        help="for calls that name QUBE",
+    )
+    where.add_argument(
+        "--default-target",
+        metavar="QUBE",
+        type=_word(Place.REDIRECT, "default target"),
+        help="for calls that name no target: sent to QUBE",
     )
     allow.add_argument("--ask", action="store_true", help="ask the user in dom0 each time")
     allow.add_argument(
@@ -124,9 +139,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="refuse SOURCE's calls to a port",
         description="Add qubes.ConnectTCP +PORT SOURCE @anyvm deny (or QUBE with --target).",
     )
-    deny.add_argument("source", metavar="SOURCE")
+    deny.add_argument("source", metavar="SOURCE", type=_word(Place.SOURCE, "source"))
     _add_ports(deny)
-    deny.add_argument("--target", metavar="QUBE", help="only calls naming QUBE (default: all)")
+    deny.add_argument(
+        "--target",
+        metavar="QUBE",
+        type=_word(Place.TARGET, "target"),
+        help="only calls naming QUBE (default: all)",
+    )
     deny.set_defaults(handler=run_deny)
 
     remove = commands.add_parser(
@@ -135,11 +155,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="remove rules this tool added",
         description="Remove rules from qconnect's block; rules written by hand are never touched.",
     )
-    remove.add_argument("source", metavar="SOURCE", nargs="?")
-    remove.add_argument("--port", action="append", default=[], metavar="PORT")
+    remove.add_argument("source", metavar="SOURCE", nargs="?", type=_word(Place.SOURCE, "source"))
+    remove.add_argument("--port", action="append", default=[], type=argtypes.port, metavar="PORT")
     target = remove.add_mutually_exclusive_group()
-    target.add_argument("--target", metavar="QUBE")
-    target.add_argument("--default-target", metavar="QUBE")
+    target.add_argument("--target", metavar="QUBE", type=_word(Place.TARGET, "target"))
+    target.add_argument(
+        "--default-target", metavar="QUBE", type=_word(Place.REDIRECT, "default target")
+    )
     remove.add_argument("--all", action="store_true", help="remove every rule this tool added")
     remove.set_defaults(handler=run_remove)
 
@@ -161,9 +183,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or anything else): it is rewritten as qrexec rewrites it and decided as dom0 "
         "decides, refusals included.",
     )
-    explain.add_argument("source", metavar="SOURCE")
+    explain.add_argument("source", metavar="SOURCE", type=_qube_word("source"))
     explain.add_argument("target", metavar="TARGET")
-    explain.add_argument("port", metavar="PORT")
+    explain.add_argument("port", metavar="PORT", type=argtypes.port)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(handler=run_explain)
 
@@ -172,7 +194,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parents=[common],
         help="report every problem, with FILE:LINE (exit 1 if any)",
     )
-    lint.add_argument("paths", metavar="PATH", nargs="*", type=Path)
+    lint.add_argument("paths", metavar="PATH", nargs="*", type=argtypes.path)
     lint.set_defaults(handler=run_lint)
 
     importing = commands.add_parser(
@@ -188,9 +210,58 @@ def _add_ports(parser: argparse.ArgumentParser) -> None:
         "--port",
         action="append",
         required=True,
+        type=argtypes.port,
         metavar="PORT",
         help="TCP port in the target (repeat for several: one rule each)",
     )
+
+
+def _word(place: Place, what: str, *, default_ok: bool = True) -> Callable[[str], str]:
+    """A validator for a SOURCE, QUBE or default target word: its grammar, not its existence.
+
+    Whether the qube exists is asked later, of the machine (exit 1 when it
+    does not); a word that could never be one is a wrong command line.
+    """
+
+    def parse_word(text: str) -> str:
+        try:
+            token = _token(text, place, what, None)
+        except PolicyError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if isinstance(token, DefaultVM) and not default_ok:
+            raise argparse.ArgumentTypeError(
+                "invalid target '@default': use --default-target QUBE for such calls"
+            )
+        return text
+
+    return parse_word
+
+
+def _qube_word(what: str) -> Callable[[str], str]:
+    """A validator for a word that must be a qube's name (or dom0)."""
+
+    def parse_qube(text: str) -> str:
+        try:
+            _check_qube(text, what, None)
+        except PolicyError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return parse_qube
+
+
+def _policy_file_name(file_name: str) -> str:
+    """``--file``: a name dom0 reads (qrexec's filter_filepaths skips any other)."""
+    if (
+        invalid_file_name(file_name)
+        or not file_name.endswith(".policy")
+        or file_name.startswith(".")
+    ):
+        raise argparse.ArgumentTypeError(
+            f"invalid policy file name {file_name!r}: expected lowercase letters, digits, "
+            "'_', '.' or '-', not starting with '.', ending in .policy"
+        )
+    return file_name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,18 +281,9 @@ def _legacy_dir(args: argparse.Namespace) -> Path:
 def _format(args: argparse.Namespace) -> PolicyFormat:
     if args.legacy:
         return LegacyFormat(_legacy_dir(args))
-    file_name = getattr(args, "file", QCONNECT_FILE)
-    # dom0 reads only *.policy names of these characters and skips dot-files
-    # (qrexec's filter_filepaths): a rule written anywhere else would never count.
-    if (
-        invalid_file_name(file_name)
-        or not file_name.endswith(".policy")
-        or file_name.startswith(".")
-    ):
-        raise PolicyError(
-            f"invalid policy file name {file_name!r}: expected lowercase letters, digits, "
-            "'_', '.' or '-', not starting with '.', ending in .policy"
-        )
+    # --file is checked by its validator: dom0 reads only *.policy names of
+    # these characters and skips dot-files (qrexec's filter_filepaths).
+    file_name: str = getattr(args, "file", QCONNECT_FILE)
     return NewFormat(args.policy_dir, file_name, args.legacy_dir)
 
 
@@ -240,8 +302,8 @@ def _load(args: argparse.Namespace) -> Policy:
     return load_policy(args.policy_dir, legacy_dir=args.legacy_dir)
 
 
-def _ports(texts: Sequence[str]) -> list[int]:
-    ports = [parse_port(text) for text in texts]
+def _ports(ports: Sequence[int]) -> list[int]:
+    """The --port values (checked by their validator), each once, in the order given."""
     return list(dict.fromkeys(ports))
 
 
@@ -397,9 +459,9 @@ def run_deny(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     if args.all and (args.source or args.port or args.target or args.default_target):
-        raise PolicyError("--all removes every rule this tool added: give it alone")
+        raise CommandLineError("--all removes every rule this tool added: give it alone")
     if not args.all and args.source is None:
-        raise PolicyError(
+        raise CommandLineError(
             "say which rules to remove: SOURCE [--port PORT] [--target QUBE], or --all"
         )
     fmt = _format(args)
@@ -474,7 +536,7 @@ def run_explain(args: argparse.Namespace) -> int:
     decision, target and rule, plus ``requested_target`` when the rewriting
     changed the word and ``warnings`` when there are any.
     """
-    port = parse_port(args.port)
+    port: int = args.port
     system = _system(args, required=True)
     assert system is not None
     _check_qube(args.source, "source", system)
@@ -551,7 +613,7 @@ def run_lint(args: argparse.Namespace) -> int:
 
 def run_import_legacy(args: argparse.Namespace) -> int:
     if args.legacy:
-        raise PolicyError("import-legacy writes the new format: drop --legacy")
+        raise CommandLineError("import-legacy writes the new format: drop --legacy")
     legacy_dir = _legacy_dir(args)
     errors: list[PolicyError] = []
     policy = load_legacy_policy(legacy_dir, on_error=errors.append)

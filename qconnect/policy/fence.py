@@ -10,8 +10,8 @@ Pure: text in, text out.
 
 from collections.abc import Sequence
 
-from qconnect.core.errors import PolicyError
-from qconnect.core.fence import DOM0_LINE_ENDS, Fenced, FenceError, Markers
+from qconnect.core.errors import FenceError, PolicyError
+from qconnect.core.fence import DOM0_LINE_ENDS, Fenced, Markers
 
 BEGIN_MARKER = "# --- BEGIN qconnect: rules managed by `qconnect policy` ---"
 END_MARKER = "# --- END qconnect ---"

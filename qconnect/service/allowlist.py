@@ -31,7 +31,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.errors import AllowlistRefusal, QconnectError, ServiceError
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import is_valid_qube_name, parse_port
 
@@ -207,20 +207,6 @@ def load_allowlist(candidates: Iterable[AnyPath]) -> Allowlist | None:
     """The allowlist in force: the first candidate found, read; None when there is none."""
     path = find_allowlist(candidates)
     return read_allowlist(path) if path is not None else None
-
-
-class AllowlistRefusal(ServiceError):
-    """The allowlist does not let this call through.
-
-    ``str()`` is the detail for the target's own log (file, line, names);
-    ``public`` is the one line the caller may be told, the same whatever the
-    reason, so that a caller learns nothing about the target's configuration.
-    """
-
-    def __init__(self, port: int, detail: str) -> None:
-        super().__init__(detail)
-        self.port = port
-        self.public = f"port {port} is not served by this qube's allowlist"
 
 
 def check_call(port: int, caller: str, load: Callable[[], Allowlist | None]) -> None:

@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qconnect.core.errors import ServiceError
+from qconnect.core import argtypes
+from qconnect.core.errors import CommandLineError
 
 if TYPE_CHECKING:
     from qconnect.service.install import Layout
@@ -27,40 +28,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--socket",
         default=defaults.DEFAULT_SOCKET,
+        type=argtypes.path_text,
         metavar="PATH",
         help="unix socket to listen on (default: %(default)s)",
     )
     run.add_argument(
         "--allow-file",
         action="append",
+        type=argtypes.path_text,
         metavar="PATH",
         help="allowlist file (repeatable; first existing wins; default: "
         "/usr/local/etc/qconnect/connecttcp.allow, /etc/qconnect/connecttcp.allow)",
     )
     run.add_argument(
         "--max-calls",
-        type=_positive_int,
+        type=argtypes.count(1),
         default=defaults.DEFAULT_MAX_CALLS,
         metavar="N",
         help="calls open at once, in total (default: %(default)s)",
     )
     run.add_argument(
         "--max-calls-per-caller",
-        type=_positive_int,
+        type=argtypes.count(1),
         default=defaults.DEFAULT_MAX_CALLS_PER_CALLER,
         metavar="N",
         help="calls open at once from one qube (default: %(default)s)",
     )
     run.add_argument(
         "--descriptor-timeout",
-        type=_positive_float,
+        type=argtypes.seconds(),
         default=defaults.DEFAULT_DESCRIPTOR_TIMEOUT,
         metavar="SECONDS",
         help="drop a connection that sends no descriptor in time (default: %(default)s)",
     )
     run.add_argument(
         "--connect-timeout",
-        type=_positive_float,
+        type=argtypes.seconds(),
         default=defaults.DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="give up connecting to the local port (default: %(default)s)",
@@ -75,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub = actions.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--root",
-            type=Path,
+            type=argtypes.path,
             default=Path("/"),
             metavar="DIR",
             help="the qube's root directory (default: /)",
@@ -98,7 +101,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             )
             form.add_argument(
                 "--rpc-dir",
-                type=Path,
+                type=argtypes.path,
                 metavar="DIR",
                 help="only put the executable into this qubes-rpc directory "
                 "(e.g. a loopback qube's)",
@@ -113,33 +116,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
             )
             sub.add_argument(
                 "--rpc-config-dir",
-                type=Path,
+                type=argtypes.path,
                 metavar="DIR",
                 help="with --rpc-dir: also write the rpc-config there",
             )
             sub.set_defaults(form="socket", handler=_install)
         else:
             sub.set_defaults(handler=_uninstall)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected positive seconds")
-    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -162,13 +145,13 @@ def _install(args: argparse.Namespace) -> int:
     from qconnect.service import install
 
     if args.rpc_dir is not None and args.layout is not None:
-        raise ServiceError("--layout goes with a whole install, not with --rpc-dir")
+        raise CommandLineError("--layout goes with a whole install, not with --rpc-dir")
     if args.rpc_dir is not None:
         path = install.install_into_rpc_dir(args.rpc_dir, rpc_config_dir=args.rpc_config_dir)
         print(f"installed the executable qubes.ConnectTCP as {path}")
         return 0
     if args.rpc_config_dir is not None:
-        raise ServiceError("--rpc-config-dir goes with --rpc-dir")
+        raise CommandLineError("--rpc-config-dir goes with --rpc-dir")
     live = args.root == Path("/")
     layout = _layout(args.layout, live)
     unreachable = install.unreachable_from_app_qubes() if layout == "template" else []
@@ -209,7 +192,7 @@ def _layout(option: str | None, live: bool) -> "Layout":
 
     if not live:
         if option is None:
-            raise ServiceError(
+            raise CommandLineError(
                 "with --root, give --layout app-qube or --layout template: "
                 "the kind of qube a tree belongs to cannot be detected"
             )

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 
 from qconnect.core import sdnotify
-from qconnect.core.errors import QconnectError, ServiceError
+from qconnect.core.errors import AllowlistRefusal, QconnectError, ServiceError
 from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE, parse_port
@@ -43,7 +43,6 @@ from qconnect.core.unixpath import listen_unix
 from qconnect.service.allowlist import (
     DEFAULT_ALLOW_FILES,
     AllowlistCache,
-    AllowlistRefusal,
     AnyPath,
     check_call,
 )

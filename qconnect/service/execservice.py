@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import AllowlistRefusal, QconnectError, ServiceCallFailed
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import EXIT_QREXEC_PROBLEM, EXIT_REFUSED, SERVICE, parse_port
 from qconnect.core.relay.blocking import relay_fds
@@ -57,20 +57,6 @@ NO_SUCH_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 INTERNAL_ERROR = "internal error; the target qube's journal has the details"
 
 
-class CallFailed(QconnectError):
-    """This call cannot be served.
-
-    The message is the one line the caller sees; ``detail`` (the same by
-    default) is what the target's journal records, and may name what the
-    caller must not learn (the allowlist's path and lines, other qubes).
-    """
-
-    def __init__(self, message: str, exit_code: int, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.detail = message if detail is None else detail
-
-
 def _strerror(error: OSError) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
@@ -90,7 +76,7 @@ def connect_local(port: int, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.s
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as error:
             if error.errno not in NO_SUCH_FAMILY:
-                raise CallFailed(
+                raise ServiceCallFailed(
                     f"cannot open a socket for port {port}: {_strerror(error)}", EXIT_UNREACHABLE
                 ) from None
             reasons.append(f"{address}: {_strerror(error)}")
@@ -103,13 +89,15 @@ def connect_local(port: int, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.s
         except OSError as error:
             sock.close()
             reasons.append(f"{address}: {_strerror(error)}")
-    raise CallFailed(f"cannot connect to port {port}: {'; '.join(reasons)}", EXIT_UNREACHABLE)
+    raise ServiceCallFailed(
+        f"cannot connect to port {port}: {'; '.join(reasons)}", EXIT_UNREACHABLE
+    )
 
 
 def check_call(
     argument: str, caller: str, allow_files: Sequence[AnyPath] = DEFAULT_ALLOW_FILES
 ) -> int:
-    """Return the port this call may reach, or raise CallFailed with the caller's message.
+    """Return the port this call may reach, or raise ServiceCallFailed with the caller's message.
 
     The allowlist decides through the same function as the socket service's
     (allowlist.check_call): an unusable file refuses every call, and the
@@ -118,11 +106,11 @@ def check_call(
     try:
         port = parse_port(argument, what="port argument")
     except QconnectError as error:
-        raise CallFailed(str(error), EXIT_BAD_ARGUMENT) from None
+        raise ServiceCallFailed(str(error), EXIT_BAD_ARGUMENT) from None
     try:
         allowlist.check_call(port, caller, partial(allowlist.load_allowlist, allow_files))
-    except allowlist.AllowlistRefusal as refusal:
-        raise CallFailed(refusal.public, EXIT_NOT_ALLOWED, str(refusal)) from None
+    except AllowlistRefusal as refusal:
+        raise ServiceCallFailed(refusal.public, EXIT_NOT_ALLOWED, str(refusal)) from None
     return port
 
 
@@ -179,7 +167,7 @@ def serve(
     fields: dict[str, object] = {"caller": caller, "argument": shown}
     try:
         return _serve(argument, caller, allow_files, log, fields, started)
-    except CallFailed as error:
+    except ServiceCallFailed as error:
         _tell_caller(str(error))
         fields.update(outcome="failed", reason=error.detail)
         log(f"{caller} -> '{shown}': {error.detail}", fields)

@@ -66,7 +66,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from qconnect.core.atomic import write_atomic
-from qconnect.core.errors import ServiceError
+from qconnect.core.errors import ServiceError, TreeError
 from qconnect.core.install import engine
 from qconnect.core.install.header import (
     SERVICE_RPC_CONFIG_MARK,
@@ -87,7 +87,7 @@ from qconnect.core.install.rclocal import (
 )
 from qconnect.core.install.rclocal import add_block as add_block
 from qconnect.core.install.rclocal import remove_block as remove_block
-from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.install.tree import Tree
 from qconnect.core.persistence import Persistence
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE

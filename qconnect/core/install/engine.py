@@ -19,8 +19,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconnect.core.errors import QconnectError
-from qconnect.core.install.tree import Tree, TreeError
+from qconnect.core.errors import QconnectError, TreeError
+from qconnect.core.install.tree import Tree
 
 #: Said after every failure of a plan: the undo has run.
 _UNDONE = "; nothing was changed"

@@ -24,8 +24,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from qconnect.core.errors import PersistError, QconnectError, ServiceError
-from qconnect.core.fence import Fenced, FenceError, Markers
+from qconnect.core.errors import FenceError, PersistError, QconnectError, ServiceError
+from qconnect.core.fence import Fenced, Markers
 from qconnect.core.printable import printable
 
 SHEBANG = "#!/bin/sh\n"

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import SystemctlError
 
 # How long one systemctl call may take. Starting a socket or reloading is
 # quick; a manager that does not answer within this is treated as broken
@@ -24,10 +24,6 @@ _ANSWERING = frozenset(
 
 # Exists exactly when systemd is the running init (sd_booted(3)).
 _BOOTED_MARK = Path("/run/systemd/system")
-
-
-class SystemctlError(QconnectError):
-    """A systemctl command failed or did not answer; the message is its last word."""
 
 
 @dataclass(frozen=True)

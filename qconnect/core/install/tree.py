@@ -35,21 +35,12 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from qconnect.core.errors import FileWriteError
+from qconnect.core.errors import TreeError
 
 # Links followed in one walk before giving up, as the kernel does (MAXSYMLINKS).
 _MAX_LINKS = 40
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class TreeError(FileWriteError):
-    """A path would leave the tree, or cannot be used there; nothing was done to it.
-
-    A failure, not a wrong command line: exit status 1.
-    """
-
-    exit_code = 1
 
 
 def _reason(error: OSError) -> str:
