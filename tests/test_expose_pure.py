@@ -14,6 +14,7 @@ from qconnect.core.errors import QconnectError
 from qconnect.core.exposure import Admission, Exposure, ExposureError
 from qconnect.expose import model, via
 from qconnect.expose.model import ExposeError
+from tests.cli_refusals import assert_one_refusal
 
 V4 = ipaddress.IPv4Network
 V6 = ipaddress.IPv6Network
@@ -182,10 +183,8 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
             [sys.executable, "-m", "qconnect", "expose", *words],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
-        assert result.returncode == 2, (words, result.stderr)
-        lines = [line for line in result.stderr.splitlines() if "warning" not in line]
-        assert len(lines) == 1 and message in lines[0], (words, result.stderr)
-        assert "Traceback" not in result.stderr
+        stderr = "\n".join(line for line in result.stderr.splitlines() if "warning" not in line)
+        assert_one_refusal(result.returncode, stderr, 2, message)
 
 
 def test_dom0_side_needs_no_trio() -> None:

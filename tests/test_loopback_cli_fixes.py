@@ -8,6 +8,7 @@ import pytest
 
 from qconnect.core.errors import PolicyError
 from qconnect.loopback.machine import Machine
+from tests.cli_refusals import assert_one_refusal
 from tests.persist_tree import make_qube_tree, persist_env, run_persist
 
 
@@ -31,9 +32,7 @@ def test_loopback_init_refuses_a_policy_line_dom0_could_not_parse(
         text=True,
         check=False,
     )  # fmt: skip
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1
-    assert "30-loopback.policy:" in result.stderr
+    assert_one_refusal(result.returncode, result.stderr, 2, "policy")
     assert not directory.exists()  # nothing half-made
 
 

@@ -21,7 +21,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from qconnect.core.errors import QconnectError
+from qconnect.core.errors import CommandLineError, QconnectError
 from qconnect.core.exposure import IPNetwork, render_networks
 from qconnect.core.fence import Markers
 from qconnect.core.qrexec import is_valid_qube_name, parse_port
@@ -50,11 +50,11 @@ RC_LOCAL_MARKERS = Markers(
 _INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
-class ExposeError(QconnectError):
-    """An exposure cannot be made, shown or removed as asked."""
+class ExposeError(CommandLineError):
+    """An exposure cannot be made, shown or removed as asked: the command line is wrong (exit 2)."""
 
 
-class ExposeFailure(ExposeError):
+class ExposeFailure(QconnectError):
     """A step failed after the command line was accepted (exit 1)."""
 
     exit_code = 1
