@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from qconnect.core.errors import PolicyError
 from qconnect.loopback.machine import Machine
 from tests.cli_refusals import assert_one_refusal
 from tests.persist_tree import make_qube_tree, persist_env, run_persist
@@ -34,15 +33,6 @@ def test_loopback_init_refuses_a_policy_line_dom0_could_not_parse(
     )  # fmt: skip
     assert_one_refusal(result.returncode, result.stderr, 2, "policy")
     assert not directory.exists()  # nothing half-made
-
-
-def test_add_policy_refuses_a_bad_line_and_keeps_the_file(tmp_path: Path) -> None:
-    machine = Machine.create(tmp_path / "m", ["work", "web"], policy=["* * work web allow"])
-    policy_file = machine.policy_dir / "30-loopback.policy"
-    before = policy_file.read_bytes()
-    with pytest.raises(PolicyError):
-        machine.add_policy(["qubes.ConnectTCP +80 work web maybe"])
-    assert policy_file.read_bytes() == before
 
 
 def test_persist_add_inside_a_loopback_qube_takes_the_machines_qrexec_client_vm(

@@ -31,7 +31,7 @@ from typing import Any
 
 import qconnect
 from qconnect.core import atomic
-from qconnect.core.errors import LoopbackError, PolicyError
+from qconnect.core.errors import LoopbackError
 from qconnect.core.qrexec import SERVICE, is_valid_qube_name
 from qconnect.loopback import channels, forkcall, layout
 
@@ -132,20 +132,6 @@ def _launcher(machine: Path) -> str:
     )
 
 
-def _check_policy(lines: Iterable[str], name: str = _DEFAULT_POLICY_FILE) -> None:
-    """Refuse policy lines dom0 could not parse (PolicyError naming the line), as dom0 would.
-
-    A line with a newline in it is refused too: it would be two lines in the file.
-    """
-    from qconnect.policy.parser import parse_text
-
-    lines = list(lines)
-    for number, line in enumerate(lines, start=1):
-        if "\n" in line or "\r" in line:
-            raise PolicyError(f"policy line {number} holds a line break", file=name, line=number)
-    parse_text("".join(f"{line}\n" for line in lines), name)
-
-
 class Machine:
     """A loopback machine directory (see ``qconnect.loopback.layout`` for its layout).
 
@@ -180,7 +166,6 @@ class Machine:
         does. ``directory`` must not exist or be empty.
         """
         path = Path(directory).resolve()
-        _check_policy(policy)  # before anything is made: a bad line leaves no half machine
         specs = [q if isinstance(q, QubeSpec) else QubeSpec.parse(q) for q in qubes]
         for spec in specs:
             spec.validate()
@@ -291,8 +276,6 @@ class Machine:
         """Append policy lines to ``policy.d/NAME`` (created if missing); return its path."""
         path = self.policy_dir / name
         old = path.read_text() if path.exists() else ""
-        lines = list(lines)
-        _check_policy(lines, name)
         text = "".join(f"{line}\n" for line in lines)
         atomic.write_atomic(path, old + text)
         return path
