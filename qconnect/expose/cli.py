@@ -26,6 +26,7 @@ from qconnect.core import atomic
 from qconnect.core.exposure import ROOT_ENV, ExposureError, parse_networks
 from qconnect.core.qrexec import parse_port, validate_target
 from qconnect.expose import model
+from qconnect.expose import target as target_check
 from qconnect.expose.model import ExposeError, ExposeFailure, Request
 
 DEFAULT_VIA = "sys-net"
@@ -291,43 +292,9 @@ def _run_dom0(args: argparse.Namespace) -> int:
         _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(request.target), *dry])
         raise ExposeFailure("dom0's policy could not be changed; the via qube's part was undone")
     print(f"# {request.target.qube}:")
-    _check_target(request.target.qube)
+    for line in target_check.check(request.target.qube, via, request.target.port):
+        print(line)
     return 0
-
-
-# Run in the target qube: is there a qubes.ConnectTCP service to answer the call?
-# (qrexec's service directories, in its search order; Qubes' own service is a
-# symlink to /dev/tcp/127.0.0.1, which exists for qrexec only; the loopback's qvm-run
-# names a loopback qube's root in QCONNECT_LOOPBACK_ROOT, empty in a real qube.)
-_SERVICE_CHECK = (
-    'r="${QCONNECT_LOOPBACK_ROOT:-}"; '
-    "for d in run/qubes-rpc usr/local/etc/qubes-rpc etc/qubes-rpc; do "
-    'f="$r/$d/qubes.ConnectTCP"; { [ -e "$f" ] || [ -L "$f" ]; } && { echo "$d/qubes.ConnectTCP"; '
-    "exit 0; }; done; exit 3"
-)
-_SERVICE_MISSING = 3
-
-
-def _check_target(qube: str) -> None:
-    """Step 3: say whether ``qube`` can answer (never starts it; never fails the command)."""
-    argv = [QVM_RUN, "--pass-io", "--no-autostart", "--user", "root", "--no-gui", qube]
-    try:
-        result = subprocess.run(
-            [*argv, _SERVICE_CHECK], stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=60, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as error:
-        print(f"could not check {qube}'s qubes.ConnectTCP service: {error}")
-        return
-    if result.returncode == 0:
-        print(f"{qube} answers with /{result.stdout.strip()}")
-    elif result.returncode == _SERVICE_MISSING:
-        print(
-            f"warning: {qube} has no qubes.ConnectTCP service, so every call will fail: "
-            f"run qconnect service install in {qube} (or in its template)"
-        )
-    else:
-        print(f"{qube}'s qubes.ConnectTCP service not checked ({qube} is not running?)")
 
 
 # --- the NAT way, from dom0 ------------------------------------------------------------
