@@ -137,6 +137,14 @@ except socket.timeout:
 """
 
 
+def load_qubes_like_ruleset(netns: str) -> None:
+    """Qubes' firewall tables, as a net qube has them after boot (empty custom chains)."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=QUBES_LIKE_RULESET, text=True, check=True,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def namespaces() -> Iterator[World]:
     """Create the outside and sys-net namespaces, joined, with sys-net's firewall."""
@@ -161,10 +169,7 @@ def namespaces() -> Iterator[World]:
         for prefix, device in ((out, veth_out), (net, "eth0"), (out, "lo"), (net, "lo")):
             _sh(*prefix, "link", "set", device, "up")
         _sh(*net, "route", "add", "default", "via", "192.0.2.254", "dev", "eth0", "onlink")
-        subprocess.run(
-            ["ip", "netns", "exec", world.sys_net, "nft", "-f", "-"],
-            input=QUBES_LIKE_RULESET, text=True, check=True,
-        )  # fmt: skip
+        load_qubes_like_ruleset(world.sys_net)
         yield world
     finally:
         for name in (world.outside, world.sys_net):

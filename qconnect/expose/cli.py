@@ -31,6 +31,9 @@ from qconnect.expose.model import ExposeError, ExposeFailure, Request
 
 DEFAULT_VIA = "sys-net"
 
+# The longest request or answer passed between dom0 and a qube as JSON.
+_MAX_JSON = 1 << 16
+
 #: dom0's record of the NAT exposures it made, read by --reapply. dom0 keeps
 #: it (a NAT exposure's rules depend on facts only dom0 knows); nothing read
 #: from a qube ever decides what dom0 runs.
@@ -90,6 +93,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--udp", action="store_true", help="with --nat: UDP instead of TCP")
     parser.add_argument("--nat-apply", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--template", metavar="QUBE",
+        help="dom0: the via qube is a disposable (a disposable sys-net): also write what must "
+        "last into its disposable template QUBE, so every restart of via brings it back",
+    )  # fmt: skip
+    parser.add_argument("--resolve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--template-apply", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="say every change; change nothing")
     parser.add_argument(
         "--here", action="store_true",
@@ -179,6 +189,18 @@ def _run_here(args: argparse.Namespace) -> int:
     context = via.Context(root=root, dry_run=args.dry_run)
     if args.reapply:
         raise ExposeError("--reapply runs in dom0 (it reads the netvm chain there)")
+    if args.resolve:
+        # dom0 asks which addresses this exposure would listen on (for --template).
+        print(json.dumps(via.resolved(_request(args))))
+        return 0
+    if args.template_apply:
+        # A disposable template's part; dom0 sends the request, addresses resolved, on stdin.
+        context.live = False
+        request = model.request_from_json(sys.stdin.read(_MAX_JSON))
+        via.add(request, context)
+        verb = "would write" if args.dry_run else "wrote"
+        print(f"{verb} the exposure of {request.target} for this template's disposables")
+        return 0
     if args.nat_apply is not None:
         # One qube's part of a NAT exposure; dom0 sends the nft file on stdin.
         port = parse_port(args.nat_apply, what="--nat-apply")
@@ -258,17 +280,30 @@ def _policy(args: argparse.Namespace, *words: str) -> int:
 def _run_dom0(args: argparse.Namespace) -> int:
     via = validate_target(args.via)
     dry = ["--dry-run"] if args.dry_run else []
+    template = None if args.template is None else validate_target(args.template)
+    if template is not None and (args.nat or args.reapply):
+        raise ExposeError("--template goes with the qrexec way (not --nat or --reapply)")
+    if template == via:
+        raise ExposeError(f"--template {template}: expected the disposable template of {via}")
     if args.reapply:
         return _reapply(args)
     if args.nat and not args.list:
         return _run_dom0_nat(args, via)
     if args.list:
         print(f"# {via}:")
-        return _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+        code = _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+        if template is not None:
+            print(f"# {template} (what {via} starts with):")
+            code = _qvm_run(template, ["qconnect", "expose", "--here", "--list"]) or code
+        return code
     if args.remove is not None:
         target = model.parse_target(args.remove)
         print(f"# {via}:")
         code = _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(target), *dry])
+        if template is not None:
+            print(f"# {template}:")
+            words = ["qconnect", "expose", "--here", "--remove", str(target), *dry]
+            code = _qvm_run(template, words) or code
         print("# dom0:")
         policy_code = _policy(
             args, "remove", via, "--port", str(target.port), "--target", target.qube
@@ -284,17 +319,55 @@ def _run_dom0(args: argparse.Namespace) -> int:
             f"the via qube {via} did not make its part (exit {code}, see above); "
             "dom0's policy was not changed"
         )
+    undo = ["qconnect", "expose", "--here", "--remove", str(request.target), *dry]
+    if template is not None:
+        print(f"# {template} (the disposable template of {via}):")
+        if _template_part(via, template, request, dry) != 0:
+            _qvm_run(via, undo)
+            raise ExposeFailure(
+                f"the disposable template {template} did not take its part (see above); "
+                f"{via}'s part was undone and dom0's policy was not changed"
+            )
     print("# dom0:")
     policy_code = _policy(
         args, "allow", via, "--port", str(request.target.port), "--target", request.target.qube
     )
     if policy_code != 0:
-        _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(request.target), *dry])
-        raise ExposeFailure("dom0's policy could not be changed; the via qube's part was undone")
+        _qvm_run(via, undo)
+        if template is not None:
+            _qvm_run(template, undo)
+        raise ExposeFailure("dom0's policy could not be changed; the qubes' parts were undone")
     print(f"# {request.target.qube}:")
     for line in target_check.check(request.target.qube, via, request.target.port):
         print(line)
     return 0
+
+
+def _template_part(via: str, template: str, request: Request, dry: list[str]) -> int:
+    """Write the exposure into ``via``'s disposable template, at the addresses ``via`` uses.
+
+    The template has not via's interfaces, so dom0 asks via which addresses
+    the exposure listens on (the answer is checked as any command-line
+    address would be) and sends the template the whole request.
+    """
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", via,
+            shlex.join([*request.command(), "--resolve"])]  # fmt: skip
+    try:
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ExposeFailure(f"cannot ask {via} for its listen addresses: {error}") from None
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[:_MAX_JSON].decode(errors="replace"))
+        return result.returncode
+    listen, interface = model.parse_resolved(result.stdout[:_MAX_JSON].decode(errors="replace"))
+    resolved = Request(
+        request.target, request.listen_port, listen, interface, request.allow_from,
+        request.proxy_protocol, request.allow_qube_facing,
+    )  # fmt: skip
+    words = ["qconnect", "expose", "--here", "--template-apply", *dry]
+    return _qvm_run_input(template, words, model.request_to_json(resolved))
 
 
 # --- the NAT way, from dom0 ------------------------------------------------------------

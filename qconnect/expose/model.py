@@ -17,12 +17,13 @@ and in dom0 the policy rule that lets only the via qube call that one port.
 """
 
 import ipaddress
+import json
 import re
 import shlex
 from dataclasses import dataclass
 
 from qconnect.core.errors import QconnectError
-from qconnect.core.exposure import IPNetwork, render_networks
+from qconnect.core.exposure import ExposureError, IPNetwork, parse_networks, render_networks
 from qconnect.core.fence import Markers
 from qconnect.core.qrexec import is_valid_qube_name, parse_port
 
@@ -193,7 +194,8 @@ class Request:
         words += [str(self.target), "--listen-port", str(self.listen_port)]
         for address in self.listen:
             words += ["--listen", address]
-        if self.interface is not None:
+        if self.interface is not None and not self.listen:
+            # (with --listen, the interface is the one dom0 found them on: implied)
             words += ["--interface", self.interface]
         words += ["--from", render_networks(self.allow_from)]
         if self.proxy_protocol is not None:
@@ -201,6 +203,88 @@ class Request:
         if self.allow_qube_facing:
             words.append("--allow-qube-facing")
         return words
+
+
+# --- a disposable via qube (--template): dom0 <-> qubes, as JSON -------------------------
+
+
+def parse_resolved(text: str) -> tuple[tuple[str, ...], str | None]:
+    """The via qube's answer to ``--resolve``, checked as the command line's values would be.
+
+    It comes from the least trusted qube: only addresses a ``--listen`` could
+    name and an interface name ``--interface`` could take pass.
+    """
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        raise ExposeFailure("the via qube's listen addresses are not JSON") from None
+    listen = answer.get("listen") if isinstance(answer, dict) else None
+    interface = answer.get("interface") if isinstance(answer, dict) else None
+    if (
+        not isinstance(listen, list)
+        or not 0 < len(listen) <= 64
+        or not all(isinstance(a, str) for a in listen)
+        or not (interface is None or isinstance(interface, str))
+    ):
+        raise ExposeFailure("the via qube's listen addresses are not a list of addresses")
+    try:
+        addresses = tuple(parse_listen_address(address) for address in listen)
+        return addresses, None if interface is None else parse_interface(interface)
+    except ExposeError as error:
+        raise ExposeFailure(f"the via qube answered {error}") from None
+
+
+def request_to_json(request: Request) -> str:
+    return json.dumps(
+        {
+            "target": str(request.target),
+            "listen_port": request.listen_port,
+            "listen": list(request.listen),
+            "interface": request.interface,
+            "from": render_networks(request.allow_from),
+            "proxy_protocol": request.proxy_protocol,
+            "allow_qube_facing": request.allow_qube_facing,
+        }
+    )
+
+
+def request_from_json(text: str) -> Request:
+    """dom0's request to a disposable template (``--template-apply``), checked field by field."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError
+        listen = data["listen"]
+        proxy = data["proxy_protocol"]
+        interface = data["interface"]
+        if (
+            not isinstance(listen, list)
+            or not all(isinstance(a, str) for a in listen)
+            or proxy not in (None, "v1", "v2")
+            or not (interface is None or isinstance(interface, str))
+            or not isinstance(data["allow_qube_facing"], bool)
+            or not isinstance(data["from"], str)
+            or not isinstance(data["target"], str)
+            or not isinstance(data["listen_port"], int)
+        ):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise ExposeError(
+            "--template-apply: standard input is not a request from dom0's qconnect expose"
+        ) from None
+    try:
+        allow_from = parse_networks(data["from"])
+    except ExposureError as error:
+        raise ExposeError(f"--template-apply: from: {error}") from None
+    return Request(
+        parse_target(data["target"]),
+        parse_port(str(data["listen_port"]), what="listen_port"),
+        tuple(parse_listen_address(address) for address in listen),
+        None if interface is None else parse_interface(interface),
+        allow_from,
+        proxy,
+        data["allow_qube_facing"],
+    )
 
 
 def dom0_policy_command(via: str, target: Target) -> str:
