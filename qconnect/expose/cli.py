@@ -14,6 +14,7 @@ acts here.
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -89,7 +90,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nat", action="store_true",
         help="the NAT way: route the packets down the netvm chain (DNAT in every qube on it) "
-        "instead of qrexec; IPv4; needs --interface",
+        "instead of qrexec; IPv4 and IPv6; needs --interface",
     )  # fmt: skip
     parser.add_argument("--udp", action="store_true", help="with --nat: UDP instead of TCP")
     parser.add_argument("--nat-apply", metavar="PORT", help=argparse.SUPPRESS)
@@ -454,6 +455,45 @@ def _reapply(args: argparse.Namespace) -> int:
     return worst
 
 
+#: The qvm-prefs property holding a qube's address, per IP version (qubes-core-admin).
+_ADDRESS_PREFS = {4: "ip", 6: "ip6"}
+
+
+def _nat_addresses(
+    qubes: list[str], request: Request, any_source: bool
+) -> tuple[list[int], dict[int, dict[str, str]]]:
+    """The IP versions to carry and each qube's address in them (read from dom0).
+
+    A version a ``--from`` network names needs an address on every qube below
+    the via qube; with ``--from any``, IPv6 is left out (and said so) when a
+    qube has none (IPv6 is not enabled for it).
+    """
+    families = model.nat_families(request.allow_from)
+    found: dict[int, dict[str, str]] = {}
+    for version in families:
+        prop = _ADDRESS_PREFS[version]
+        found[version] = {}
+        for qube in qubes:
+            text = _pref(qube, prop)
+            if not text and version == 6 and any_source:
+                print(f"IPv6 left out: {qube} has no IPv6 address (qvm-prefs {qube} ip6 is empty)")
+                del found[version]
+                break
+            try:
+                address = model.parse_listen_address(text)
+            except ExposeError:
+                address = ""
+            if ipaddress.ip_address(address or "0.0.0.0").version != version or not address:
+                hint = " (enable IPv6 for it: qvm-features NETVM ipv6 1)" if version == 6 else ""
+                raise ExposeFailure(
+                    f"{qube}'s {prop} {text!r} is not an IPv{version} address{hint}: "
+                    f"--from names IPv{version} networks, so every qube below the via qube "
+                    "needs one"
+                )
+            found[version][qube] = address
+    return [version for version in families if version in found], found
+
+
 def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
     dry = ["--dry-run"] if args.dry_run else []
     if args.remove is not None:
@@ -478,27 +518,23 @@ def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
     if request.listen:
         raise ExposeError("--nat takes --interface, not --listen")
     chain = _netvm_chain(via, request.target)
-    addresses = {}
-    for qube in chain[1:]:
-        address = _pref(qube, "ip")
-        try:
-            addresses[qube] = model.parse_listen_address(address)
-        except ExposeError:
-            raise ExposeFailure(f"{qube}'s ip {address!r} is not an IPv4 address") from None
+    families, addresses = _nat_addresses(chain[1:], request, args.allow_from == "any")
     protocol = "udp" if args.udp else "tcp"
     command = shlex.join([*request.command(here=False), "--nat", *(["--udp"] if args.udp else [])])
     hops = model.nat_chain(
         via, request.target, request.listen_port, request.interface or "", chain, addresses
     )
-    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, IPv4)")
+    shown = " and ".join(f"IPv{version}" for version in families)
+    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, {shown})")
     print("  it breaks when an IP address on it changes or a disposable netvm restarts: "
           "run this command again then")  # fmt: skip
     done: list[str] = []
     # The target first, the via qube last: the door opens when the path is complete.
     for hop in reversed(hops):
         text = model.render_nat_hop(
-            hop, protocol, request.allow_from, request.listen_port, request.target, command
-        )
+            hop, protocol, request.allow_from, request.listen_port, request.target, command,
+            families,
+        )  # fmt: skip
         print(f"# {hop.qube}:")
         words = ["qconnect", "expose", "--here", "--nat-apply", str(request.listen_port), *dry]
         if _qvm_run_input(hop.qube, words, text) != 0:

@@ -619,16 +619,17 @@ def nat_apply(context: Context, listen_port: int, text: str) -> None:
 
 def _nat_unload(context: Context, listen_port: int) -> None:
     delete_rules(context, listen_port)
-    table = ["ip", model.nat_table(listen_port)]
-    try:
-        _run(["nft", "list", "table", *table], "nft list table")
-    except ExposeFailure:
-        return
-    if context.dry_run:
-        context.say(f"would run: nft delete table {' '.join(table)}")
-    else:
-        _run(["nft", "delete", "table", *table], "nft delete table")
-        context.say(f"deleted the nftables table {' '.join(table)}")
+    for family in model.NFT_FAMILY.values():
+        table = [family, model.nat_table(listen_port)]
+        try:
+            _run(["nft", "list", "table", *table], "nft list table")
+        except ExposeFailure:
+            continue
+        if context.dry_run:
+            context.say(f"would run: nft delete table {' '.join(table)}")
+        else:
+            _run(["nft", "delete", "table", *table], "nft delete table")
+            context.say(f"deleted the nftables table {' '.join(table)}")
 
 
 def nat_remove(context: Context, target: Target) -> int:

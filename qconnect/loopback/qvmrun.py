@@ -92,9 +92,10 @@ def install(machine: Path) -> Path:
 PREFS_PROG = "qvm-prefs"
 
 #: The properties the loopback keeps (qubes-core-admin's names): a qube's
-#: netvm (empty: none), its IPv4 address as its netvm sees it, and its
-#: template (empty: none, as for a standalone qube; real qvm-prefs fails then).
-PROPERTIES = ("netvm", "ip", "template")
+#: netvm (empty: none), its IPv4 and IPv6 addresses as its netvm sees them
+#: (ip6 empty: IPv6 not enabled), and its template (empty: none, as for a
+#: standalone qube; real qvm-prefs fails then).
+PROPERTIES = ("netvm", "ip", "ip6", "template")
 
 
 def set_pref(machine: Path, qube: str, name: str, value: str) -> None:
