@@ -11,6 +11,8 @@ template qube and a via qube ("sys-net", in a network namespace) whose
 import json
 import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qconnect import cli
 from qconnect.core.exposure import parse_networks
+from qconnect.expose import cli as expose_cli
 from qconnect.expose import model
 from qconnect.loopback import qvmrun
 from qconnect.loopback.machine import Machine
@@ -144,15 +148,10 @@ def test_a_template_that_fails_undoes_the_via_part_and_leaves_the_policy(
     assert not (machine.policy_dir / "30-qconnect.policy").exists()
 
 
-def test_template_must_not_be_the_via_qube(tmp_path: Path) -> None:
-    from qconnect import cli
-
+def test_template_must_not_be_the_via_qube() -> None:
     argv = ["expose", "web:80", "--from", "any", "--template", "sys-net", "--via", "sys-net"]
     args = cli.build_parser(argv).parse_args(argv)
-    from qconnect.expose import cli as expose_cli
-    from qconnect.expose.model import ExposeError
-
-    with pytest.raises(ExposeError, match="expected the disposable template of sys-net"):
+    with pytest.raises(model.ExposeError, match="expected the disposable template of sys-net"):
         expose_cli._run_dom0(args)
 
 
@@ -186,3 +185,36 @@ def test_any_resolve_answer_is_refused_or_holds_only_valid_values(text: str) -> 
 def test_a_hostile_resolve_answer_is_refused(answer: object) -> None:
     with pytest.raises(model.ExposeFailure):
         model.parse_resolved(json.dumps(answer))
+
+
+@needs_netns
+def test_dry_run_with_a_template_changes_nothing_anywhere(machine: Machine, world: World) -> None:
+    roots = {qube: machine.root_dir(qube) for qube in ("sys-net", TEMPLATE)}
+    before = {qube: snapshot(root) for qube, root in roots.items()}
+    ruleset = world.ruleset()
+    shown = dom0_expose(
+        machine, "web:80", "--interface", "eth0", "--from", f"{ALLOWED_V4}/32",
+        "--template", TEMPLATE, "--dry-run",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    template_part = shown.stdout.partition(f"# {TEMPLATE} (the disposable template")[2]
+    assert "would write /rw/config/rc.local:" in template_part
+    assert f"would write the units of: qconnect persist add {SYS_NET_V4}:80:web:80" in (
+        template_part
+    )
+    assert {qube: snapshot(root) for qube, root in roots.items()} == before
+    assert world.ruleset() == ruleset
+    assert not (machine.policy_dir / "30-qconnect.policy").exists()
+
+
+@pytest.mark.parametrize("stdin", ["", "[]", '{"target": "web:80"}', "\x00" * 10])
+def test_template_apply_refuses_what_dom0_did_not_send(tmp_path: Path, stdin: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qconnect", "expose", "--here", "--template-apply",
+         "--root", str(tmp_path)],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert "not a request from dom0's qconnect expose" in result.stderr
+    assert list(tmp_path.iterdir()) == []
