@@ -93,14 +93,20 @@ def test_socket_service_needs_an_rpc_config_that_passes_the_descriptor(
     stock: Machine, socket_service: Path
 ) -> None:
     lines = check(stock)
-    assert lines[0] == f"web answers with {socket_service}: a socket service (qconnect's)"
+    assert lines[0] == f"web answers with {socket_service}: a socket service"
     # The stock rpc-config (skip-service-descriptor=true) is the one qrexec reads.
     (warning,) = warnings(lines)
     assert "skip-service-descriptor=true" in warning and "qconnect service install" in warning
+    # qconnect's install adds its rpc-config, searched before the stock one.
+    install_service(stock, "--socket")
+    assert check(stock) == [
+        f"web answers with {socket_service}: a socket service (qconnect's, with its rpc-config)"
+    ]
+    # Any rpc-config earlier in the search that passes the descriptor will do, too.
     config = stock.root_dir("web") / "run/qubes/rpc-config" / SERVICE
     config.parent.mkdir(parents=True)
     config.write_text("skip-service-descriptor = false\nexit-on-service-eof=false\n")
-    assert warnings(check(stock)) == []
+    assert check(stock) == [f"web answers with {socket_service}: a socket service"]
 
 
 @pytest.mark.parametrize(

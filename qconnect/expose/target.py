@@ -22,7 +22,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qconnect.core.install.header import SERVICE_EXECUTABLE_MARK
+from qconnect.core.install.header import SERVICE_EXECUTABLE_MARK, SERVICE_RPC_CONFIG_MARK
 from qconnect.core.printable import printable
 from qconnect.core.qrexec import SERVICE
 
@@ -83,16 +83,21 @@ if [ -n "$config" ]; then
     value=$(sed -n "s/^${s}skip-service-descriptor$s=$s\\([a-z]*\\)$s\$/\\1/p" "$config" \
         2>/dev/null | tail -n 1)
     echo "skip-descriptor=$value"
+    if head -n 1 "$config" 2>/dev/null | grep -qxF -- @CONFIG_MARK@; then
+        echo "config-qconnect=yes"
+    fi
 fi
 exit 0
 """
 
-SCRIPT = _SCRIPT.replace("@SERVICE@", SERVICE).replace(
-    "@MARK@", shlex.quote(SERVICE_EXECUTABLE_MARK)
+SCRIPT = (
+    _SCRIPT.replace("@SERVICE@", SERVICE)
+    .replace("@MARK@", shlex.quote(SERVICE_EXECUTABLE_MARK))
+    .replace("@CONFIG_MARK@", shlex.quote(SERVICE_RPC_CONFIG_MARK))
 )
 
 _KINDS = ("tcp", "socket", "dangling", "executable", "not-executable", "other")
-_KEYS = ("service", "kind", "tcp", "qconnect", "config", "skip-descriptor")
+_KEYS = ("service", "kind", "tcp", "qconnect", "config", "skip-descriptor", "config-qconnect")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Answer:
     tcp_host: str | None
     from_qconnect: bool
     config: str | None
+    config_from_qconnect: bool  #: the rpc-config is the one ``qconnect service install`` writes
     skip_descriptor: bool | None  #: the rpc-config's value; None: not set (qrexec: false)
 
 
@@ -126,6 +132,7 @@ def parse_answer(text: str) -> Answer:
         tcp_host=shown("tcp"),
         from_qconnect=found.get("qconnect") == "yes",
         config=shown("config"),
+        config_from_qconnect=found.get("config-qconnect") == "yes",
         skip_descriptor={"true": True, "false": False}.get(skip or ""),
     )
 
@@ -165,7 +172,8 @@ def judge(qube: str, via: str, port: int, answer: Answer, template: str | None) 
                 f"bytes: {fix}"
             )
     elif answer.kind == "socket":
-        lines.append(f"{qube} answers with {service}: a socket service (qconnect's)")
+        whose = " (qconnect's, with its rpc-config)" if answer.config_from_qconnect else ""
+        lines.append(f"{qube} answers with {service}: a socket service{whose}")
         if not descriptor_sent:
             lines.append(
                 f"warning: {config} sets skip-service-descriptor=true, so the socket service "
