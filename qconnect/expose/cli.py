@@ -3,9 +3,13 @@
 Run in dom0, it acts on two qubes: the via qube (``qvm-run --pass-io --user
 root VIA 'qconnect expose --here ...'``, which listens on the outside
 address and hands each connection to qrexec) and dom0's policy (the via
-qube may call that one port of the target, through ``qconnect policy``).
-Run in the via qube (or with ``--here``), it does the via qube's part and
-prints the one dom0 command left to type.
+qube may call that one port of the target, through ``qconnect policy``),
+then asks the target what would answer the call (:mod:`.target`). With
+``--template``, the via qube's disposable template gets the files its
+disposables boot with (``--here --template-apply``, at the addresses the via
+qube answered to ``--here --resolve``). Run in the via qube (or with
+``--here``), it does the via qube's part and prints the one dom0 command
+left to type.
 
 The dom0 side uses the standard library only (dom0 has no trio): this
 module imports :mod:`.via` (which does not import trio either) only when it
