@@ -137,6 +137,14 @@ except socket.timeout:
 """
 
 
+def load_qubes_like_ruleset(netns: str) -> None:
+    """Qubes' firewall tables, as a net qube has them after boot (empty custom chains)."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=QUBES_LIKE_RULESET, text=True, check=True,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def namespaces() -> Iterator[World]:
     """Create the outside and sys-net namespaces, joined, with sys-net's firewall."""
@@ -161,10 +169,7 @@ def namespaces() -> Iterator[World]:
         for prefix, device in ((out, veth_out), (net, "eth0"), (out, "lo"), (net, "lo")):
             _sh(*prefix, "link", "set", device, "up")
         _sh(*net, "route", "add", "default", "via", "192.0.2.254", "dev", "eth0", "onlink")
-        subprocess.run(
-            ["ip", "netns", "exec", world.sys_net, "nft", "-f", "-"],
-            input=QUBES_LIKE_RULESET, text=True, check=True,
-        )  # fmt: skip
+        load_qubes_like_ruleset(world.sys_net)
         yield world
     finally:
         for name in (world.outside, world.sys_net):
@@ -256,6 +261,9 @@ http {{
 #: sys-net <-> sys-firewall and sys-firewall <-> web, halves of 198.51.100.0/24.
 FIREWALL_IP, WEB_IP = "198.51.100.2", "198.51.100.130"
 SYS_NET_DOWN, FIREWALL_DOWN = "198.51.100.1", "198.51.100.129"
+#: ... and their IPv6 links, 2001:db8:1::/64 and 2001:db8:2::/64 (the outside is 2001:db8::/64).
+FIREWALL_IP6, WEB_IP6 = "2001:db8:1::2", "2001:db8:2::2"
+SYS_NET_DOWN6, FIREWALL_DOWN6 = "2001:db8:1::1", "2001:db8:2::1"
 
 QUBES_LIKE_NETVM_RULESET = """
 table ip qubes {
@@ -269,6 +277,31 @@ table ip qubes {
         ct state invalid counter drop
         ct state related,established accept
         meta l4proto icmp accept
+        iif lo accept
+        meta l4proto tcp counter reject with tcp reset
+        counter reject
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        jump custom-forward
+        ct state invalid counter drop
+        ct state related,established accept
+        oifname "eth0" accept
+        meta l4proto tcp counter reject with tcp reset
+        counter reject
+    }
+}
+table ip6 qubes {
+    chain custom-input {
+    }
+    chain custom-forward {
+    }
+    chain input {
+        type filter hook input priority filter; policy drop;
+        jump custom-input
+        ct state invalid counter drop
+        ct state related,established accept
+        meta l4proto ipv6-icmp accept
         iif lo accept
         meta l4proto tcp counter reject with tcp reset
         counter reject
@@ -306,7 +339,15 @@ class NatWorld:
         }
 
 
-def _link(upper: str, upper_name: str, upper_ip: str, lower: str, lower_ip: str, tag: str) -> None:
+def _link(
+    upper: str,
+    upper_name: str,
+    upper_ip: str,
+    lower: str,
+    lower_ip: str,
+    tag: str,
+    ip6: tuple[str, str],
+) -> None:
     """A veth pair: ``upper_name`` in ``upper``, eth0 in ``lower`` (a netvm and its client)."""
     _sh("ip", "link", "add", f"qxa{tag}", "type", "veth", "peer", "name", f"qxb{tag}")
     _sh("ip", "link", "set", f"qxa{tag}", "netns", upper)
@@ -321,6 +362,9 @@ def _link(upper: str, upper_name: str, upper_ip: str, lower: str, lower_ip: str,
     _sh(*low, "link", "set", "eth0", "up")
     _sh(*low, "link", "set", "lo", "up")
     _sh(*low, "route", "add", "default", "via", upper_ip)
+    _sh(*up, "address", "add", f"{ip6[0]}/64", "dev", upper_name, "nodad")
+    _sh(*low, "address", "add", f"{ip6[1]}/64", "dev", "eth0", "nodad")
+    _sh(*low, "-6", "route", "add", "default", "via", ip6[0])
 
 
 @contextlib.contextmanager
@@ -340,13 +384,24 @@ def nat_namespaces() -> Iterator[NatWorld]:
         for address in (f"{ALLOWED_V4}/24", f"{OTHER_V4}/24"):
             _sh(*out, "address", "add", address, "dev", f"qxo{number}")
         _sh(*net, "address", "add", f"{SYS_NET_V4}/24", "dev", "eth0")
+        for address in (f"{ALLOWED_V6}/64", f"{OTHER_V6}/64"):
+            _sh(*out, "address", "add", address, "dev", f"qxo{number}", "nodad")
+        _sh(*net, "address", "add", f"{SYS_NET_V6}/64", "dev", "eth0", "nodad")
         for prefix, device in ((out, f"qxo{number}"), (out, "lo"), (net, "eth0"), (net, "lo")):
             _sh(*prefix, "link", "set", device, "up")
-        _link(world.sys_net, "vif2.0", SYS_NET_DOWN, world.sys_firewall, FIREWALL_IP, f"{number}1")
-        _link(world.sys_firewall, "vif3.0", FIREWALL_DOWN, world.web, WEB_IP, f"{number}2")
+        _link(
+            world.sys_net, "vif2.0", SYS_NET_DOWN, world.sys_firewall, FIREWALL_IP, f"{number}1",
+            (SYS_NET_DOWN6, FIREWALL_IP6),
+        )  # fmt: skip
+        _link(
+            world.sys_firewall, "vif3.0", FIREWALL_DOWN, world.web, WEB_IP, f"{number}2",
+            (FIREWALL_DOWN6, WEB_IP6),
+        )  # fmt: skip
         _sh(*net, "route", "add", "198.51.100.128/25", "via", FIREWALL_IP)
+        _sh(*net, "-6", "route", "add", "2001:db8:2::/64", "via", FIREWALL_IP6)
         for name in (world.sys_net, world.sys_firewall):
             _sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            _sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
         for name in (world.sys_net, world.sys_firewall, world.web):
             subprocess.run(
                 ["ip", "netns", "exec", name, "nft", "-f", "-"],
@@ -362,18 +417,24 @@ def nat_namespaces() -> Iterator[NatWorld]:
 ECHO_SERVERS = """
 import socket, sys, threading
 port = int(sys.argv[1])
-tcp = socket.socket(); tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind(("0.0.0.0", port)); tcp.listen(8)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", port))
+# IPv6 sockets that take IPv4 too (V6ONLY off), so both families reach one server.
+tcp = socket.socket(socket.AF_INET6); tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+tcp.bind(("::", port)); tcp.listen(8)
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); udp.bind(("::", port))
+def shown(peer):
+    host = peer[0]
+    return host[7:] if host.startswith("::ffff:") else host
 def serve_udp():
     while True:
         data, peer = udp.recvfrom(2048)
-        udp.sendto(b"udp from " + peer[0].encode() + b": " + data, peer)
+        udp.sendto(b"udp from " + shown(peer).encode() + b": " + data, peer)
 threading.Thread(target=serve_udp, daemon=True).start()
 print("ready", flush=True)
 while True:
     conn, peer = tcp.accept()
-    conn.sendall(b"tcp from " + peer[0].encode())
+    conn.sendall(b"tcp from " + shown(peer).encode())
     conn.close()
 """
 
@@ -381,7 +442,8 @@ while True:
 UDP_CLIENT = """
 import json, socket, sys
 source, destination, port, wait = sys.argv[1:]
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+family = socket.AF_INET6 if ":" in destination else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_DGRAM)
 sock.settimeout(float(wait))
 sock.bind((source, 0))
 sock.connect((destination, int(port)))

@@ -21,11 +21,16 @@ from qconnect.loopback.machine import Machine
 from tests import expose_world
 from tests.expose_world import (
     ALLOWED_V4,
+    ALLOWED_V6,
     FIREWALL_IP,
+    FIREWALL_IP6,
     OTHER_V4,
+    OTHER_V6,
     SYS_NET_V4,
+    SYS_NET_V6,
     WAIT,
     WEB_IP,
+    WEB_IP6,
     NatWorld,
 )
 from tests.persist_tree import snapshot
@@ -83,14 +88,21 @@ def dom0_expose(machine: Machine, *words: str) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
+def sys_net_address(source: str) -> str:
+    """sys-net's outside address of the source's family."""
+    return SYS_NET_V6 if ":" in source else SYS_NET_V4
+
+
 def tcp(world: NatWorld, source: str, port: int) -> dict[str, str]:
-    return expose_world.World(world.outside, world.sys_net).connect(source, SYS_NET_V4, port, b"")
+    return expose_world.World(world.outside, world.sys_net).connect(
+        source, sys_net_address(source), port, b""
+    )
 
 
 def udp(world: NatWorld, source: str, port: int) -> dict[str, str]:
     result = subprocess.run(
         ["ip", "netns", "exec", world.outside, sys.executable, "-c", expose_world.UDP_CLIENT,
-         source, SYS_NET_V4, str(port), str(WAIT)],
+         source, sys_net_address(source), str(port), str(WAIT)],
         capture_output=True, text=True, timeout=WAIT * 2, check=True,
     )  # fmt: skip
     answer: dict[str, str] = json.loads(result.stdout)
@@ -138,6 +150,61 @@ def test_nat_chain_carries_tcp_and_udp_with_the_client_address_and_removes_clean
     assert {qube: snapshot(machine.root_dir(qube)) for qube in QUBES} == files_before
     assert tcp(world, ALLOWED_V4, 80)["outcome"] == "refused"
     assert not (machine.directory / "dom0" / "state").exists()  # dom0's records went too
+
+
+def test_nat_over_ipv6_carries_tcp_and_udp_beside_ipv4_and_removes_cleanly(
+    machine: Machine, world: NatWorld, servers: None
+) -> None:
+    qvmrun.set_pref(machine.directory, "web", "ip6", WEB_IP6)
+    qvmrun.set_pref(machine.directory, "sys-firewall", "ip6", FIREWALL_IP6)
+    files_before = {qube: snapshot(machine.root_dir(qube)) for qube in QUBES}
+    rulesets_before = world.rulesets()
+    common = ["--interface", "eth0", "--from", f"{ALLOWED_V4}/32,{ALLOWED_V6}/128"]
+    for extra in ([], ["--udp"]):
+        made = dom0_expose(machine, f"web:{SERVER_PORT}", "--listen-port", "80", *common, *extra)
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert "(tcp, IPv4 and IPv6)" in made.stdout or "(udp, IPv4 and IPv6)" in made.stdout
+        assert (
+            f"dnat to [{FIREWALL_IP6}]:{SERVER_PORT}"
+            in (
+                machine.root_dir("sys-net") / "usr/local/etc/qconnect/expose/nat-80.nft"
+            ).read_text()
+        )
+        if not extra:
+            assert tcp(world, ALLOWED_V6, 80) == {
+                "outcome": "answered",
+                "data": f"tcp from {ALLOWED_V6}",
+            }
+            assert tcp(world, ALLOWED_V4, 80)["outcome"] == "answered"
+            assert tcp(world, OTHER_V6, 80)["outcome"] == "refused"
+    # The UDP exposure replaced the TCP one on port 80 (one exposure per listen port).
+    assert udp(world, ALLOWED_V6, 80) == {
+        "outcome": "answered",
+        "data": f"udp from {ALLOWED_V6}: ping",
+    }
+    assert udp(world, OTHER_V6, 80)["outcome"] == "refused"
+    removed = dom0_expose(machine, "--remove", f"web:{SERVER_PORT}")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert world.rulesets() == rulesets_before
+    assert {qube: snapshot(machine.root_dir(qube)) for qube in QUBES} == files_before
+
+
+def test_nat_over_ipv6_needs_an_ipv6_address_on_every_qube_below_via(
+    machine: Machine, world: NatWorld
+) -> None:
+    qvmrun.set_pref(machine.directory, "web", "ip6", WEB_IP6)  # sys-firewall has none
+    rulesets_before = world.rulesets()
+    refused = dom0_expose(machine, "web:80", "--interface", "eth0", "--from", f"{ALLOWED_V6}/128")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "sys-firewall's ip6 '' is not an IPv6 address" in refused.stderr
+    assert "qvm-features NETVM ipv6 1" in refused.stderr
+    assert world.rulesets() == rulesets_before
+    # --from any carries IPv4 only then, and says so.
+    shown = dom0_expose(machine, "web:80", "--interface", "eth0", "--from", "any", "--dry-run")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "IPv6 left out: sys-firewall has no IPv6 address" in shown.stdout
+    assert "(tcp, IPv4)" in shown.stdout
+    assert "table ip6" not in shown.stdout and "ip6 qubes" not in shown.stdout
 
 
 def test_nat_needs_a_netvm_chain_through_via(machine: Machine, world: NatWorld) -> None:

@@ -135,7 +135,8 @@ def test_outside_host_in_from_reaches_nginx_with_its_address_others_are_refused(
             "--from", f"{ALLOWED_V4}/32,{ALLOWED_V6}/128", "--proxy-protocol", proxy,
         )  # fmt: skip
         assert made.returncode == 0, made.stdout + made.stderr
-        assert "web answers with /etc/qubes-rpc/qubes.ConnectTCP" in made.stdout
+        stock = machine.root_dir("web") / "etc/qubes-rpc/qubes.ConnectTCP"
+        assert f"web answers with {stock}: qrexec's built-in service" in made.stdout
         policy = (machine.policy_dir / "30-qconnect.policy").read_text()
         assert f"qubes.ConnectTCP +{server.port} sys-net web allow" in policy
         # A reboot of sys-net: Qubes rebuilds its tables empty; rc.local's block runs.

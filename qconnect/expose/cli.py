@@ -3,9 +3,13 @@
 Run in dom0, it acts on two qubes: the via qube (``qvm-run --pass-io --user
 root VIA 'qconnect expose --here ...'``, which listens on the outside
 address and hands each connection to qrexec) and dom0's policy (the via
-qube may call that one port of the target, through ``qconnect policy``).
-Run in the via qube (or with ``--here``), it does the via qube's part and
-prints the one dom0 command left to type.
+qube may call that one port of the target, through ``qconnect policy``),
+then asks the target what would answer the call (:mod:`.target`). With
+``--template``, the via qube's disposable template gets the files its
+disposables boot with (``--here --template-apply``, at the addresses the via
+qube answered to ``--here --resolve``). Run in the via qube (or with
+``--here``), it does the via qube's part and prints the one dom0 command
+left to type.
 
 The dom0 side uses the standard library only (dom0 has no trio): this
 module imports :mod:`.via` (which does not import trio either) only when it
@@ -14,6 +18,7 @@ acts here.
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -26,9 +31,13 @@ from qconnect.core import atomic
 from qconnect.core.exposure import ROOT_ENV, ExposureError, parse_networks
 from qconnect.core.qrexec import parse_port, validate_target
 from qconnect.expose import model
+from qconnect.expose import target as target_check
 from qconnect.expose.model import ExposeError, ExposeFailure, Request
 
 DEFAULT_VIA = "sys-net"
+
+# The longest request or answer passed between dom0 and a qube as JSON.
+_MAX_JSON = 1 << 16
 
 #: dom0's record of the NAT exposures it made, read by --reapply. dom0 keeps
 #: it (a NAT exposure's rules depend on facts only dom0 knows); nothing read
@@ -85,10 +94,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nat", action="store_true",
         help="the NAT way: route the packets down the netvm chain (DNAT in every qube on it) "
-        "instead of qrexec; IPv4; needs --interface",
+        "instead of qrexec; IPv4 and IPv6; needs --interface",
     )  # fmt: skip
     parser.add_argument("--udp", action="store_true", help="with --nat: UDP instead of TCP")
     parser.add_argument("--nat-apply", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--template", metavar="QUBE",
+        help="dom0: the via qube is a disposable (a disposable sys-net): also write what must "
+        "last into its disposable template QUBE, so every restart of via brings it back",
+    )  # fmt: skip
+    parser.add_argument("--resolve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--template-apply", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="say every change; change nothing")
     parser.add_argument(
         "--here", action="store_true",
@@ -178,6 +194,18 @@ def _run_here(args: argparse.Namespace) -> int:
     context = via.Context(root=root, dry_run=args.dry_run)
     if args.reapply:
         raise ExposeError("--reapply runs in dom0 (it reads the netvm chain there)")
+    if args.resolve:
+        # dom0 asks which addresses this exposure would listen on (for --template).
+        print(json.dumps(via.resolved(_request(args))))
+        return 0
+    if args.template_apply:
+        # A disposable template's part; dom0 sends the request, addresses resolved, on stdin.
+        context.live = False
+        request = model.request_from_json(sys.stdin.read(_MAX_JSON))
+        via.add(request, context)
+        verb = "would write" if args.dry_run else "wrote"
+        print(f"{verb} the exposure of {request.target} for this template's disposables")
+        return 0
     if args.nat_apply is not None:
         # One qube's part of a NAT exposure; dom0 sends the nft file on stdin.
         port = parse_port(args.nat_apply, what="--nat-apply")
@@ -257,17 +285,30 @@ def _policy(args: argparse.Namespace, *words: str) -> int:
 def _run_dom0(args: argparse.Namespace) -> int:
     via = validate_target(args.via)
     dry = ["--dry-run"] if args.dry_run else []
+    template = None if args.template is None else validate_target(args.template)
+    if template is not None and (args.nat or args.reapply):
+        raise ExposeError("--template goes with the qrexec way (not --nat or --reapply)")
+    if template == via:
+        raise ExposeError(f"--template {template}: expected the disposable template of {via}")
     if args.reapply:
         return _reapply(args)
     if args.nat and not args.list:
         return _run_dom0_nat(args, via)
     if args.list:
         print(f"# {via}:")
-        return _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+        code = _qvm_run(via, ["qconnect", "expose", "--here", "--list"])
+        if template is not None:
+            print(f"# {template} (what {via} starts with):")
+            code = _qvm_run(template, ["qconnect", "expose", "--here", "--list"]) or code
+        return code
     if args.remove is not None:
         target = model.parse_target(args.remove)
         print(f"# {via}:")
         code = _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(target), *dry])
+        if template is not None:
+            print(f"# {template}:")
+            words = ["qconnect", "expose", "--here", "--remove", str(target), *dry]
+            code = _qvm_run(template, words) or code
         print("# dom0:")
         policy_code = _policy(
             args, "remove", via, "--port", str(target.port), "--target", target.qube
@@ -283,51 +324,55 @@ def _run_dom0(args: argparse.Namespace) -> int:
             f"the via qube {via} did not make its part (exit {code}, see above); "
             "dom0's policy was not changed"
         )
+    undo = ["qconnect", "expose", "--here", "--remove", str(request.target), *dry]
+    if template is not None:
+        print(f"# {template} (the disposable template of {via}):")
+        if _template_part(via, template, request, dry) != 0:
+            _qvm_run(via, undo)
+            raise ExposeFailure(
+                f"the disposable template {template} did not take its part (see above); "
+                f"{via}'s part was undone and dom0's policy was not changed"
+            )
     print("# dom0:")
     policy_code = _policy(
         args, "allow", via, "--port", str(request.target.port), "--target", request.target.qube
     )
     if policy_code != 0:
-        _qvm_run(via, ["qconnect", "expose", "--here", "--remove", str(request.target), *dry])
-        raise ExposeFailure("dom0's policy could not be changed; the via qube's part was undone")
+        _qvm_run(via, undo)
+        if template is not None:
+            _qvm_run(template, undo)
+        raise ExposeFailure("dom0's policy could not be changed; the qubes' parts were undone")
     print(f"# {request.target.qube}:")
-    _check_target(request.target.qube)
+    for line in target_check.check(request.target.qube, via, request.target.port):
+        print(line)
     return 0
 
 
-# Run in the target qube: is there a qubes.ConnectTCP service to answer the call?
-# (qrexec's service directories, in its search order; Qubes' own service is a
-# symlink to /dev/tcp/127.0.0.1, which exists for qrexec only; the loopback's qvm-run
-# names a loopback qube's root in QCONNECT_LOOPBACK_ROOT, empty in a real qube.)
-_SERVICE_CHECK = (
-    'r="${QCONNECT_LOOPBACK_ROOT:-}"; '
-    "for d in run/qubes-rpc usr/local/etc/qubes-rpc etc/qubes-rpc; do "
-    'f="$r/$d/qubes.ConnectTCP"; { [ -e "$f" ] || [ -L "$f" ]; } && { echo "$d/qubes.ConnectTCP"; '
-    "exit 0; }; done; exit 3"
-)
-_SERVICE_MISSING = 3
+def _template_part(via: str, template: str, request: Request, dry: list[str]) -> int:
+    """Write the exposure into ``via``'s disposable template, at the addresses ``via`` uses.
 
-
-def _check_target(qube: str) -> None:
-    """Step 3: say whether ``qube`` can answer (never starts it; never fails the command)."""
-    argv = [QVM_RUN, "--pass-io", "--no-autostart", "--user", "root", "--no-gui", qube]
+    The template has not via's interfaces, so dom0 asks via which addresses
+    the exposure listens on (the answer is checked as any command-line
+    address would be) and sends the template the whole request.
+    """
+    argv = [QVM_RUN, "--pass-io", "--user", "root", "--no-gui", via,
+            shlex.join([*request.command(), "--resolve"])]  # fmt: skip
     try:
         result = subprocess.run(
-            [*argv, _SERVICE_CHECK], stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=60, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as error:
-        print(f"could not check {qube}'s qubes.ConnectTCP service: {error}")
-        return
-    if result.returncode == 0:
-        print(f"{qube} answers with /{result.stdout.strip()}")
-    elif result.returncode == _SERVICE_MISSING:
-        print(
-            f"warning: {qube} has no qubes.ConnectTCP service, so every call will fail: "
-            f"run qconnect service install in {qube} (or in its template)"
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False
         )
-    else:
-        print(f"{qube}'s qubes.ConnectTCP service not checked ({qube} is not running?)")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ExposeFailure(f"cannot ask {via} for its listen addresses: {error}") from None
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[:_MAX_JSON].decode(errors="replace"))
+        return result.returncode
+    listen, interface = model.parse_resolved(result.stdout[:_MAX_JSON].decode(errors="replace"))
+    resolved = Request(
+        request.target, request.listen_port, listen, interface, request.allow_from,
+        request.proxy_protocol, request.allow_qube_facing,
+    )  # fmt: skip
+    words = ["qconnect", "expose", "--here", "--template-apply", *dry]
+    return _qvm_run_input(template, words, model.request_to_json(resolved))
 
 
 # --- the NAT way, from dom0 ------------------------------------------------------------
@@ -414,6 +459,45 @@ def _reapply(args: argparse.Namespace) -> int:
     return worst
 
 
+#: The qvm-prefs property holding a qube's address, per IP version (qubes-core-admin).
+_ADDRESS_PREFS = {4: "ip", 6: "ip6"}
+
+
+def _nat_addresses(
+    qubes: list[str], request: Request, any_source: bool
+) -> tuple[list[int], dict[int, dict[str, str]]]:
+    """The IP versions to carry and each qube's address in them (read from dom0).
+
+    A version a ``--from`` network names needs an address on every qube below
+    the via qube; with ``--from any``, IPv6 is left out (and said so) when a
+    qube has none (IPv6 is not enabled for it).
+    """
+    families = model.nat_families(request.allow_from)
+    found: dict[int, dict[str, str]] = {}
+    for version in families:
+        prop = _ADDRESS_PREFS[version]
+        found[version] = {}
+        for qube in qubes:
+            text = _pref(qube, prop)
+            if not text and version == 6 and any_source:
+                print(f"IPv6 left out: {qube} has no IPv6 address (qvm-prefs {qube} ip6 is empty)")
+                del found[version]
+                break
+            try:
+                address = model.parse_listen_address(text)
+            except ExposeError:
+                address = ""
+            if ipaddress.ip_address(address or "0.0.0.0").version != version or not address:
+                hint = " (enable IPv6 for it: qvm-features NETVM ipv6 1)" if version == 6 else ""
+                raise ExposeFailure(
+                    f"{qube}'s {prop} {text!r} is not an IPv{version} address{hint}: "
+                    f"--from names IPv{version} networks, so every qube below the via qube "
+                    "needs one"
+                )
+            found[version][qube] = address
+    return [version for version in families if version in found], found
+
+
 def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
     dry = ["--dry-run"] if args.dry_run else []
     if args.remove is not None:
@@ -438,27 +522,23 @@ def _run_dom0_nat(args: argparse.Namespace, via: str) -> int:
     if request.listen:
         raise ExposeError("--nat takes --interface, not --listen")
     chain = _netvm_chain(via, request.target)
-    addresses = {}
-    for qube in chain[1:]:
-        address = _pref(qube, "ip")
-        try:
-            addresses[qube] = model.parse_listen_address(address)
-        except ExposeError:
-            raise ExposeFailure(f"{qube}'s ip {address!r} is not an IPv4 address") from None
+    families, addresses = _nat_addresses(chain[1:], request, args.allow_from == "any")
     protocol = "udp" if args.udp else "tcp"
     command = shlex.join([*request.command(here=False), "--nat", *(["--udp"] if args.udp else [])])
     hops = model.nat_chain(
         via, request.target, request.listen_port, request.interface or "", chain, addresses
     )
-    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, IPv4)")
+    shown = " and ".join(f"IPv{version}" for version in families)
+    print(f"NAT chain: {' -> '.join(chain)} ({protocol}, {shown})")
     print("  it breaks when an IP address on it changes or a disposable netvm restarts: "
           "run this command again then")  # fmt: skip
     done: list[str] = []
     # The target first, the via qube last: the door opens when the path is complete.
     for hop in reversed(hops):
         text = model.render_nat_hop(
-            hop, protocol, request.allow_from, request.listen_port, request.target, command
-        )
+            hop, protocol, request.allow_from, request.listen_port, request.target, command,
+            families,
+        )  # fmt: skip
         print(f"# {hop.qube}:")
         words = ["qconnect", "expose", "--here", "--nat-apply", str(request.listen_port), *dry]
         if _qvm_run_input(hop.qube, words, text) != 0:

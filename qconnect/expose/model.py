@@ -17,12 +17,13 @@ and in dom0 the policy rule that lets only the via qube call that one port.
 """
 
 import ipaddress
+import json
 import re
 import shlex
 from dataclasses import dataclass
 
 from qconnect.core.errors import CommandLineError, QconnectError
-from qconnect.core.exposure import IPNetwork, render_networks
+from qconnect.core.exposure import ExposureError, IPNetwork, parse_networks, render_networks
 from qconnect.core.fence import Markers
 from qconnect.core.qrexec import is_valid_qube_name, parse_port
 
@@ -193,7 +194,8 @@ class Request:
         words += [str(self.target), "--listen-port", str(self.listen_port)]
         for address in self.listen:
             words += ["--listen", address]
-        if self.interface is not None:
+        if self.interface is not None and not self.listen:
+            # (with --listen, the interface is the one dom0 found them on: implied)
             words += ["--interface", self.interface]
         words += ["--from", render_networks(self.allow_from)]
         if self.proxy_protocol is not None:
@@ -201,6 +203,88 @@ class Request:
         if self.allow_qube_facing:
             words.append("--allow-qube-facing")
         return words
+
+
+# --- a disposable via qube (--template): dom0 <-> qubes, as JSON -------------------------
+
+
+def parse_resolved(text: str) -> tuple[tuple[str, ...], str | None]:
+    """The via qube's answer to ``--resolve``, checked as the command line's values would be.
+
+    It comes from the least trusted qube: only addresses a ``--listen`` could
+    name and an interface name ``--interface`` could take pass.
+    """
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        raise ExposeFailure("the via qube's listen addresses are not JSON") from None
+    listen = answer.get("listen") if isinstance(answer, dict) else None
+    interface = answer.get("interface") if isinstance(answer, dict) else None
+    if (
+        not isinstance(listen, list)
+        or not 0 < len(listen) <= 64
+        or not all(isinstance(a, str) for a in listen)
+        or not (interface is None or isinstance(interface, str))
+    ):
+        raise ExposeFailure("the via qube's listen addresses are not a list of addresses")
+    try:
+        addresses = tuple(parse_listen_address(address) for address in listen)
+        return addresses, None if interface is None else parse_interface(interface)
+    except ExposeError as error:
+        raise ExposeFailure(f"the via qube answered {error}") from None
+
+
+def request_to_json(request: Request) -> str:
+    return json.dumps(
+        {
+            "target": str(request.target),
+            "listen_port": request.listen_port,
+            "listen": list(request.listen),
+            "interface": request.interface,
+            "from": render_networks(request.allow_from),
+            "proxy_protocol": request.proxy_protocol,
+            "allow_qube_facing": request.allow_qube_facing,
+        }
+    )
+
+
+def request_from_json(text: str) -> Request:
+    """dom0's request to a disposable template (``--template-apply``), checked field by field."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError
+        listen = data["listen"]
+        proxy = data["proxy_protocol"]
+        interface = data["interface"]
+        if (
+            not isinstance(listen, list)
+            or not all(isinstance(a, str) for a in listen)
+            or proxy not in (None, "v1", "v2")
+            or not (interface is None or isinstance(interface, str))
+            or not isinstance(data["allow_qube_facing"], bool)
+            or not isinstance(data["from"], str)
+            or not isinstance(data["target"], str)
+            or not isinstance(data["listen_port"], int)
+        ):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise ExposeError(
+            "--template-apply: standard input is not a request from dom0's qconnect expose"
+        ) from None
+    try:
+        allow_from = parse_networks(data["from"])
+    except ExposureError as error:
+        raise ExposeError(f"--template-apply: from: {error}") from None
+    return Request(
+        parse_target(data["target"]),
+        parse_port(str(data["listen_port"]), what="listen_port"),
+        tuple(parse_listen_address(address) for address in listen),
+        None if interface is None else parse_interface(interface),
+        allow_from,
+        proxy,
+        data["allow_qube_facing"],
+    )
 
 
 def dom0_policy_command(via: str, target: Target) -> str:
@@ -215,14 +299,19 @@ def dom0_policy_command(via: str, target: Target) -> str:
 # each upstream qube (the via qube, then every netvm between it and the
 # target) rewrites the destination to the next qube down (DNAT, in a table
 # of our own) and lets it through its ``custom-forward`` chain; the target
-# lets it in through ``custom-input``. IPv4 only: a Qubes qube's IPv6
-# address exists only when IPv6 is enabled for it, and the chain would need
-# NAT66 on every hop.
+# lets it in through ``custom-input``. Per address family: Qubes' ``ip6
+# qubes`` table has the same two chains, jumped to first by its ``input`` and
+# ``forward`` chains (qubes-core-agent-linux, network/qubes-ipv6.nft, since
+# R4.2.0), and a qube has an IPv6 address (qvm-prefs ``ip6``) when IPv6 is
+# enabled for it; an IPv6 exposure needs one on every qube below the via qube.
 
 #: The uplink of every qube below the via qube (Qubes names it eth0).
 UPLINK = "eth0"
 
 NAT_PROTOCOLS = ("tcp", "udp")
+
+#: nft's family keyword per IP version.
+NFT_FAMILY = {4: "ip", 6: "ip6"}
 
 
 def nat_table(listen_port: int) -> str:
@@ -240,7 +329,8 @@ class NatHop:
     qube: str
     interface: str  #: where the packets come in
     in_port: int
-    next_address: str | None  #: None for the target
+    #: the next qube's address per IP version; empty for the target
+    next_addresses: dict[int, str]
     out_port: int
 
 
@@ -250,9 +340,12 @@ def nat_chain(
     listen_port: int,
     interface: str,
     chain: list[str],
-    addresses: dict[str, str],
+    addresses: dict[int, dict[str, str]],
 ) -> list[NatHop]:
-    """The hops from the via qube down to the target (``chain``: via first, target last)."""
+    """The hops from the via qube down to the target (``chain``: via first, target last).
+
+    ``addresses``: per IP version, each qube's address below the via qube.
+    """
     if len(chain) < 2 or chain[0] != via or chain[-1] != target.qube:
         raise ExposeError(
             f"the netvm chain {' -> '.join(chain)} does not lead from {via} to {target}"
@@ -265,11 +358,18 @@ def nat_chain(
                 qube=qube,
                 interface=interface if index == 0 else UPLINK,
                 in_port=listen_port if index == 0 else target.port,
-                next_address=None if last else addresses[chain[index + 1]],
+                next_addresses={}
+                if last
+                else {version: found[chain[index + 1]] for version, found in addresses.items()},
                 out_port=target.port,
             )
         )
     return hops
+
+
+def nat_families(allow_from: tuple[IPNetwork, ...]) -> list[int]:
+    """The IP versions a NAT exposure carries: those of the ``--from`` networks."""
+    return [version for version in NFT_FAMILY if any(n.version == version for n in allow_from)]
 
 
 def render_nat_hop(
@@ -279,14 +379,11 @@ def render_nat_hop(
     listen_port: int,
     target: Target,
     command: str,
+    families: list[int],
 ) -> str:
-    """The nft file of one hop; loading it twice gives the same rules (the table is replaced)."""
-    sources = [str(n) for n in allow_from if n.version == 4]
-    if not sources:
-        raise ExposeError("--nat is IPv4 only: give --from at least one IPv4 network")
-    source = "" if sources == ["0.0.0.0/0"] else f"ip saddr {{ {', '.join(sources)} }} "
-    match = f'iifname "{hop.interface}" {source}{protocol} dport'
-    tag = f'comment "{rule_tag(listen_port)}"'
+    """The nft file of one hop; loading it twice gives the same rules (the tables are replaced)."""
+    if not families:
+        raise ExposeError("--nat: no --from network of an address family to carry")
     lines = [
         "#!/usr/sbin/nft -f",
         "# Generated by qconnect expose --nat.",
@@ -294,22 +391,32 @@ def render_nat_hop(
         f"# Command: {command}",
         f"# Remove with: qconnect expose --nat --remove {target}",
     ]
+    tag = f'comment "{rule_tag(listen_port)}"'
     table = nat_table(listen_port)
-    if hop.next_address is None:
-        lines.append(f"add rule ip qubes custom-input {match} {hop.in_port} counter accept {tag}")
-    else:
-        destination = f"{hop.next_address}:{hop.out_port}"
+    for version in families:
+        family = NFT_FAMILY[version]
+        sources = [str(n) for n in allow_from if n.version == version]
+        everyone = "0.0.0.0/0" if version == 4 else "::/0"
+        source = "" if sources == [everyone] else f"{family} saddr {{ {', '.join(sources)} }} "
+        match = f'iifname "{hop.interface}" {source}{protocol} dport'
+        if not hop.next_addresses:
+            lines.append(
+                f"add rule {family} qubes custom-input {match} {hop.in_port} counter accept {tag}"
+            )
+            continue
+        address = hop.next_addresses[version]
+        destination = f"{address}:{hop.out_port}" if version == 4 else f"[{address}]:{hop.out_port}"
         lines += [
-            f"table ip {table}",
-            f"delete table ip {table}",
-            f"table ip {table} {{",
+            f"table {family} {table}",
+            f"delete table {family} {table}",
+            f"table {family} {table} {{",
             "    chain prerouting {",
             "        type nat hook prerouting priority dstnat; policy accept;",
             f"        {match} {hop.in_port} dnat to {destination}",
             "    }",
             "}",
-            f"add rule ip qubes custom-forward {match} {hop.out_port} "
-            f"ip daddr {hop.next_address} counter accept {tag}",
+            f"add rule {family} qubes custom-forward {match} {hop.out_port} "
+            f"{family} daddr {address} counter accept {tag}",
         ]
     return "\n".join(lines) + "\n"
 

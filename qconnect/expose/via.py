@@ -21,11 +21,12 @@ import ipaddress
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from qconnect.core import atomic, exposure
 from qconnect.core.errors import FenceError, FileWriteError, QconnectError
@@ -56,6 +57,10 @@ class Context:
     dry_run: bool
     say: Callable[[str], None] = print
     undo: list[Callable[[], None]] = field(default_factory=list)
+    #: False in a disposable template (``--template``): only the files that its
+    #: disposables boot with are written; nothing is loaded or started here,
+    #: since this qube is not the one with the outside network.
+    live: bool = True
 
     @property
     def config_dir(self) -> Path:
@@ -146,6 +151,18 @@ def listen_addresses(request: Request) -> tuple[tuple[str, ...], str | None]:
     if not addresses:
         raise ExposeFailure(f"interface {interface} has no global address to listen on")
     return tuple(addresses), interface
+
+
+def resolved(request: Request) -> dict[str, object]:
+    """The addresses (and firewall interface) this exposure listens on here, for dom0."""
+    addresses, interface = listen_addresses(request)
+    families = model.families_needed(addresses, request.allow_from)
+    chosen = [a for a in addresses if ipaddress.ip_address(a).version in families]
+    if not chosen:
+        raise ExposeError(
+            f"no --from network is of the family of the listen addresses {', '.join(addresses)}"
+        )
+    return {"listen": chosen, "interface": interface}
 
 
 # --- firewall ------------------------------------------------------------------------
@@ -304,6 +321,48 @@ def update_rc_local(context: Context, listen_port: int, line: str | None) -> Non
 # --- persist ---------------------------------------------------------------------------
 
 
+def _our_client() -> str:
+    """qconnect's qvm-connect-tcp, installed with this qconnect (the units' daemon)."""
+    beside = Path(sys.executable).parent / "qvm-connect-tcp"
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("qvm-connect-tcp")
+    if found is None:
+        raise ExposeFailure("cannot find qconnect's qvm-connect-tcp here: install qconnect")
+    return os.path.abspath(found)
+
+
+def _persist_files_only(context: Context, spec: str) -> None:
+    """``persist add SPEC --system --mode daemon --replace``, without telling systemd.
+
+    In a disposable template the units must be written (its disposables
+    start them at boot, from rc.local) but not started: the template does
+    not hold the address they bind. persist's own engine writes them, told
+    that no systemd manager runs here.
+    """
+    from qconnect.core.spec import parse_spec
+    from qconnect.persist import install
+    from qconnect.persist.install import AddRequest, Persistence, UnitPaths
+    from qconnect.persist.render import Binding, Mode, Scope, check_executable_path, load_templates
+
+    shown = shlex.join(["qconnect", "persist", "add", spec, "--system", "--mode", "daemon"])
+    if context.dry_run:
+        context.say(f"would write the units of: {shown} (not started here)")
+        return
+    binding = Binding(parse_spec(spec), Scope.SYSTEM, Mode.DAEMON)
+    # A disposable template is an app qube: /usr/local and /rw reach its disposables.
+    request = AddRequest(binding, Persistence.RW_ONLY, _our_client(), replace=True)
+    paths = UnitPaths(root=context.root, config_home=PurePosixPath("/root/.config"))
+    try:
+        check_executable_path(request.qvm_connect_tcp or "", "qvm-connect-tcp")
+        with install.scope_lock(paths):
+            applied = install.apply(paths, install.plan_add(paths, request, load_templates()))
+    except QconnectError as error:
+        raise ExposeFailure(f"qconnect persist: {error}") from None
+    report = applied.report
+    context.say(f"wrote the units of: {shown} (started by this qube's disposables at boot)")
+    for line in report:
+        context.say(f"  {line}")
+
+
 def _persist(context: Context, *words: str) -> None:
     argv = [sys.executable, "-m", "qconnect", "persist", *words, "--root", str(context.root)]
     shown = shlex.join(["qconnect", "persist", *words])
@@ -371,7 +430,13 @@ def add(request: Request, context: Context) -> None:
 
 
 def _add(request: Request, context: Context) -> None:
-    addresses, interface = listen_addresses(request)
+    if context.live:
+        addresses, interface = listen_addresses(request)
+    else:
+        # dom0 found them in the via qube (this qube has not its interfaces).
+        addresses, interface = request.listen, request.interface
+        if not addresses:
+            raise ExposeError("a disposable template's part needs the listen addresses")
     families = model.families_needed(addresses, request.allow_from)
     # A listener of a family no --from network is of could never be reached.
     addresses = tuple(a for a in addresses if ipaddress.ip_address(a).version in families)
@@ -395,7 +460,8 @@ def _add(request: Request, context: Context) -> None:
             f"port {request.listen_port} of this qube is part of a NAT exposure: "
             "give another --listen-port, or remove that one first"
         )
-    check_chains(families)
+    if context.live:
+        check_chains(families)
     command = shlex.join(request.command())
     remove = shlex.join(["qconnect", "expose", "--remove", str(request.target)])
     settings = Exposure(
@@ -410,10 +476,13 @@ def _add(request: Request, context: Context) -> None:
         rules = model.nft_rules(addresses, request.listen_port, request.allow_from, interface)
         rules_path = context.config_dir / model.rules_file_name(request.listen_port)
         _write(context, rules_path, model.render_rules_file(rules, command, remove))
-        delete_rules(context, request.listen_port)
-        if context.dry_run:
+        if not context.live:
+            context.say(f"not loaded here: {context.seen(rules_path)} is loaded at boot")
+        elif context.dry_run:
+            delete_rules(context, request.listen_port)
             context.say(f"would run: nft -f {context.seen(rules_path)}")
         else:
+            delete_rules(context, request.listen_port)
             _run(["nft", "-f", str(rules_path)], "nft -f")
             context.say(f"loaded the firewall rules of {context.seen(rules_path)}")
             context.undo.append(lambda: delete_rules(context, request.listen_port))
@@ -422,7 +491,10 @@ def _add(request: Request, context: Context) -> None:
         # 3. The listeners.
         for address in addresses:
             spec = model.spec_text(address, request.listen_port, request.target)
-            _persist(context, "add", spec, "--system", "--mode", "daemon", "--replace")
+            if not context.live:
+                _persist_files_only(context, spec)
+            else:
+                _persist(context, "add", spec, "--system", "--mode", "daemon", "--replace")
             if not context.dry_run:
                 context.undo.append(
                     functools.partial(_persist, context, "remove", spec, "--system")
@@ -546,16 +618,17 @@ def nat_apply(context: Context, listen_port: int, text: str) -> None:
 
 def _nat_unload(context: Context, listen_port: int) -> None:
     delete_rules(context, listen_port)
-    table = ["ip", model.nat_table(listen_port)]
-    try:
-        _run(["nft", "list", "table", *table], "nft list table")
-    except ExposeFailure:
-        return
-    if context.dry_run:
-        context.say(f"would run: nft delete table {' '.join(table)}")
-    else:
-        _run(["nft", "delete", "table", *table], "nft delete table")
-        context.say(f"deleted the nftables table {' '.join(table)}")
+    for family in model.NFT_FAMILY.values():
+        table = [family, model.nat_table(listen_port)]
+        try:
+            _run(["nft", "list", "table", *table], "nft list table")
+        except ExposeFailure:
+            continue
+        if context.dry_run:
+            context.say(f"would run: nft delete table {' '.join(table)}")
+        else:
+            _run(["nft", "delete", "table", *table], "nft delete table")
+            context.say(f"deleted the nftables table {' '.join(table)}")
 
 
 def nat_remove(context: Context, target: Target) -> int:

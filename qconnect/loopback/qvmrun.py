@@ -13,7 +13,10 @@ The loopback plays it for the tools that act from dom0 on a qube
 - the command runs in the qube's environment (``layout.env_for``: the
   loopback ``qrexec-client-vm`` first on PATH), with the directory of this
   Python (where ``qconnect`` is installed) next, and :data:`ROOT_ENV` naming
-  the qube's root directory, which qconnect's tools take as the qube's ``/``;
+  the qube's root directory, which qconnect's tools take as the qube's ``/``,
+  and qrexec-agent's ``QREXEC_SERVICE_PATH`` and ``QUBES_RPC_CONFIG_PATH``
+  naming the qube's service and rpc-config directories (so a command can
+  ask which file would serve a call, as the agent would);
 - a qube given a network namespace (:func:`set_netns`) runs its commands in
   it (``ip netns exec``), so its listeners and firewall are its own;
 - ``--user`` is accepted and checked but cannot switch users: the command
@@ -89,8 +92,10 @@ def install(machine: Path) -> Path:
 PREFS_PROG = "qvm-prefs"
 
 #: The properties the loopback keeps (qubes-core-admin's names): a qube's
-#: netvm (empty: none) and its IPv4 address as its netvm sees it.
-PROPERTIES = ("netvm", "ip")
+#: netvm (empty: none), its IPv4 and IPv6 addresses as its netvm sees them
+#: (ip6 empty: IPv6 not enabled), and its template (empty: none, as for a
+#: standalone qube; real qvm-prefs fails then).
+PROPERTIES = ("netvm", "ip", "ip6", "template")
 
 
 def set_pref(machine: Path, qube: str, name: str, value: str) -> None:
@@ -210,6 +215,12 @@ def main(argv: list[str] | None = None, *, machine: str) -> NoReturn:
     root = layout.root_dir(directory, qube)
     root.mkdir(parents=True, exist_ok=True)
     env[ROOT_ENV] = str(root)
+    # qrexec-agent's search paths in this qube, as its own variables name them
+    # (a real qube's shell has neither: the agent then uses its defaults).
+    env["QREXEC_SERVICE_PATH"] = os.pathsep.join(map(str, layout.service_path(directory, qube)))
+    env["QUBES_RPC_CONFIG_PATH"] = os.pathsep.join(
+        map(str, layout.rpc_config_path(directory, qube))
+    )
     argv_run = ["/bin/sh", "-c", shell_command]
     try:
         netns = netns_file(directory, qube).read_text().strip()
