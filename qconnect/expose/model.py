@@ -269,7 +269,7 @@ def request_from_json(text: str) -> Request:
         ):
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        raise ExposeError(
+        raise ExposeFailure(
             "--template-apply: standard input is not a request from dom0's qconnect expose"
         ) from None
     try:

@@ -591,7 +591,9 @@ def listing(context: Context) -> list[str]:
 def nat_apply(context: Context, listen_port: int, text: str) -> None:
     """Load a hop's nft file (made by dom0) now and at every boot of this qube."""
     if model.nat_exposes(text) is None or not text.startswith("#!/usr/sbin/nft -f\n"):
-        raise ExposeError("--nat-apply: standard input is not a file made by qconnect expose --nat")
+        raise ExposeFailure(
+            "--nat-apply: standard input is not a file made by qconnect expose --nat"
+        )
     with serialised(context):
         if any(item.listen_port == listen_port for item in find_exposed(context)):
             raise ExposeError(
