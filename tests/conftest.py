@@ -17,13 +17,16 @@ and plain helpers: ``free_port(host)``, ``tcp_pair()``, ``recv_all(sock)``,
 ``write_executable(path, text)``.
 """
 
+import atexit
 import contextlib
 import hashlib
 import http.server
 import itertools
 import random
+import shutil
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,13 +35,25 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from qconnect.loopback.machine import Machine
 
 # Hypothesis' timing checks (a deadline per example, "input generation is
 # slow") measure how busy the machine is, not the code: on a loaded 2-core
-# machine they fail at random. Every property test runs without them.
-settings.register_profile("qconnect", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# machine they fail at random. Every property test runs without them. Nor does
+# Hypothesis keep its example database, and what else it stores (a cache of the
+# constants in the code under test) goes to a temporary directory removed at
+# exit, not to ./.hypothesis: nothing is written into the checkout.
+_hypothesis_home = tempfile.mkdtemp(prefix="qconnect-hypothesis-")
+atexit.register(shutil.rmtree, _hypothesis_home, ignore_errors=True)
+set_hypothesis_home_dir(_hypothesis_home)
+settings.register_profile(
+    "qconnect",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
 settings.load_profile("qconnect")
 
 # Teardown waits this long for a server thread to finish before giving up on
