@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import descendants, percentile, pss_kib
-from bench.servers import BUFFER, Servers
+from bench.servers import BUFFER, bench_servers
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
+from tests.servers import Servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = ("socket", "exec", "socat", "builtin")
@@ -108,7 +109,7 @@ def finish(process: subprocess.Popen[bytes], sock: socket.socket) -> None:
 def upload(machine: Machine, form: str, servers: Servers, size: int) -> float:
     block = b"\x5a" * BUFFER
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.sink)
+    process, sock = start_call(machine, form, servers["sink"])
     left = size
     while left > 0:
         sock.sendall(block[: min(left, BUFFER)])
@@ -127,7 +128,7 @@ def upload(machine: Machine, form: str, servers: Servers, size: int) -> float:
 def download(machine: Machine, form: str, servers: Servers, size: int) -> float:
     buffer = bytearray(BUFFER)
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.source)
+    process, sock = start_call(machine, form, servers["source"])
     sock.sendall(f"{size}\n".encode())
     sock.shutdown(socket.SHUT_WR)
     total = 0
@@ -142,7 +143,7 @@ def download(machine: Machine, form: str, servers: Servers, size: int) -> float:
 
 def echo_latency(machine: Machine, form: str, servers: Servers) -> float:
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.echo)
+    process, sock = start_call(machine, form, servers["echo"])
     sock.sendall(ECHO_BYTES)
     got = b""
     while len(got) < len(ECHO_BYTES):
@@ -167,7 +168,7 @@ def agent_latency(machine: Machine, form: str, servers: Servers) -> float:
     the descriptor, starting the executable (or socat) with a socketpair as
     stdin/stdout, or the built-in service's own TCP connect.
     """
-    port = servers.echo
+    port = servers["echo"]
     started = time.perf_counter()
     process = None
     if form == "socket":
@@ -212,7 +213,7 @@ def memory_per_call(
 ) -> float:
     """Service-side PSS per open call, with OPEN_CALLS calls open at once."""
     idle = pss_kib(daemon.pid) if form == "socket" else 0
-    calls = [start_call(machine, form, servers.echo) for _ in range(OPEN_CALLS)]
+    calls = [start_call(machine, form, servers["echo"]) for _ in range(OPEN_CALLS)]
     for _process, sock in calls:  # every call is up end to end
         sock.sendall(b"x")
         if sock.recv(1) != b"x":
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {
         form: {"up": [], "down": [], "latency_ms": [], "agent_latency_ms": []} for form in FORMS
     }
-    servers = Servers()
+    servers = bench_servers()
     with tempfile.TemporaryDirectory(prefix="qconnect-bench-") as tmp:
         machine, daemon = build_machine(Path(tmp) / "machine", Path(tmp) / "service.log")
         try:

@@ -1,9 +1,9 @@
 """The world the client's tests run in: a loopback machine, a service, servers, a client.
 
 ``untrusted`` runs ``qvm-connect-tcp``; ``mytcp-service`` runs the socket
-service (``qconnect service run``) in front of the servers of
-:mod:`tests.client_servers`. dom0's policy lets ``untrusted`` call those
-ports in ``mytcp-service``, by name and as ``@default``; everything else is
+service (``qconnect service run``) in front of the "client" set of
+:mod:`tests.servers`, run as a process of its own. dom0's policy lets
+``untrusted`` call those ports in ``mytcp-service``, by name and as ``@default``; everything else is
 refused (there is no allowing rule). ``noservice`` has no qubes.ConnectTCP
 at all; ``stock`` has only today's built-in ``/dev/tcp`` service.
 """
@@ -193,7 +193,8 @@ def allow_lines(ports: dict[str, int]) -> list[str]:
 def make_world(directory: Path) -> Iterator[World]:
     """Build the machine, start the servers and the socket service; tear all down after."""
     servers = subprocess.Popen(
-        [sys.executable, "-m", "tests.client_servers"],
+        [sys.executable, "-m", "tests.servers", "client"],
+        stdin=subprocess.PIPE,  # it runs until this pipe closes
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
@@ -240,6 +241,12 @@ def make_world(directory: Path) -> Iterator[World]:
         finally:
             world.close()
     finally:
-        if servers.poll() is None:
-            servers.terminate()
-            servers.communicate(timeout=20)
+        assert servers.stdin is not None
+        servers.stdin.close()
+        try:
+            servers.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            servers.kill()
+            servers.wait()
+        assert servers.stdout is not None
+        servers.stdout.close()

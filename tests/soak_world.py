@@ -9,15 +9,11 @@ same services.
 """
 
 import contextlib
-import hashlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,71 +21,8 @@ from pathlib import Path
 from bench.common import cmdline, descendants, fd_kinds, stop_process
 from bench.service import build_machine
 from qconnect.loopback.machine import Machine
-from tests.conftest import ThreadedTCPServer, echo, free_port
-
-#: Seconds the "late" server waits after the client's EOF before it answers.
-LATE_DELAY = 0.05
-
-#: What the "early" server sends before it shuts its write side.
-GREETING = b"server done sending\n"
-
-#: Bytes the "big" server sends (the reset scenario cuts it short).
-BIG_SIZE = 4 << 20
-
-#: Bytes the "slow" server sends before it waits for the client's EOF.
-SLOW_FIRST = 65536
-
-_RECV = 65536
-
-
-class SoakServers:
-    """TCP servers on 127.0.0.1; ``early_received``: sha256 of what each early call sent."""
-
-    def __init__(self) -> None:
-        self.early_received: set[str] = set()
-        self._lock = threading.Lock()
-        self._servers = {
-            "echo": ThreadedTCPServer(echo),
-            "late": ThreadedTCPServer(self._late),
-            "early": ThreadedTCPServer(self._early),
-            "big": ThreadedTCPServer(self._big),
-            "slow": ThreadedTCPServer(self._slow),
-        }
-        self.ports = {name: server.port for name, server in self._servers.items()}
-
-    @staticmethod
-    def _late(conn: socket.socket) -> None:
-        digest, count = hashlib.sha256(), 0
-        while data := conn.recv(_RECV):
-            digest.update(data)
-            count += len(data)
-        time.sleep(LATE_DELAY)
-        conn.sendall(f"{count} {digest.hexdigest()}\n".encode())
-
-    def _early(self, conn: socket.socket) -> None:
-        conn.sendall(GREETING)
-        conn.shutdown(socket.SHUT_WR)
-        digest = hashlib.sha256()
-        while data := conn.recv(_RECV):
-            digest.update(data)
-        with self._lock:
-            self.early_received.add(digest.hexdigest())
-
-    @staticmethod
-    def _big(conn: socket.socket) -> None:
-        block = b"\x5a" * _RECV
-        for _ in range(BIG_SIZE // _RECV):
-            conn.sendall(block)
-
-    @staticmethod
-    def _slow(conn: socket.socket) -> None:
-        conn.sendall(b"s" * SLOW_FIRST)
-        while conn.recv(_RECV):
-            pass
-
-    def close(self) -> None:
-        for server in self._servers.values():
-            server.close()
+from tests.conftest import free_port
+from tests.servers import SoakServers
 
 
 @dataclass

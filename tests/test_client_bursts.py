@@ -156,7 +156,8 @@ def burst_world(directory: Path) -> Iterator[BurstWorld]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 sockets in this process
     servers = subprocess.Popen(
-        [sys.executable, "-m", "tests.client_servers"],
+        [sys.executable, "-m", "tests.servers", "client"],
+        stdin=subprocess.PIPE,  # it runs until this pipe closes
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

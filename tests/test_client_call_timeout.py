@@ -32,7 +32,7 @@ import trio
 
 from qconnect.loopback.machine import Machine
 from tests.client_world import exchange, free_port
-from tests.conftest import ThreadedTCPServer
+from tests.servers import ThreadedTCPServer
 
 SOURCE, TARGET = "work", "web"
 

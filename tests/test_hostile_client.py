@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.soak_world import SoakChain, SoakServers, soak_chain
+from tests.servers import SoakServers
+from tests.soak_world import SoakChain, soak_chain
 
 # Connections opened at once in make test: more than the client lets into
 # qrexec at a time (112 per process), so the rest wait in the listen backlog.

@@ -20,7 +20,8 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install, install_into_rpc_dir
-from tests.conftest import HalfCloseServer, HttpServer, recv_all
+from tests.conftest import recv_all
+from tests.servers import HalfCloseServer, HttpServer
 from tests.service_helpers import start_service_process
 
 TIMEOUT = 60

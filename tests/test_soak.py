@@ -28,7 +28,8 @@ import pytest
 import trio
 
 from qconnect.core.relay.trio_streams import PIPES_KEPT
-from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_chain
+from tests.servers import GREETING, SLOW_FIRST, SoakServers
+from tests.soak_world import SoakChain, soak_chain
 
 SOAK_DEFAULT = 60
 SOAK_FULL = 10_000
@@ -207,9 +208,7 @@ async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
             pooled = chain.pooled_pipes()
             assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
             # server half-close: what the client sent after the server's EOF arrived, whole
-            with trio.fail_after(10):
-                while not set(soak.early_sent) <= servers.early_received:
-                    await trio.sleep(0.1)
+            await trio.to_thread.run_sync(servers.wait_early_received, set(soak.early_sent), 10)
             chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
             await trio.to_thread.run_sync(chain.client.wait, 30)
             outcomes = chain.client_outcomes()
