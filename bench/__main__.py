@@ -33,7 +33,7 @@ from typing import Any
 from bench import load, report
 from bench.chains import CHAINS, Chain, start_chain
 from bench.common import log, machine_info, percentile, stop_process
-from bench.service import build_machine
+from tests.client_world import build_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -48,43 +48,12 @@ from typing import Any
 from bench.common import descendants, percentile, pss_kib
 from bench.servers import BUFFER, bench_servers
 from qconnect.loopback.machine import Machine
-from qconnect.service.install import install
+from tests.client_world import FORMS, build_machine
 from tests.servers import Servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMS = ("socket", "exec", "socat", "builtin")
 ECHO_BYTES = b"0123456789"  # the 10-byte echo of the latency figure
 OPEN_CALLS = 50  # calls held open at once for the memory figure
-SOCAT_SERVICE = (
-    '#!/bin/sh\n# The socat original, as a qrexec service.\nexec socat STDIO TCP:localhost:"$1"\n'
-)
-
-
-def build_machine(directory: Path, log: Path) -> tuple[Machine, subprocess.Popen[bytes]]:
-    machine = Machine.create(
-        directory,
-        ["work", *(f"svc-{form}" for form in FORMS)],
-        policy=[f"qubes.ConnectTCP * work svc-{form} allow" for form in FORMS],
-    )
-    install(machine.root_dir("svc-socket"), "socket")
-    install(machine.root_dir("svc-exec"), "exec")
-    socat = machine.rpc_dir("svc-socat") / "qubes.ConnectTCP"
-    socat.write_text(SOCAT_SERVICE)
-    socat.chmod(0o755)
-    # svc-builtin keeps the stock /dev/tcp/127.0.0.1 service of today's Qubes.
-    path = machine.root_dir("svc-socket") / "run/qubes-rpc/qubes.ConnectTCP"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as log_file:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(path)],
-            stderr=log_file,
-        )
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            raise SystemExit(f"socket service did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return machine, daemon
 
 
 def start_call(

@@ -31,11 +31,13 @@ import http.server
 import json
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 #: What a connection handler is: it must not close ``conn`` (the server does).
@@ -500,6 +502,38 @@ def serving(name: str) -> Iterator[Servers]:
     """Run the set ``name`` in this process until the block ends."""
     with Servers(handler_set(name)) as servers:
         yield servers
+
+
+@contextlib.contextmanager
+def servers_process(name: str) -> Iterator[tuple["subprocess.Popen[str]", dict[str, int]]]:
+    """Run the set ``name`` as a process of its own until the block ends: (process, ports).
+
+    Its stdout stays open for what the set prints (the client set's early
+    server reports there); the process ends when its stdin closes.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.servers", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"python -m tests.servers {name} exited with {process.wait()}")
+        yield process, json.loads(line)
+    finally:
+        assert process.stdin is not None and process.stdout is not None
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:

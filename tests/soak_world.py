@@ -3,9 +3,10 @@
 One chain per test: ``qvm-connect-tcp`` in qube "work" (handoff or relay)
 to ``svc-socket`` (qconnect's socket service) or ``svc-exec`` (its
 executable), with one binding per server behaviour plus a binding that dom0
-refuses and one to a port nothing listens on. Built on the benchmark's
-machine (``bench.service.build_machine``), so the soak and the bench run the
-same services.
+refuses and one to a port nothing listens on. Built on the machine the
+service benchmark runs on too (``tests.client_world.build_machine``), so the
+soak and the bench run the same services, and on the servers of
+:mod:`tests.servers`.
 """
 
 import contextlib
@@ -17,11 +18,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from bench.common import cmdline, descendants, fd_kinds, stop_process
-from bench.service import build_machine
 from qconnect.loopback.machine import Machine
+from tests.client_world import build_machine
 from tests.conftest import free_port
+from tests.processes import cmdline, descendants, fd_kinds, stop_process
 from tests.servers import SoakServers
 
 
@@ -34,7 +36,7 @@ class SoakChain:
     client: "subprocess.Popen[str]"
     client_log: Path
     service_log: Path
-    daemon: "subprocess.Popen[bytes]"
+    daemon: "subprocess.Popen[Any]"
     qrexec: "subprocess.Popen[bytes]"  #: the machine's loopback fork-server (runs the calls)
     local: dict[str, int] = field(default_factory=dict)  #: behaviour -> local port
     remote: dict[str, int] = field(default_factory=dict)  #: behaviour -> server port
