@@ -96,7 +96,10 @@ async def test_clients_that_connect_and_never_send_do_not_block_others() -> None
             for _ in range(IDLE_CLIENTS)
         ]
         try:
-            await trio.sleep(1)
+            # the event: every idle connection has its call (and holds a slot)
+            with trio.fail_after(PROMPT):
+                while running.snapshot()["qrexec_calls"] < IDLE_CLIENTS:
+                    await trio.sleep(0.05)
             with trio.fail_after(PROMPT):
                 assert await echo_once(running, b"well behaved") == b"well behaved"
         finally:

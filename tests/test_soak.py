@@ -181,6 +181,19 @@ def _wait_for_baseline(chain: SoakChain, baseline: dict[str, int]) -> dict[str, 
         time.sleep(0.2)
 
 
+def _wait_for_warm_up_call(chain: SoakChain) -> None:
+    """Wait for the event that the warm-up call has ended: logged, no process of it left."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        now = chain.snapshot()
+        ended = chain.remote["echo"] in chain.client_outcomes()
+        if ended and now["client_children"] == 0 and now["qrexec_calls"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the warm-up call did not end: {now}")
+        time.sleep(0.05)
+
+
 async def _soak(chain_name: str, count: int, tmp_path: Path) -> None:
     # A short machine path: the client's control socket lives under it, and a
     # unix socket path must fit in 107 bytes (pytest's tmp_path can be longer).
@@ -196,7 +209,7 @@ async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
         with soak_chain(tmp_path, servers, target=target, relay=relay) as chain:
             soak = Soak(chain, servers, random.Random(seed))
             await soak.echo()  # warm-up: every lazy import and first start done
-            await trio.sleep(0.5)
+            await trio.to_thread.run_sync(_wait_for_warm_up_call, chain)
             baseline = chain.snapshot()
             await soak.run(count)
             after = await trio.to_thread.run_sync(_wait_for_baseline, chain, baseline)
