@@ -38,6 +38,7 @@ class SoakChain:
     service_log: Path
     daemon: "subprocess.Popen[Any]"
     qrexec: "subprocess.Popen[bytes]"  #: the machine's loopback fork-server (runs the calls)
+    servers: SoakServers  #: what the behaviours' calls reach
     local: dict[str, int] = field(default_factory=dict)  #: behaviour -> local port
     remote: dict[str, int] = field(default_factory=dict)  #: behaviour -> server port
 
@@ -90,13 +91,20 @@ class SoakChain:
 
 
 @contextlib.contextmanager
-def soak_chain(
-    directory: Path, servers: SoakServers, *, target: str, relay: bool
-) -> Iterator[SoakChain]:
-    """Build the machine, start the client bound to every behaviour; stop all afterwards.
+def soak_chain(directory: Path, *, target: str, relay: bool) -> Iterator[SoakChain]:
+    """Start the servers, build the machine, start the client bound to every behaviour.
 
     Calls go through the machine's loopback fork-server, as in the benchmark.
+    All is stopped when the block ends.
     """
+    with SoakServers() as servers, _chain(directory, servers, target=target, relay=relay) as chain:
+        yield chain
+
+
+@contextlib.contextmanager
+def _chain(
+    directory: Path, servers: SoakServers, *, target: str, relay: bool
+) -> Iterator[SoakChain]:
     service_log = directory / "service.log"
     machine, daemon = build_machine(directory / "machine", service_log)
     qrexec_server = contextlib.ExitStack()
@@ -128,7 +136,7 @@ def soak_chain(
                 start_new_session=True,
             )
         chain = SoakChain(
-            machine, target, client, client_log, service_log, daemon, qrexec, local, remote
+            machine, target, client, client_log, service_log, daemon, qrexec, servers, local, remote
         )
         try:
             assert client.stdout is not None

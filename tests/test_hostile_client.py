@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.servers import SoakServers
 from tests.soak_world import SoakChain, soak_chain
 
 # Connections opened at once in make test: more than the client lets into
@@ -34,15 +33,11 @@ PROMPT = 30.0
 
 @asynccontextmanager
 async def chain() -> AsyncIterator[SoakChain]:
-    servers = SoakServers()
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="hostile-") as short,
-            soak_chain(Path(short), servers, target="svc-socket", relay=False) as running,
-        ):
-            yield running
-    finally:
-        servers.close()
+    with (
+        tempfile.TemporaryDirectory(prefix="hostile-") as short,
+        soak_chain(Path(short), target="svc-socket", relay=False) as running,
+    ):
+        yield running
 
 
 async def echo_once(running: SoakChain, payload: bytes) -> bytes:

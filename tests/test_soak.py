@@ -204,31 +204,28 @@ async def _soak(chain_name: str, count: int, tmp_path: Path) -> None:
 async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
     target, relay = CHAINS[chain_name]
     seed = int(os.environ.get("QCONNECT_SOAK_SEED", "6"))
-    servers = SoakServers()
-    try:
-        with soak_chain(tmp_path, servers, target=target, relay=relay) as chain:
-            soak = Soak(chain, servers, random.Random(seed))
-            await soak.echo()  # warm-up: every lazy import and first start done
-            await trio.to_thread.run_sync(_wait_for_warm_up_call, chain)
-            baseline = chain.snapshot()
-            await soak.run(count)
-            after = await trio.to_thread.run_sync(_wait_for_baseline, chain, baseline)
-            assert after == baseline, (
-                f"seed {seed}: {after} after the soak, {baseline} before; {soak.done}\n"
-                + chain.service_log.read_text()[-1500:]
-            )
-            assert sum(soak.done.values()) == count
-            pooled = chain.pooled_pipes()
-            assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
-            # server half-close: what the client sent after the server's EOF arrived, whole
-            await trio.to_thread.run_sync(servers.wait_early_received, set(soak.early_sent), 10)
-            chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
-            await trio.to_thread.run_sync(chain.client.wait, 30)
-            outcomes = chain.client_outcomes()
-            client_log = chain.client_log.read_text()
-            service_log = chain.service_log.read_text()
-    finally:
-        servers.close()
+    with soak_chain(tmp_path, target=target, relay=relay) as chain:
+        servers = chain.servers
+        soak = Soak(chain, servers, random.Random(seed))
+        await soak.echo()  # warm-up: every lazy import and first start done
+        await trio.to_thread.run_sync(_wait_for_warm_up_call, chain)
+        baseline = chain.snapshot()
+        await soak.run(count)
+        after = await trio.to_thread.run_sync(_wait_for_baseline, chain, baseline)
+        assert after == baseline, (
+            f"seed {seed}: {after} after the soak, {baseline} before; {soak.done}\n"
+            + chain.service_log.read_text()[-1500:]
+        )
+        assert sum(soak.done.values()) == count
+        pooled = chain.pooled_pipes()
+        assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
+        # server half-close: what the client sent after the server's EOF arrived, whole
+        await trio.to_thread.run_sync(servers.wait_early_received, set(soak.early_sent), 10)
+        chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
+        await trio.to_thread.run_sync(chain.client.wait, 30)
+        outcomes = chain.client_outcomes()
+        client_log = chain.client_log.read_text()
+        service_log = chain.service_log.read_text()
     refused = outcomes.get(chain.remote["denied"], [])
     assert len(refused) == soak.done["denied"], (
         f"seed {seed}: {len(refused)} refusals logged for {soak.done['denied']} denied calls: "
