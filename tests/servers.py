@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+import trio
+
 #: What a connection handler is: it must not close ``conn`` (the server does).
 Handler = Callable[[socket.socket], None]
 
@@ -269,6 +271,42 @@ def bulk(conn: socket.socket) -> None:
         up -= len(data)
     sender.join()
     conn.sendall(digest.hexdigest().encode())
+
+
+async def bulk_transfer(port: int, size: int, *, half_close: bool = True) -> None:
+    """The client of :func:`bulk`: ``size`` bytes of the pattern each way at once, checked.
+
+    Both directions are checked by sha256 (an AssertionError names the one
+    that arrived corrupted).
+
+    With ``half_close`` the client also sends EOF after its bytes, while the
+    rest of the download and the digest are still to come.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    expected_down = pattern_sha256(size)
+    base = pattern_base()
+    down = hashlib.sha256()
+    tail = bytearray()
+    received = 0
+    async with stream:
+
+        async def upload() -> None:
+            await stream.send_all(size.to_bytes(8, "big") * 2)
+            for block in pattern(size, base):
+                await stream.send_all(block)
+            if half_close:
+                await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            async for data in stream:
+                take = min(len(data), max(0, size - received))
+                down.update(data[:take])
+                tail += data[take:]
+                received += len(data)
+    assert received == size + 64
+    assert down.hexdigest() == expected_down, "download corrupted"
+    assert tail.decode() == expected_down, "upload corrupted"  # same pattern both ways
 
 
 def sink(conn: socket.socket, first: bytes = b"") -> None:

@@ -4,7 +4,6 @@ Real processes all the way: the client, the loopback qrexec-client-vm per
 connection, dom0's policy, the socket service in mytcp-service, TCP servers.
 """
 
-import hashlib
 import re
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import pytest
 import trio
 
 from tests.client_world import SOURCE, TARGET, World, exchange, free_port, make_world
-from tests.servers import GREETING, pattern, pattern_base, pattern_sha256, summary
+from tests.servers import GREETING, bulk_transfer, summary
 
 MODES = {"handoff": (), "relay": ("--relay",)}
 
@@ -89,39 +88,6 @@ async def test_echo_and_one_log_line_per_connection(world: World, mode: str) -> 
     assert all(line.endswith(": closed") for line in lines)
     if mode == "relay":
         assert "1 bytes out, 1 bytes in" in lines[0]
-
-
-async def bulk_transfer(port: int, size: int, *, half_close: bool = True) -> None:
-    """Send ``size`` bytes of the pattern each way at once and check both by sha256.
-
-    With ``half_close`` the client also sends EOF after its bytes, while the
-    rest of the download and the digest are still to come.
-    """
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    expected_down = pattern_sha256(size)
-    base = pattern_base()
-    down = hashlib.sha256()
-    tail = bytearray()
-    received = 0
-    async with stream:
-
-        async def upload() -> None:
-            await stream.send_all(size.to_bytes(8, "big") * 2)
-            for block in pattern(size, base):
-                await stream.send_all(block)
-            if half_close:
-                await stream.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload)
-            async for data in stream:
-                take = min(len(data), max(0, size - received))
-                down.update(data[:take])
-                tail += data[take:]
-                received += len(data)
-    assert received == size + 64
-    assert down.hexdigest() == expected_down, "download corrupted"
-    assert tail.decode() == expected_down, "upload corrupted"  # same pattern both ways
 
 
 @pytest.mark.parametrize("mode", MODES)
