@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +31,9 @@ from typing import Any
 from bench import load, report
 from bench.chains import CHAINS, Chain, start_chain
 from bench.common import log, machine_info, percentile, stop_process
-from bench.service import build_machine
 from qconnect.core.fdlimit import raise_open_file_limit
+from tests.client_world import build_machine
+from tests.servers import servers_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,71 +161,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib << 20
     settle = SETTLE_SECONDS[args.quick]
     figures: dict[str, dict[str, Any]] = {name: {} for name in args.chains}
-    servers = subprocess.Popen(
-        [sys.executable, "-m", "bench.servers"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
     chains: list[Chain] = []
-    try:
-        assert servers.stdout is not None
-        ports = json.loads(servers.stdout.readline())
-        with tempfile.TemporaryDirectory(prefix="qconnect-bench-") as tmp:
-            directory = Path(tmp)
-            machine, daemon = build_machine(directory / "machine", directory / "service.log")
-            loopback = contextlib.ExitStack()
-            try:
-                qrexec_pid = None
-                if args.loopback == "fork-server":
-                    qrexec_pid = loopback.enter_context(machine.server()).pid
-                for name in args.chains:
-                    chains.append(
-                        start_chain(
-                            name,
-                            machine,
-                            daemon.pid,
-                            ports["mux"],
-                            directory / "chains.log",
-                            qrexec_server_pid=qrexec_pid,
-                        )
-                    )
-                log("warming up (first process starts, page cache)")
-                for chain in chains:
-                    load.echo_ms(chain.port)
-                    load.upload_mb_s(chain.port, 4 << 20)
-                log(f"throughput, {args.size_mib} MiB each way")
-                measure_throughput(chains, size, figures)
-                log(f"latency, {args.calls} sequential connections per chain")
-                measure_latency(chains, args.calls, figures)
-                for chain in chains:
-                    log(f"memory and burst: {chain.name}")
-                    measure_memory(chain, args.held, settle, figures[chain.name])
-                    time.sleep(settle)
-                    refused_before = no_channel_refusals(machine.log_file)
-                    result = load.burst(chain.port, args.burst, args.burst_timeout)
-                    result["count"] = args.burst
-                    result["no_channel"] = no_channel_refusals(machine.log_file) - refused_before
-                    figures[chain.name]["burst"] = result
-                    log(
-                        f"  {chain.name}: {result['served']}/{args.burst} served in "
-                        f"{result['seconds']:.2f} s"
-                    )
-                    time.sleep(settle)
-            finally:
-                for chain in chains:
-                    chain.stop()
-                loopback.close()
-                stop_process(daemon)
-    finally:
-        with contextlib.suppress(OSError):
-            assert servers.stdin is not None
-            servers.stdin.close()
+    with (
+        servers_process("bench") as (_, ports),
+        tempfile.TemporaryDirectory(prefix="qconnect-bench-") as tmp,
+    ):
+        directory = Path(tmp)
+        machine, daemon = build_machine(directory / "machine", directory / "service.log")
+        loopback = contextlib.ExitStack()
         try:
-            servers.wait(10)
-        except subprocess.TimeoutExpired:
-            servers.kill()
-            servers.wait()
+            qrexec_pid = None
+            if args.loopback == "fork-server":
+                qrexec_pid = loopback.enter_context(machine.server()).pid
+            for name in args.chains:
+                chains.append(
+                    start_chain(
+                        name,
+                        machine,
+                        daemon.pid,
+                        ports["mux"],
+                        directory / "chains.log",
+                        qrexec_server_pid=qrexec_pid,
+                    )
+                )
+            log("warming up (first process starts, page cache)")
+            for chain in chains:
+                load.echo_ms(chain.port)
+                load.upload_mb_s(chain.port, 4 << 20)
+            log(f"throughput, {args.size_mib} MiB each way")
+            measure_throughput(chains, size, figures)
+            log(f"latency, {args.calls} sequential connections per chain")
+            measure_latency(chains, args.calls, figures)
+            for chain in chains:
+                log(f"memory and burst: {chain.name}")
+                measure_memory(chain, args.held, settle, figures[chain.name])
+                time.sleep(settle)
+                refused_before = no_channel_refusals(machine.log_file)
+                result = load.burst(chain.port, args.burst, args.burst_timeout)
+                result["count"] = args.burst
+                result["no_channel"] = no_channel_refusals(machine.log_file) - refused_before
+                figures[chain.name]["burst"] = result
+                log(
+                    f"  {chain.name}: {result['served']}/{args.burst} served in "
+                    f"{result['seconds']:.2f} s"
+                )
+                time.sleep(settle)
+        finally:
+            for chain in chains:
+                chain.stop()
+            loopback.close()
+            stop_process(daemon)
     summary = {name: report.summary_row(figures[name]) for name in args.chains}
     results: dict[str, Any] = {
         "machine": machine_info(),

@@ -1,6 +1,6 @@
 """The whole chains of the benchmark, each from a TCP client to the same server.
 
-One loopback machine (``bench.service.build_machine``): the caller "work"
+One loopback machine (``tests.client_world.build_machine``): the caller "work"
 and one target qube per service form (``svc-socket`` runs qconnect's socket
 service, ``svc-exec`` its executable, ``svc-socat`` the socat original,
 ``svc-builtin`` qrexec's ``/dev/tcp/127.0.0.1``). Each chain is a listener in

@@ -36,7 +36,7 @@ import trio
 
 from bench.common import descendants, pss_kib
 from tests.client_world import World, free_port, make_world
-from tests.test_client_calls import bulk_transfer
+from tests.servers import bulk_transfer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -43,6 +43,7 @@ from typing import Any
 from bench.common import percentile
 from bench.servers import BUFFER
 from qconnect.loopback.machine import Machine
+from tests.servers import servers_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("direct", "builtin", "socket", "exec")
@@ -91,15 +92,7 @@ class Bench:
         self.machine = Machine.create(
             directory, ["work", "web"], policy=["my.Refused * work web deny", "* * work web allow"]
         )
-        servers = subprocess.Popen(
-            [sys.executable, "-m", "bench.servers"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=project,
-        )
-        stack.callback(_stop, servers)
-        assert servers.stdout is not None
-        ports = json.loads(servers.stdout.readline())
+        _, ports = stack.enter_context(servers_process("bench"))
         self.echo_port, self.sink_port, self.source_port = (
             ports["echo"],
             ports["sink"],

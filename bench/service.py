@@ -46,44 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import descendants, percentile, pss_kib
-from bench.servers import BUFFER, Servers
+from bench.servers import BUFFER, bench_servers
 from qconnect.loopback.machine import Machine
-from qconnect.service.install import install
+from tests.client_world import FORMS, build_machine
+from tests.servers import Servers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMS = ("socket", "exec", "socat", "builtin")
 ECHO_BYTES = b"0123456789"  # the 10-byte echo of the latency figure
 OPEN_CALLS = 50  # calls held open at once for the memory figure
-SOCAT_SERVICE = (
-    '#!/bin/sh\n# The socat original, as a qrexec service.\nexec socat STDIO TCP:localhost:"$1"\n'
-)
-
-
-def build_machine(directory: Path, log: Path) -> tuple[Machine, subprocess.Popen[bytes]]:
-    machine = Machine.create(
-        directory,
-        ["work", *(f"svc-{form}" for form in FORMS)],
-        policy=[f"qubes.ConnectTCP * work svc-{form} allow" for form in FORMS],
-    )
-    install(machine.root_dir("svc-socket"), "socket")
-    install(machine.root_dir("svc-exec"), "exec")
-    socat = machine.rpc_dir("svc-socat") / "qubes.ConnectTCP"
-    socat.write_text(SOCAT_SERVICE)
-    socat.chmod(0o755)
-    # svc-builtin keeps the stock /dev/tcp/127.0.0.1 service of today's Qubes.
-    path = machine.root_dir("svc-socket") / "run/qubes-rpc/qubes.ConnectTCP"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as log_file:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(path)],
-            stderr=log_file,
-        )
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            raise SystemExit(f"socket service did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return machine, daemon
 
 
 def start_call(
@@ -108,7 +78,7 @@ def finish(process: subprocess.Popen[bytes], sock: socket.socket) -> None:
 def upload(machine: Machine, form: str, servers: Servers, size: int) -> float:
     block = b"\x5a" * BUFFER
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.sink)
+    process, sock = start_call(machine, form, servers["sink"])
     left = size
     while left > 0:
         sock.sendall(block[: min(left, BUFFER)])
@@ -127,7 +97,7 @@ def upload(machine: Machine, form: str, servers: Servers, size: int) -> float:
 def download(machine: Machine, form: str, servers: Servers, size: int) -> float:
     buffer = bytearray(BUFFER)
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.source)
+    process, sock = start_call(machine, form, servers["source"])
     sock.sendall(f"{size}\n".encode())
     sock.shutdown(socket.SHUT_WR)
     total = 0
@@ -142,7 +112,7 @@ def download(machine: Machine, form: str, servers: Servers, size: int) -> float:
 
 def echo_latency(machine: Machine, form: str, servers: Servers) -> float:
     started = time.perf_counter()
-    process, sock = start_call(machine, form, servers.echo)
+    process, sock = start_call(machine, form, servers["echo"])
     sock.sendall(ECHO_BYTES)
     got = b""
     while len(got) < len(ECHO_BYTES):
@@ -167,7 +137,7 @@ def agent_latency(machine: Machine, form: str, servers: Servers) -> float:
     the descriptor, starting the executable (or socat) with a socketpair as
     stdin/stdout, or the built-in service's own TCP connect.
     """
-    port = servers.echo
+    port = servers["echo"]
     started = time.perf_counter()
     process = None
     if form == "socket":
@@ -212,7 +182,7 @@ def memory_per_call(
 ) -> float:
     """Service-side PSS per open call, with OPEN_CALLS calls open at once."""
     idle = pss_kib(daemon.pid) if form == "socket" else 0
-    calls = [start_call(machine, form, servers.echo) for _ in range(OPEN_CALLS)]
+    calls = [start_call(machine, form, servers["echo"]) for _ in range(OPEN_CALLS)]
     for _process, sock in calls:  # every call is up end to end
         sock.sendall(b"x")
         if sock.recv(1) != b"x":
@@ -242,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {
         form: {"up": [], "down": [], "latency_ms": [], "agent_latency_ms": []} for form in FORMS
     }
-    servers = Servers()
+    servers = bench_servers()
     with tempfile.TemporaryDirectory(prefix="qconnect-bench-") as tmp:
         machine, daemon = build_machine(Path(tmp) / "machine", Path(tmp) / "service.log")
         try:

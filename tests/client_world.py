@@ -1,15 +1,14 @@
 """The world the client's tests run in: a loopback machine, a service, servers, a client.
 
 ``untrusted`` runs ``qvm-connect-tcp``; ``mytcp-service`` runs the socket
-service (``qconnect service run``) in front of the servers of
-:mod:`tests.client_servers`. dom0's policy lets ``untrusted`` call those
-ports in ``mytcp-service``, by name and as ``@default``; everything else is
+service (``qconnect service run``) in front of the "client" set of
+:mod:`tests.servers`, run as a process of its own. dom0's policy lets
+``untrusted`` call those ports in ``mytcp-service``, by name and as ``@default``; everything else is
 refused (there is no allowing rule). ``noservice`` has no qubes.ConnectTCP
 at all; ``stock`` has only today's built-in ``/dev/tcp`` service.
 """
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,12 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install
 from tests.conftest import free_port
+from tests.processes import stop_process
+from tests.servers import servers_process
 
 SOURCE = "untrusted"
 TARGET = "mytcp-service"
@@ -45,7 +47,8 @@ async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
         return bytes(received)
 
 
-def wait_for_path(path: Path, process: "subprocess.Popen[str]") -> None:
+def wait_for_path(path: Path, process: "subprocess.Popen[Any]") -> None:
+    """Wait until ``process`` has made ``path`` (its socket: it listens), or fail if it exits."""
     deadline = time.monotonic() + START_TIMEOUT
     while not path.exists():
         if process.poll() is not None:
@@ -55,11 +58,78 @@ def wait_for_path(path: Path, process: "subprocess.Popen[str]") -> None:
         time.sleep(0.02)
 
 
+def start_socket_service(
+    machine: Machine,
+    qube: str,
+    *,
+    allow_file: Path | None = None,
+    log: Path | None = None,
+) -> "subprocess.Popen[Any]":
+    """Install qconnect's socket service in ``qube`` and run it; return once it listens.
+
+    As ``qconnect service install --socket`` does in the qube's root, with the
+    socket where its systemd unit puts it (/run/qubes-rpc). ``allow_file``:
+    its --allow-file (default: the service's own); ``log``: where its stderr
+    goes (default: nowhere). The caller stops the process.
+    """
+    root = machine.root_dir(qube)
+    install(root, "socket")
+    service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
+    service_socket.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "qconnect.cli", "service", "run", "--socket", str(service_socket)]
+    if allow_file is not None:
+        argv += ["--allow-file", str(allow_file)]
+    env = machine.env_for(qube)
+    env.pop("NOTIFY_SOCKET", None)
+    with open(log, "wb") if log is not None else contextlib.nullcontext() as log_file:
+        service = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if log_file is None else log_file,
+        )
+    try:
+        wait_for_path(service_socket, service)
+    except BaseException:
+        stop_process(service)
+        raise
+    return service
+
+
+#: The four ways a target qube can serve qubes.ConnectTCP, one qube "svc-FORM" each:
+#: qconnect's socket service, its executable service, the socat original, and
+#: today's built-in /dev/tcp/127.0.0.1 service.
+FORMS = ("socket", "exec", "socat", "builtin")
+
+SOCAT_SERVICE = (
+    '#!/bin/sh\n# The socat original, as a qrexec service.\nexec socat STDIO TCP:localhost:"$1"\n'
+)
+
+
+def build_machine(directory: Path, log: Path) -> tuple[Machine, "subprocess.Popen[Any]"]:
+    """A caller qube "work" and one target qube per form in FORMS; the socket service runs.
+
+    The soak and the service benchmark run on it. Returns the machine and the
+    socket service's process (its stderr goes to ``log``); the caller stops it.
+    """
+    machine = Machine.create(
+        directory,
+        ["work", *(f"svc-{form}" for form in FORMS)],
+        policy=[f"qubes.ConnectTCP * work svc-{form} allow" for form in FORMS],
+    )
+    install(machine.root_dir("svc-exec"), "exec")
+    socat = machine.rpc_dir("svc-socat") / "qubes.ConnectTCP"
+    socat.write_text(SOCAT_SERVICE)
+    socat.chmod(0o755)
+    # svc-builtin keeps the stock /dev/tcp/127.0.0.1 service of today's Qubes.
+    return machine, start_socket_service(machine, "svc-socket", log=log)
+
+
 @dataclass
 class World:
     machine: Machine
     ports: dict[str, int]
-    processes: list["subprocess.Popen[str]"] = field(default_factory=list)
+    processes: list["subprocess.Popen[Any]"] = field(default_factory=list)
     startup_lines: list[str] = field(default_factory=list)  #: of the last start_client
     #: A started client's log (stderr) so far, by pid: read as it comes, because
     #: a client whose stderr pipe fills (64 KiB, ~900 call lines) blocks in write().
@@ -192,15 +262,7 @@ def allow_lines(ports: dict[str, int]) -> list[str]:
 @contextlib.contextmanager
 def make_world(directory: Path) -> Iterator[World]:
     """Build the machine, start the servers and the socket service; tear all down after."""
-    servers = subprocess.Popen(
-        [sys.executable, "-m", "tests.client_servers"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    try:
-        assert servers.stdout is not None
-        ports: dict[str, int] = json.loads(servers.stdout.readline())
+    with servers_process("client") as (servers, ports):
         ports["closed"] = free_port()
         machine = Machine.create(
             directory / "machine",
@@ -210,36 +272,10 @@ def make_world(directory: Path) -> Iterator[World]:
         # today's Qubes ships the service as /etc/qubes-rpc/qubes.ConnectTCP
         (machine.root_dir("noservice") / "etc" / "qubes-rpc" / "qubes.ConnectTCP").unlink()
         world = World(machine, ports, [servers])
-        # as `qconnect service install --socket` does in the qube's root, with
-        # the socket where its systemd unit puts it: /run/qubes-rpc
-        root = machine.root_dir(TARGET)
-        install(root, "socket")
-        service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
-        service_socket.parent.mkdir(parents=True, exist_ok=True)
-        service = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qconnect.cli",
-                "service",
-                "run",
-                "--socket",
-                str(service_socket),
-                "--allow-file",
-                str(directory / "no-allowlist"),
-            ],
-            env=world.env(TARGET),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
+        world.processes.append(
+            start_socket_service(machine, TARGET, allow_file=directory / "no-allowlist")
         )
-        world.processes.append(service)
-        wait_for_path(service_socket, service)
         try:
             yield world
         finally:
             world.close()
-    finally:
-        if servers.poll() is None:
-            servers.terminate()
-            servers.communicate(timeout=20)

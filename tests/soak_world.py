@@ -3,93 +3,28 @@
 One chain per test: ``qvm-connect-tcp`` in qube "work" (handoff or relay)
 to ``svc-socket`` (qconnect's socket service) or ``svc-exec`` (its
 executable), with one binding per server behaviour plus a binding that dom0
-refuses and one to a port nothing listens on. Built on the benchmark's
-machine (``bench.service.build_machine``), so the soak and the bench run the
-same services.
+refuses and one to a port nothing listens on. Built on the machine the
+service benchmark runs on too (``tests.client_world.build_machine``), so the
+soak and the bench run the same services, and on the servers of
+:mod:`tests.servers`.
 """
 
 import contextlib
-import hashlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from bench.common import cmdline, descendants, fd_kinds, stop_process
-from bench.service import build_machine
 from qconnect.loopback.machine import Machine
-from tests.conftest import ThreadedTCPServer, echo, free_port
-
-#: Seconds the "late" server waits after the client's EOF before it answers.
-LATE_DELAY = 0.05
-
-#: What the "early" server sends before it shuts its write side.
-GREETING = b"server done sending\n"
-
-#: Bytes the "big" server sends (the reset scenario cuts it short).
-BIG_SIZE = 4 << 20
-
-#: Bytes the "slow" server sends before it waits for the client's EOF.
-SLOW_FIRST = 65536
-
-_RECV = 65536
-
-
-class SoakServers:
-    """TCP servers on 127.0.0.1; ``early_received``: sha256 of what each early call sent."""
-
-    def __init__(self) -> None:
-        self.early_received: set[str] = set()
-        self._lock = threading.Lock()
-        self._servers = {
-            "echo": ThreadedTCPServer(echo),
-            "late": ThreadedTCPServer(self._late),
-            "early": ThreadedTCPServer(self._early),
-            "big": ThreadedTCPServer(self._big),
-            "slow": ThreadedTCPServer(self._slow),
-        }
-        self.ports = {name: server.port for name, server in self._servers.items()}
-
-    @staticmethod
-    def _late(conn: socket.socket) -> None:
-        digest, count = hashlib.sha256(), 0
-        while data := conn.recv(_RECV):
-            digest.update(data)
-            count += len(data)
-        time.sleep(LATE_DELAY)
-        conn.sendall(f"{count} {digest.hexdigest()}\n".encode())
-
-    def _early(self, conn: socket.socket) -> None:
-        conn.sendall(GREETING)
-        conn.shutdown(socket.SHUT_WR)
-        digest = hashlib.sha256()
-        while data := conn.recv(_RECV):
-            digest.update(data)
-        with self._lock:
-            self.early_received.add(digest.hexdigest())
-
-    @staticmethod
-    def _big(conn: socket.socket) -> None:
-        block = b"\x5a" * _RECV
-        for _ in range(BIG_SIZE // _RECV):
-            conn.sendall(block)
-
-    @staticmethod
-    def _slow(conn: socket.socket) -> None:
-        conn.sendall(b"s" * SLOW_FIRST)
-        while conn.recv(_RECV):
-            pass
-
-    def close(self) -> None:
-        for server in self._servers.values():
-            server.close()
+from tests.client_world import build_machine
+from tests.conftest import free_port
+from tests.processes import cmdline, descendants, fd_kinds, stop_process
+from tests.servers import SoakServers
 
 
 @dataclass
@@ -101,8 +36,9 @@ class SoakChain:
     client: "subprocess.Popen[str]"
     client_log: Path
     service_log: Path
-    daemon: "subprocess.Popen[bytes]"
+    daemon: "subprocess.Popen[Any]"
     qrexec: "subprocess.Popen[bytes]"  #: the machine's loopback fork-server (runs the calls)
+    servers: SoakServers  #: what the behaviours' calls reach
     local: dict[str, int] = field(default_factory=dict)  #: behaviour -> local port
     remote: dict[str, int] = field(default_factory=dict)  #: behaviour -> server port
 
@@ -155,13 +91,20 @@ class SoakChain:
 
 
 @contextlib.contextmanager
-def soak_chain(
-    directory: Path, servers: SoakServers, *, target: str, relay: bool
-) -> Iterator[SoakChain]:
-    """Build the machine, start the client bound to every behaviour; stop all afterwards.
+def soak_chain(directory: Path, *, target: str, relay: bool) -> Iterator[SoakChain]:
+    """Start the servers, build the machine, start the client bound to every behaviour.
 
     Calls go through the machine's loopback fork-server, as in the benchmark.
+    All is stopped when the block ends.
     """
+    with SoakServers() as servers, _chain(directory, servers, target=target, relay=relay) as chain:
+        yield chain
+
+
+@contextlib.contextmanager
+def _chain(
+    directory: Path, servers: SoakServers, *, target: str, relay: bool
+) -> Iterator[SoakChain]:
     service_log = directory / "service.log"
     machine, daemon = build_machine(directory / "machine", service_log)
     qrexec_server = contextlib.ExitStack()
@@ -193,7 +136,7 @@ def soak_chain(
                 start_new_session=True,
             )
         chain = SoakChain(
-            machine, target, client, client_log, service_log, daemon, qrexec, local, remote
+            machine, target, client, client_log, service_log, daemon, qrexec, servers, local, remote
         )
         try:
             assert client.stdout is not None

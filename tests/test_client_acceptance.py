@@ -5,6 +5,7 @@ mode: it owns the accepted socket) or a real socketpair (relay mode: its
 stdin), and reads the progress through a duplicate, as the client does.
 """
 
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -94,7 +95,8 @@ def test_the_clients_eof_is_not_a_byte_read(handed_off: tuple[socket.socket, ...
 def test_an_eof_alone_is_idle(handed_off: tuple[socket.socket, ...]) -> None:
     client, _, watched = handed_off
     client.shutdown(socket.SHUT_WR)
-    time.sleep(0.1)
+    # the event: the EOF has arrived (the socket turns readable; nothing is read)
+    assert select.select([watched], [], [], SETTLE)[0] == [watched]
     assert judge(tcp_progress(watched)) is Verdict.IDLE
 
 

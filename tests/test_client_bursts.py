@@ -17,7 +17,6 @@ deadline.
 """
 
 import contextlib
-import json
 import resource
 import subprocess
 import sys
@@ -31,8 +30,10 @@ import pytest
 import trio
 
 from qconnect.loopback.machine import Machine
-from qconnect.service.install import install
-from tests.client_world import free_port, wait_for_path
+from tests.client_world import start_socket_service
+from tests.conftest import free_port
+from tests.processes import stop_process
+from tests.servers import servers_process
 
 SOURCE = "untrusted"
 SECOND_SOURCE = "untrusted2"
@@ -157,59 +158,29 @@ def burst_world(directory: Path) -> Iterator[BurstWorld]:
     """Two calling qubes (domain ids 1, 2) below the target (3): both share one half."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 sockets in this process
-    servers = subprocess.Popen(
-        [sys.executable, "-m", "tests.client_servers"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
     try:
-        assert servers.stdout is not None
-        ports: dict[str, int] = json.loads(servers.stdout.readline())
-        echo_port, denied_port = ports["echo"], ports["late"]
-        machine = Machine.create(
-            directory / "machine",
-            [SOURCE, SECOND_SOURCE, TARGET],
-            policy=[
-                f"qubes.ConnectTCP +{echo_port} {SOURCE} {TARGET} allow",
-                f"qubes.ConnectTCP +{echo_port} {SECOND_SOURCE} {TARGET} allow",
-                f"qubes.ConnectTCP +{denied_port} {SOURCE} {TARGET} deny",
-            ],
-        )
-        world = BurstWorld(machine, echo_port, denied_port, directory)
-        root = machine.root_dir(TARGET)
-        install(root, "socket")
-        service_socket = root / "run" / "qubes-rpc" / "qubes.ConnectTCP"
-        service_socket.parent.mkdir(parents=True, exist_ok=True)
-        env = machine.env_for(TARGET)
-        env.pop("NOTIFY_SOCKET", None)
-        service = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "qconnect.cli", "service", "run"),
-                *("--socket", str(service_socket), "--allow-file", str(directory / "no-allowlist")),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        world.processes.append(service)
-        try:
-            wait_for_path(service_socket, service)
-            with machine.server():
-                yield world
-        finally:
-            for process in reversed(world.processes):
-                if process.poll() is None:
-                    process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=20)
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+        with servers_process("client") as (_, ports):
+            echo_port, denied_port = ports["echo"], ports["late"]
+            machine = Machine.create(
+                directory / "machine",
+                [SOURCE, SECOND_SOURCE, TARGET],
+                policy=[
+                    f"qubes.ConnectTCP +{echo_port} {SOURCE} {TARGET} allow",
+                    f"qubes.ConnectTCP +{echo_port} {SECOND_SOURCE} {TARGET} allow",
+                    f"qubes.ConnectTCP +{denied_port} {SOURCE} {TARGET} deny",
+                ],
+            )
+            world = BurstWorld(machine, echo_port, denied_port, directory)
+            world.processes.append(
+                start_socket_service(machine, TARGET, allow_file=directory / "no-allowlist")
+            )
+            try:
+                with machine.server():
+                    yield world
+            finally:
+                for process in reversed(world.processes):
+                    stop_process(process, timeout=20)
     finally:
-        servers.terminate()
-        servers.communicate(timeout=20)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

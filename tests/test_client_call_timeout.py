@@ -33,7 +33,7 @@ import trio
 from qconnect.loopback.machine import Machine
 from tests.cli_refusals import assert_one_refusal, refusal_lines
 from tests.client_world import exchange, free_port
-from tests.conftest import ThreadedTCPServer
+from tests.servers import ThreadedTCPServer
 
 SOURCE, TARGET = "work", "web"
 

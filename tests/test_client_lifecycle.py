@@ -184,7 +184,7 @@ async def test_out_of_file_descriptors_closes_connections_not_the_binding(world:
     # Wait until the client says it ran out of descriptors (a loaded machine
     # may take a while to accept them all).
     await world.wait_logged(client, "Too many open files", timeout=60)
-    await trio.sleep(1)  # at the limit for a while
+    await trio.sleep(1)  # deliberate: the behaviour under test is staying at the limit a while
     for stream in streams:
         await stream.aclose()
     # the binding survived and, once the closed connections are gone, serves normally again
@@ -267,7 +267,11 @@ async def test_no_descriptor_or_child_outlives_its_connection(
     port = free_port()
     client = world.start_client(*mode, f"{port}:{TARGET}:{world.ports['echo']}")
     assert await exchange(port, b"warm-up") == b"warm-up"
-    await trio.sleep(0.5)
+    # the event: the warm-up call has ended (logged, and its child reaped)
+    await world.wait_logged(client, f"-> {TARGET}:{world.ports['echo']} ")
+    with trio.fail_after(30):
+        while Path(f"/proc/{client.pid}/task/{client.pid}/children").read_text().split():
+            await trio.sleep(0.05)
     baseline = len(os.listdir(f"/proc/{client.pid}/fd"))
     async with trio.open_nursery() as nursery:
         for _ in range(20):

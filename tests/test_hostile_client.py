@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.soak_world import SoakChain, SoakServers, soak_chain
+from tests.soak_world import SoakChain, soak_chain
 
 # Connections opened at once in make test: more than the client lets into
 # qrexec at a time (112 per process), so the rest wait in the listen backlog.
@@ -33,15 +33,11 @@ PROMPT = 30.0
 
 @asynccontextmanager
 async def chain() -> AsyncIterator[SoakChain]:
-    servers = SoakServers()
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="hostile-") as short,
-            soak_chain(Path(short), servers, target="svc-socket", relay=False) as running,
-        ):
-            yield running
-    finally:
-        servers.close()
+    with (
+        tempfile.TemporaryDirectory(prefix="hostile-") as short,
+        soak_chain(Path(short), target="svc-socket", relay=False) as running,
+    ):
+        yield running
 
 
 async def echo_once(running: SoakChain, payload: bytes) -> bytes:
@@ -95,7 +91,10 @@ async def test_clients_that_connect_and_never_send_do_not_block_others() -> None
             for _ in range(IDLE_CLIENTS)
         ]
         try:
-            await trio.sleep(1)
+            # the event: every idle connection has its call (and holds a slot)
+            with trio.fail_after(PROMPT):
+                while running.snapshot()["qrexec_calls"] < IDLE_CLIENTS:
+                    await trio.sleep(0.05)
             with trio.fail_after(PROMPT):
                 assert await echo_once(running, b"well behaved") == b"well behaved"
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qconnect.core.qrexec import EXIT_QREXEC_PROBLEM
-from tests.conftest import ThreadedTCPServer
+from tests.servers import ThreadedTCPServer
 
 SERVICE = Path(__file__).resolve().parent.parent / "rpc-services" / "qubes.ConnectTCP"
 

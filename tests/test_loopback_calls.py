@@ -17,7 +17,8 @@ import pytest
 
 from qconnect.core.qrexec import EXIT_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_REFUSED
 from qconnect.loopback.machine import Machine
-from tests.conftest import BOTH_LOOPBACK_MODES, HttpServer, write_executable
+from tests.conftest import BOTH_LOOPBACK_MODES, write_executable
+from tests.servers import HttpServer
 
 MakeMachine = Callable[..., Machine]
 

@@ -192,6 +192,8 @@ def test_a_caller_started_ignoring_sigterm_keeps_its_call_through_one(
     (machine.rpc_dir("web") / "my.Pid").chmod(0o755)
     call = pid_calls(machine, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
     call.process.send_signal(signal.SIGTERM)
+    # deliberate: nothing is to happen, so there is no event to wait for; a
+    # SIGTERM that got through would end the call within this time
     time.sleep(0.2)
     assert alive(call.agent)
     assert call.finish() == (0, b"bye\n")

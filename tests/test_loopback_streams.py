@@ -21,11 +21,11 @@ import pytest
 from qconnect.loopback.machine import Machine
 from tests.conftest import (
     BOTH_LOOPBACK_MODES,
-    HalfCloseServer,
     recv_all,
     tcp_pair,
     write_executable,
 )
+from tests.servers import HalfCloseServer
 
 MakeMachine = Callable[..., Machine]
 

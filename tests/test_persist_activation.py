@@ -26,8 +26,9 @@ from qconnect.loopback import layout
 from qconnect.loopback.machine import Machine
 from qconnect.persist.render import exec_start_of, listen_of
 from qconnect.service.install import install_into_rpc_dir
-from tests.conftest import HalfCloseServer, free_port
+from tests.conftest import free_port
 from tests.persist_tree import make_qube_tree, run_persist
+from tests.servers import HalfCloseServer
 
 MakeMachine = Callable[..., Machine]
 

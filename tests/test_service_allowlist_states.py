@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from qconnect.service.install import install_into_rpc_dir
-from tests.conftest import ThreadedTCPServer, echo, recv_all
+from tests.conftest import recv_all
+from tests.servers import ThreadedTCPServer, echo
 
 TIMEOUT = 20.0
 

@@ -24,7 +24,6 @@ async def test_500_concurrent_calls_are_served_by_one_process(tmp_path: Path) ->
     log = tmp_path / "service.log"
     process = start_service_process(path, log)
     try:
-        await trio.sleep(0.2)
         async with tcp_server(echo) as port:
             idle_rss = _rss_kib(process.pid)
             streams = []

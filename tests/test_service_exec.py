@@ -60,7 +60,7 @@ def test_client_half_close_and_late_reply_over_one_socket(
     caller.sendall(b"question")
     caller.shutdown(socket.SHUT_WR)
     assert recv_all(server) == b"question"
-    time.sleep(0.5)
+    time.sleep(0.5)  # deliberate: a reply that comes late is the behaviour under test
     server.sendall(b"late reply")
     server.close()
     assert recv_all(caller) == b"late reply"
@@ -77,7 +77,7 @@ def test_server_half_close_reaches_caller_who_can_still_send(
     server.sendall(b"banner")
     server.shutdown(socket.SHUT_WR)
     assert recv_all(caller) == b"banner"  # EOF reached us, not a close of the whole call
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: the caller still sends a while after the server's EOF
     caller.sendall(b"still talking")
     caller.shutdown(socket.SHUT_WR)
     assert recv_all(server) == b"still talking"

@@ -20,7 +20,8 @@ import pytest
 
 from qconnect.loopback.machine import Machine
 from qconnect.service.install import install, install_into_rpc_dir
-from tests.conftest import HalfCloseServer, HttpServer, recv_all
+from tests.conftest import recv_all
+from tests.servers import HalfCloseServer, HttpServer
 from tests.service_helpers import start_service_process
 
 TIMEOUT = 60
@@ -162,7 +163,7 @@ def test_server_half_close_reaches_client_which_can_still_send(
     process, caller = _stdin_socket_call(target, half_close_server.writes_first_port)
     with caller:
         assert recv_all(caller) == HalfCloseServer.GREETING  # EOF arrived
-        time.sleep(0.5)
+        time.sleep(0.5)  # deliberate: the caller still sends a while after the server's EOF
         caller.sendall(b"sent after the server's EOF")
         caller.shutdown(socket.SHUT_WR)
         assert half_close_server.wait_received() == [b"sent after the server's EOF"]

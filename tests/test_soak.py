@@ -28,7 +28,8 @@ import pytest
 import trio
 
 from qconnect.core.relay.trio_streams import PIPES_KEPT
-from tests.soak_world import GREETING, SLOW_FIRST, SoakChain, SoakServers, soak_chain
+from tests.servers import GREETING, SLOW_FIRST, SoakServers
+from tests.soak_world import SoakChain, soak_chain
 
 SOAK_DEFAULT = 60
 SOAK_FULL = 10_000
@@ -180,6 +181,19 @@ def _wait_for_baseline(chain: SoakChain, baseline: dict[str, int]) -> dict[str, 
         time.sleep(0.2)
 
 
+def _wait_for_warm_up_call(chain: SoakChain) -> None:
+    """Wait for the event that the warm-up call has ended: logged, no process of it left."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        now = chain.snapshot()
+        ended = chain.remote["echo"] in chain.client_outcomes()
+        if ended and now["client_children"] == 0 and now["qrexec_calls"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the warm-up call did not end: {now}")
+        time.sleep(0.05)
+
+
 async def _soak(chain_name: str, count: int, tmp_path: Path) -> None:
     # A short machine path: the client's control socket lives under it, and a
     # unix socket path must fit in 107 bytes (pytest's tmp_path can be longer).
@@ -190,33 +204,28 @@ async def _soak(chain_name: str, count: int, tmp_path: Path) -> None:
 async def _soak_in(chain_name: str, count: int, tmp_path: Path) -> None:
     target, relay = CHAINS[chain_name]
     seed = int(os.environ.get("QCONNECT_SOAK_SEED", "6"))
-    servers = SoakServers()
-    try:
-        with soak_chain(tmp_path, servers, target=target, relay=relay) as chain:
-            soak = Soak(chain, servers, random.Random(seed))
-            await soak.echo()  # warm-up: every lazy import and first start done
-            await trio.sleep(0.5)
-            baseline = chain.snapshot()
-            await soak.run(count)
-            after = await trio.to_thread.run_sync(_wait_for_baseline, chain, baseline)
-            assert after == baseline, (
-                f"seed {seed}: {after} after the soak, {baseline} before; {soak.done}\n"
-                + chain.service_log.read_text()[-1500:]
-            )
-            assert sum(soak.done.values()) == count
-            pooled = chain.pooled_pipes()
-            assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
-            # server half-close: what the client sent after the server's EOF arrived, whole
-            with trio.fail_after(10):
-                while not set(soak.early_sent) <= servers.early_received:
-                    await trio.sleep(0.1)
-            chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
-            await trio.to_thread.run_sync(chain.client.wait, 30)
-            outcomes = chain.client_outcomes()
-            client_log = chain.client_log.read_text()
-            service_log = chain.service_log.read_text()
-    finally:
-        servers.close()
+    with soak_chain(tmp_path, target=target, relay=relay) as chain:
+        servers = chain.servers
+        soak = Soak(chain, servers, random.Random(seed))
+        await soak.echo()  # warm-up: every lazy import and first start done
+        await trio.to_thread.run_sync(_wait_for_warm_up_call, chain)
+        baseline = chain.snapshot()
+        await soak.run(count)
+        after = await trio.to_thread.run_sync(_wait_for_baseline, chain, baseline)
+        assert after == baseline, (
+            f"seed {seed}: {after} after the soak, {baseline} before; {soak.done}\n"
+            + chain.service_log.read_text()[-1500:]
+        )
+        assert sum(soak.done.values()) == count
+        pooled = chain.pooled_pipes()
+        assert max(pooled.values()) <= 2 * PIPES_KEPT, pooled
+        # server half-close: what the client sent after the server's EOF arrived, whole
+        await trio.to_thread.run_sync(servers.wait_early_received, set(soak.early_sent), 10)
+        chain.client.send_signal(signal.SIGTERM)  # flushes the refusal-burst counts
+        await trio.to_thread.run_sync(chain.client.wait, 30)
+        outcomes = chain.client_outcomes()
+        client_log = chain.client_log.read_text()
+        service_log = chain.service_log.read_text()
     refused = outcomes.get(chain.remote["denied"], [])
     assert len(refused) == soak.done["denied"], (
         f"seed {seed}: {len(refused)} refusals logged for {soak.done['denied']} denied calls: "
