@@ -37,6 +37,8 @@ run() {
 }
 fail() {
     say "FAIL: $*"
+    say "--- the end of this boot's journal:"
+    journalctl -b --no-pager -n 80 -o short-monotonic | tee -a "$result" >/dev/console
     sync
     systemctl poweroff --no-block
     exit 1
@@ -74,7 +76,7 @@ stage1() {
     # is the loopback's) and the qube "web", whose root is this system's /,
     # so the loopback's agent searches the real /run/qubes-rpc first.
     run "loopback init" qconnect loopback init "$machine" --qube work --qube web \
-        --policy 'qubes.ConnectTCP +9000 work @default allow target=web'
+        --policy 'qubes.ConnectTCP +9000 work web allow'
     rm -r "$machine/qubes/web/root"
     ln -s / "$machine/qubes/web/root"
     cat >/usr/bin/qrexec-client-vm <<EOF
@@ -141,6 +143,14 @@ stage2() {
         tee -a "$result" <"$state/service-journal" >/dev/console
         fail "the socket service's journal does not name the caller work"; }
     say "ok: the socket service logged the call with QCONNECT_CALLER=work"
+    # The socket service sends its counters every few seconds (STATUS=).
+    tries=0
+    until systemctl show -p StatusText --value qconnect-connecttcp.service | grep -q ' 2 served'; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 600 ] || fail "the socket service's STATUS= never counted the 2 calls: $(
+            systemctl show -p StatusText --value qconnect-connecttcp.service)"
+        sleep 0.1
+    done
     for unit in qconnect-bindings.service qconnect-connecttcp.service; do
         line=$(systemctl status --no-pager "$unit" | grep '^ *Status: ')
         [ -n "$line" ] || { systemctl status --no-pager "$unit" | tee -a "$result" >/dev/console
@@ -148,6 +158,7 @@ stage2() {
         say "ok: systemctl status $unit: $(echo "$line" | sed 's/^ *//')"
     done
 
+    run "stopping the web server" systemctl stop qconnect-vmtest-web.service
     run "persist remove (daemon)" qconnect persist remove --system "$daemon_spec"
     run "persist remove (per-connection)" qconnect persist remove --system "$handoff_spec"
     snapshot >"$state/after"
