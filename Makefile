@@ -141,3 +141,14 @@ package-install-test:
 	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
 	packaging/build.sh deb "$$out" >/dev/null && \
 	for suite in bookworm trixie; do packaging/apt-install-test.sh $$suite "$$out"/qconnect_*_all.deb || exit 1; done
+
+# Under a live systemd: boot Debian 12 under qemu (KVM when it works, else
+# emulation; no network) with the .deb, persist bindings, enable the socket
+# service, reboot, and check them at boot, in the journal and in systemctl
+# status, then that `persist remove` leaves the system as before
+# (packaging/qemu-test.sh; root; a few minutes; not part of `make test`).
+.PHONY: package-test
+package-test: package-install-test
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	packaging/build.sh deb "$$out" >/dev/null && \
+	packaging/qemu-test.sh "$$out"/qconnect_*_all.deb

@@ -19,22 +19,11 @@ set -eu
 
 suite=${1:?usage: packaging/apt-install-test.sh SUITE DEB}
 deb=${2:?usage: packaging/apt-install-test.sh SUITE DEB}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-cache=${QCONNECT_CACHE:-/var/tmp/qconnect-package-test}
+. "$(dirname "$0")/debian-base.sh"
 
 [ "$(id -u)" = 0 ] || { echo "apt-install-test: needs root (chroot, debootstrap)" >&2; exit 1; }
-command -v debootstrap >/dev/null || { echo "apt-install-test: needs debootstrap: apt-get install debootstrap" >&2; exit 1; }
 [ -f "$deb" ] || { echo "apt-install-test: no such package: $deb" >&2; exit 1; }
-
-base="$cache/$suite"
-if [ ! -f "$base/.complete" ]; then
-    rm -rf "$base"
-    mkdir -p "$cache"
-    echo "bootstrapping Debian $suite into $base (once; cached)"
-    debootstrap --variant=minbase "$suite" "$base" "$mirror" >"$cache/$suite.log" 2>&1 || {
-        tail -20 "$cache/$suite.log" >&2; exit 1; }
-    touch "$base/.complete"
-fi
+base=$(debian_base "$suite")
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/qconnect-apt-test.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
