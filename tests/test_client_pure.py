@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from qconnect.client.bursts import BurstCounter
-from qconnect.client.cli import parse_specs
-from qconnect.client.limits import PROCESS_MAX_CONNECTIONS, check_max_connections
+from qconnect.client.cli import build_parser, parse_specs
+from qconnect.client.limits import PROCESS_MAX_CONNECTIONS
 from qconnect.client.outcome import Kind, describe_exit, policy_allow_command
-from qconnect.core.errors import ClientError, CommandLineError
+from qconnect.core.errors import CommandLineError
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 from qconnect.core.spec import BindingSpec
 
@@ -122,12 +122,14 @@ def test_same_local_port_twice_is_refused() -> None:
         parse_specs(["8080:web:80", "8080:db:80"], None)
 
 
-def test_max_connections_stays_under_qrexec_limit() -> None:
+def test_max_connections_stays_under_qrexec_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert PROCESS_MAX_CONNECTIONS < MAX_CALLS_IN_FLIGHT
-    assert check_max_connections(64) == 64
+    parser = build_parser()
+    assert parser.parse_args(["--max-connections", "64", "8080:web:80"]).max_connections == 64
     for bad in (0, -1, MAX_CALLS_IN_FLIGHT):
-        with pytest.raises(ClientError, match="--max-connections"):
-            check_max_connections(bad)
+        with pytest.raises(SystemExit):
+            parser.parse_args([f"--max-connections={bad}", "8080:web:80"])
+        assert "--max-connections" in capsys.readouterr().err
 
 
 def test_non_loopback_bind_warns_that_other_qubes_can_connect(

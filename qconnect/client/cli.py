@@ -21,12 +21,12 @@ from qconnect.client.limits import (
     DEFAULT_GRACE,
     DEFAULT_MAX_CONNECTIONS,
     PROCESS_MAX_CONNECTIONS,
-    raise_nofile_limit,
 )
 from qconnect.client.listeners import Listener, adopt_systemd_listeners, open_listeners
 from qconnect.client.qrexec_call import choose_mode, find_qrexec_client_vm, this_qube_name
 from qconnect.core import argtypes
 from qconnect.core.errors import ClientError, CommandLineError
+from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.logs import setup_logging
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
 from qconnect.core.spec import DEFAULT_BIND, BindingSpec, parse_spec
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported only now: a mistyped spec is reported without loading trio.
     from qconnect.client.daemon import bind_or_sudo, run_foreground, serve_in_background
 
-    raise_nofile_limit()
+    raise_open_file_limit()  # a handed-off connection costs descriptors while it starts
     if systemd:
         return _run_systemd(_options(args, systemd=True), args.verbose)
     listeners: list[Listener] = bind_or_sudo(lambda: open_listeners(specs))

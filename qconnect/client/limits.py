@@ -1,15 +1,10 @@
-"""How many calls one client process may have in flight, and its file limit."""
+"""How many calls one client process may have in flight, and how long they may take.
 
-import math
+The command line checks these bounds (``client/cli.py``, ``core/argtypes``);
+the open-file limit is raised by ``core/fdlimit`` as in every daemon.
+"""
 
-from qconnect.core.errors import ClientError
-from qconnect.core.fdlimit import raise_open_file_limit
 from qconnect.core.qrexec import MAX_CALLS_IN_FLIGHT
-
-#: Raised once by ``qvm-connect-tcp`` at its start: each handed-off connection
-#: costs a few descriptors while its process starts, each relayed one keeps
-#: three (the one mechanism every daemon shares, in qconnect.core.fdlimit).
-raise_nofile_limit = raise_open_file_limit
 
 #: Default cap on open connections of one binding. Half of what qrexec lets a
 #: qube have in flight, so two busy bindings still fit without refusals.
@@ -41,24 +36,3 @@ DEFAULT_CALL_TIMEOUT = 120.0
 #: every slot is busy, new connections wait here rather than being refused;
 #: the original's socat used 5, so a burst of 1,000 connections saw resets.
 LISTEN_BACKLOG = 4096
-
-
-def check_max_connections(value: int) -> int:
-    """Validate a ``--max-connections`` value against what qrexec can carry."""
-    if not 1 <= value <= PROCESS_MAX_CONNECTIONS:
-        raise ClientError(
-            f"invalid --max-connections {value}: expected 1 to {PROCESS_MAX_CONNECTIONS} "
-            f"(a target qube serves at most {MAX_CALLS_IN_FLIGHT} calls at once from the "
-            "qubes on one side of it, some kept for other callers)"
-        )
-    return value
-
-
-def check_call_timeout(value: float) -> float:
-    """Validate a ``--call-timeout`` value: 0 (never) or a finite number of seconds."""
-    if not (math.isfinite(value) and value >= 0):
-        raise ClientError(
-            f"invalid --call-timeout {value:g}: expected 0 (never end a call that is not "
-            "accepted) or more seconds"
-        )
-    return value
